@@ -1,0 +1,103 @@
+//! `wasmtap check`: what this machine offers wasmtap, each problem with its fix.
+
+use std::path::Path;
+
+use aya::{
+    maps::MapType,
+    programs::ProgramType,
+    sys::{is_map_supported, is_program_supported},
+};
+
+use crate::{
+    config::ProbeSettings,
+    events::EventFilter,
+    probes::{SyscallProbe, system},
+};
+
+struct Report {
+    failures: usize,
+}
+
+impl Report {
+    fn ok(&self, what: &str, detail: &str) {
+        println!("ok    {what}: {detail}");
+    }
+
+    /// Something wasmtap needs is missing.
+    fn fail(&mut self, what: &str, detail: &str, fix: &str) {
+        self.failures += 1;
+        println!("FAIL  {what}: {detail}\n      fix: {fix}");
+    }
+
+    /// Something optional is unavailable; wasmtap works without it.
+    fn unavailable(&self, what: &str, detail: &str) {
+        println!("no    {what}: {detail}");
+    }
+}
+
+/// Prints the report; returns whether everything wasmtap needs is there.
+pub fn run() -> bool {
+    let mut r = Report { failures: 0 };
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    r.ok("kernel", &format!("{} ({})", release.trim(), std::env::consts::ARCH));
+
+    if Path::new("/sys/kernel/btf/vmlinux").is_file() {
+        r.ok("BTF", "/sys/kernel/btf/vmlinux");
+    } else {
+        r.unavailable("BTF", "no /sys/kernel/btf/vmlinux; the syscall probe falls back to classic tracepoints");
+    }
+
+    let root = nix::unistd::geteuid().is_root();
+    let privileged = root || (system::has_cap(system::CAP_BPF) && system::has_cap(system::CAP_PERFMON));
+    if privileged {
+        r.ok("privileges", if root { "root" } else { "CAP_BPF and CAP_PERFMON" });
+    } else {
+        r.fail("privileges", "neither root nor CAP_BPF+CAP_PERFMON", "run as root, or: setcap cap_bpf,cap_perfmon+ep $(which wasmtap)");
+    }
+
+    for (path, fstype, need) in [(system::TRACEFS, "tracefs", "classic tracepoints"), (system::BPFFS, "bpf", "pinning")] {
+        match system::ensure_mounted(path, fstype) {
+            Ok(false) => r.ok(fstype, &format!("mounted at {path}")),
+            Ok(true) => r.ok(fstype, &format!("was not mounted; mounted it at {path}")),
+            Err(e) => r.unavailable(fstype, &format!("{e:#} (needed for {need})")),
+        }
+    }
+
+    match is_map_supported(MapType::RingBuf) {
+        Ok(true) => r.ok("ring buffers", "supported"),
+        Ok(false) => r.fail("ring buffers", "BPF_MAP_TYPE_RINGBUF not supported", "use a kernel >= 5.8"),
+        Err(e) => r.fail("ring buffers", &format!("probe failed: {e}"), "run as root"),
+    }
+
+    for (name, ty) in [("tracepoint programs", ProgramType::TracePoint), ("raw tracepoint programs", ProgramType::RawTracePoint)] {
+        match is_program_supported(ty) {
+            Ok(true) => r.ok(name, "supported"),
+            Ok(false) => r.unavailable(name, "not supported by this kernel"),
+            Err(e) => r.unavailable(name, &format!("probe refused: {e}")),
+        }
+    }
+    if Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+        r.ok("kprobes", "supported");
+    } else {
+        r.unavailable("kprobes", "this kernel has no kprobe PMU (CONFIG_KPROBES off); wasmtap's probes do not need it");
+    }
+    match is_program_supported(ProgramType::Tracing) {
+        Ok(true) => r.ok("fentry/fexit", "supported"),
+        Ok(false) => r.unavailable("fentry/fexit", "not supported by this kernel"),
+        Err(e) => r.unavailable("fentry/fexit", &format!("refused by the kernel ({e}); wasmtap's probes do not need it")),
+    }
+
+    // The real thing: load and attach the syscall probe, recording nothing.
+    let nobody = EventFilter { pids: [u32::MAX].into(), ..Default::default() };
+    match SyscallProbe::start(&ProbeSettings::default(), &nobody) {
+        Ok((probe, _stream)) => r.ok("syscall probe", &format!("loaded and attached via {:?}", probe.attach_kind())),
+        Err(e) => r.fail("syscall probe", &format!("{e:#}"), "see the lines above"),
+    }
+
+    if r.failures == 0 {
+        println!("wasmtap can run here.");
+    } else {
+        println!("{} problem(s) keep wasmtap from running here.", r.failures);
+    }
+    r.failures == 0
+}

@@ -1,0 +1,132 @@
+//! Fan-out of batches to plugin queues. The reader never blocks here: a full queue
+//! drops the batch for that plugin alone and counts it.
+
+use std::sync::{
+    Arc, RwLock,
+    atomic::{AtomicU64, Ordering::Relaxed},
+    mpsc::{SyncSender, TrySendError},
+};
+
+use wasmtap_events::SyscallRecord;
+
+use super::{Batch, EventFilter, EventKind};
+use crate::sinks::self_metrics::PluginCounters;
+
+/// One plugin's subscription and its bounded queue.
+#[derive(Debug)]
+pub struct Subscriber {
+    pub plugin: String,
+    pub kind: EventKind,
+    /// A record goes to the plugin if any of these matches.
+    pub filters: Vec<EventFilter>,
+    pub queue: SyncSender<Batch>,
+    /// Records dropped since the plugin's last batch (reported to it, then reset).
+    pub pending_dropped: Arc<AtomicU64>,
+    pub counters: PluginCounters,
+}
+
+impl Subscriber {
+    fn wants_all(&self) -> bool {
+        self.filters.iter().any(EventFilter::is_all)
+    }
+
+    fn select(&self, records: &[u8]) -> Vec<u8> {
+        records
+            .chunks_exact(SyscallRecord::SIZE)
+            .filter(|raw| SyscallRecord::read(raw).is_some_and(|r| self.filters.iter().any(|f| f.matches(&r))))
+            .flatten()
+            .copied()
+            .collect()
+    }
+
+    fn drop_records(&self, n: usize) {
+        self.pending_dropped.fetch_add(n as u64, Relaxed);
+        self.counters.dropped.inc_by(n as u64);
+    }
+}
+
+/// The current set of subscribers; swapped whole when plugins change.
+#[derive(Debug, Default)]
+pub struct Router {
+    subscribers: RwLock<Arc<Vec<Arc<Subscriber>>>>,
+}
+
+impl Router {
+    pub fn new(subscribers: Vec<Arc<Subscriber>>) -> Self {
+        Self { subscribers: RwLock::new(Arc::new(subscribers)) }
+    }
+
+    pub fn subscribers(&self) -> Arc<Vec<Arc<Subscriber>>> {
+        self.subscribers.read().expect("router lock").clone()
+    }
+
+    /// Replaces the subscribers; dropping the old ones closes their queues.
+    pub fn set(&self, subscribers: Vec<Arc<Subscriber>>) {
+        *self.subscribers.write().expect("router lock") = Arc::new(subscribers);
+    }
+
+    /// Hands `batch` to every subscriber of its kind, filtered per subscriber.
+    pub fn dispatch(&self, batch: &Batch) {
+        for sub in self.subscribers().iter().filter(|s| s.kind == batch.kind) {
+            let mine = if sub.wants_all() {
+                batch.clone()
+            } else {
+                let selected = sub.select(&batch.records);
+                if selected.is_empty() {
+                    continue;
+                }
+                Batch { kind: batch.kind, records: Arc::new(selected) }
+            };
+            let n = mine.len();
+            match sub.queue.try_send(mine) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => sub.drop_records(n),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::sync_channel;
+
+    use super::*;
+    use crate::sinks::SelfMetrics;
+
+    fn records(pids: &[u32]) -> Vec<u8> {
+        pids.iter()
+            .flat_map(|&pid| {
+                let r = SyscallRecord { pid, ..Default::default() };
+                // SAFETY: plain integers, 64 bytes, no padding.
+                unsafe { std::slice::from_raw_parts((&r as *const SyscallRecord).cast::<u8>(), SyscallRecord::SIZE) }.to_vec()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn routes_by_filter_and_drops_when_full() {
+        let metrics = SelfMetrics::default();
+        let (all_tx, all_rx) = sync_channel(1);
+        let (one_tx, one_rx) = sync_channel(8);
+        let sub = |name: &str, pids: &[u32], queue| {
+            Arc::new(Subscriber {
+                plugin: name.into(),
+                kind: EventKind::Syscall,
+                filters: vec![EventFilter { pids: pids.iter().copied().collect(), ..Default::default() }],
+                queue,
+                pending_dropped: Arc::default(),
+                counters: metrics.plugin(name),
+            })
+        };
+        let router = Router::new(vec![sub("all", &[], all_tx), sub("one", &[2], one_tx)]);
+        let batch = Batch { kind: EventKind::Syscall, records: Arc::new(records(&[1, 2, 2, 3])) };
+        router.dispatch(&batch);
+        router.dispatch(&batch);
+        let first = all_rx.try_recv().unwrap();
+        assert!(Arc::ptr_eq(&first.records, &batch.records), "unfiltered subscribers share the buffer");
+        assert!(all_rx.try_recv().is_err());
+        assert_eq!(router.subscribers()[0].pending_dropped.load(Relaxed), 4);
+        assert_eq!(one_rx.try_recv().unwrap().len(), 2);
+        assert_eq!(one_rx.try_recv().unwrap().records.as_slice(), records(&[2, 2]).as_slice());
+    }
+}

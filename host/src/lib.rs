@@ -1,0 +1,13 @@
+//! wasmtap: kernel eBPF probes streamed in batches into sandboxed WebAssembly plugins.
+//!
+//! The modules follow the pipeline: `probes` → `events` → `plugins` → `sinks` → `server`.
+
+pub mod check;
+pub mod config;
+pub mod daemon;
+pub mod events;
+pub mod names;
+pub mod plugins;
+pub mod probes;
+pub mod server;
+pub mod sinks;

@@ -1,0 +1,101 @@
+//! The daemon's own metrics (`wasmtap_*`): per probe and per plugin.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabels {
+    probe: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabels {
+    plugin: String,
+}
+
+/// Families registered once; handles are taken per probe / plugin.
+#[derive(Debug, Default)]
+pub struct SelfMetrics {
+    probe_records: Family<ProbeLabels, Counter>,
+    probe_kernel_drops: Family<ProbeLabels, Counter>,
+    plugin_events: Family<PluginLabels, Counter>,
+    plugin_dropped: Family<PluginLabels, Counter>,
+    plugin_batches: Family<PluginLabels, Counter>,
+    plugin_busy: Family<PluginLabels, Counter<f64, AtomicU64>>,
+    plugin_traps: Family<PluginLabels, Counter>,
+    plugin_restarts: Family<PluginLabels, Counter>,
+    plugin_memory: Family<PluginLabels, Gauge>,
+}
+
+/// One probe's counters.
+#[derive(Clone, Debug)]
+pub struct ProbeCounters {
+    /// Records read from the probe's ring buffer.
+    pub records: Counter,
+    /// Records the kernel could not write because the ring buffer was full.
+    pub kernel_drops: Counter,
+}
+
+/// One plugin's counters.
+#[derive(Clone, Debug)]
+pub struct PluginCounters {
+    pub events: Counter,
+    pub dropped: Counter,
+    pub batches: Counter,
+    pub busy_seconds: Counter<f64, AtomicU64>,
+    pub traps: Counter,
+    pub restarts: Counter,
+    pub memory_bytes: Gauge,
+}
+
+impl SelfMetrics {
+    /// Registers every family under `wasmtap_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("wasmtap");
+        r.register("probe_records", "Records read from a probe's ring buffer.", m.probe_records.clone());
+        r.register(
+            "probe_kernel_drops",
+            "Records lost in the kernel because a probe's ring buffer was full.",
+            m.probe_kernel_drops.clone(),
+        );
+        r.register("plugin_events", "Events delivered to a plugin.", m.plugin_events.clone());
+        r.register(
+            "plugin_dropped_events",
+            "Events dropped for a plugin because its queue was full or it was down.",
+            m.plugin_dropped.clone(),
+        );
+        r.register("plugin_batches", "Batches delivered to a plugin.", m.plugin_batches.clone());
+        r.register("plugin_busy_seconds", "Time spent inside a plugin's calls.", m.plugin_busy.clone());
+        r.register("plugin_traps", "Calls into a plugin that trapped.", m.plugin_traps.clone());
+        r.register("plugin_restarts", "Times a plugin was re-instantiated after a fault.", m.plugin_restarts.clone());
+        r.register("plugin_memory_bytes", "Linear memory a plugin's instance holds.", m.plugin_memory.clone());
+        m
+    }
+
+    pub fn probe(&self, probe: &str) -> ProbeCounters {
+        let l = ProbeLabels { probe: probe.to_owned() };
+        ProbeCounters {
+            records: self.probe_records.get_or_create(&l).clone(),
+            kernel_drops: self.probe_kernel_drops.get_or_create(&l).clone(),
+        }
+    }
+
+    pub fn plugin(&self, plugin: &str) -> PluginCounters {
+        let l = PluginLabels { plugin: plugin.to_owned() };
+        PluginCounters {
+            events: self.plugin_events.get_or_create(&l).clone(),
+            dropped: self.plugin_dropped.get_or_create(&l).clone(),
+            batches: self.plugin_batches.get_or_create(&l).clone(),
+            busy_seconds: self.plugin_busy.get_or_create(&l).clone(),
+            traps: self.plugin_traps.get_or_create(&l).clone(),
+            restarts: self.plugin_restarts.get_or_create(&l).clone(),
+            memory_bytes: self.plugin_memory.get_or_create(&l).clone(),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Guest-side pre-aggregation: observe per event, flush one delta per series per batch.
+//!
+//! Each distinct key (e.g. `(comm, syscall)`) is interned into a host series handle the
+//! first time it is seen; the host call happens once per key, not per event.
+
+use std::hash::Hash;
+
+use rustc_hash::FxHashMap;
+
+use crate::metrics::{self, FamilyDesc, MetricKind};
+
+/// Key → slot table with a one-entry cache for runs of the same key (the common case:
+/// a thread issuing the same syscall in a loop).
+struct Slots<K, V> {
+    family: metrics::Family,
+    index: FxHashMap<K, usize>,
+    slots: Vec<Slot<V>>,
+    dirty: Vec<usize>,
+    last: Option<(K, usize)>,
+}
+
+struct Slot<V> {
+    /// `None` when the host refused the series (e.g. the family's series limit).
+    series: Option<metrics::Series>,
+    value: V,
+    dirty: bool,
+}
+
+impl<K: Hash + Eq + Clone, V> Slots<K, V> {
+    fn new(family: metrics::Family) -> Self {
+        Self { family, index: FxHashMap::default(), slots: Vec::new(), dirty: Vec::new(), last: None }
+    }
+
+    #[inline]
+    fn get(&mut self, key: K, labels: impl FnOnce(&K) -> Vec<String>, init: impl FnOnce() -> V) -> &mut V {
+        let i = match &self.last {
+            Some((k, i)) if *k == key => *i,
+            _ => {
+                let i = match self.index.get(&key) {
+                    Some(&i) => i,
+                    None => {
+                        let series = metrics::intern_series(self.family, &labels(&key)).ok();
+                        self.slots.push(Slot { series, value: init(), dirty: false });
+                        self.index.insert(key.clone(), self.slots.len() - 1);
+                        self.slots.len() - 1
+                    }
+                };
+                self.last = Some((key, i));
+                i
+            }
+        };
+        let slot = &mut self.slots[i];
+        if !slot.dirty {
+            slot.dirty = true;
+            self.dirty.push(i);
+        }
+        &mut slot.value
+    }
+
+    /// Hands each dirty slot's value to `send` and clears the dirty list.
+    fn drain(&mut self, mut send: impl FnMut(Option<metrics::Series>, &mut V)) {
+        for i in self.dirty.drain(..) {
+            let slot = &mut self.slots[i];
+            slot.dirty = false;
+            send(slot.series, &mut slot.value);
+        }
+    }
+}
+
+fn declare(name: &str, help: &str, kind: MetricKind, labels: &[&str], buckets: Vec<f64>) -> Result<metrics::Family, String> {
+    metrics::declare_family(&FamilyDesc {
+        name: name.into(),
+        help: help.into(),
+        kind,
+        label_names: labels.iter().map(|s| s.to_string()).collect(),
+        buckets,
+    })
+}
+
+/// A histogram family whose observations are integers in some unit (e.g. nanoseconds)
+/// and are reported scaled (e.g. to seconds). Counts are exact: each observation adds
+/// one to exactly one bucket.
+pub struct HistogramVec<K> {
+    bounds: Vec<u64>,
+    scale: f64,
+    slots: Slots<K, HistogramDelta>,
+}
+
+struct HistogramDelta {
+    /// Non-cumulative counts per bucket, plus one for `+Inf`.
+    counts: Vec<u64>,
+    sum: u64,
+}
+
+impl<K: Hash + Eq + Clone> HistogramVec<K> {
+    /// Declares the family. `bounds` are inclusive upper bounds in observation units,
+    /// strictly increasing; the host sees `bound * scale`.
+    pub fn declare(name: &str, help: &str, labels: &[&str], bounds: Vec<u64>, scale: f64) -> Result<Self, String> {
+        let buckets = bounds.iter().map(|&b| b as f64 * scale).collect();
+        let family = declare(name, help, MetricKind::Histogram, labels, buckets)?;
+        Ok(Self { bounds, scale, slots: Slots::new(family) })
+    }
+
+    /// Adds one observation of `value` under `key`; `labels` names a new key's series.
+    #[inline]
+    pub fn observe(&mut self, key: K, value: u64, labels: impl FnOnce(&K) -> Vec<String>) {
+        let bucket = self.bounds.partition_point(|&b| b < value);
+        let buckets = self.bounds.len() + 1;
+        let delta = self.slots.get(key, labels, || HistogramDelta { counts: vec![0; buckets], sum: 0 });
+        delta.counts[bucket] += 1;
+        delta.sum = delta.sum.wrapping_add(value);
+    }
+
+    /// Sends the accumulated deltas to the host, one call per touched series.
+    pub fn flush(&mut self) {
+        let scale = self.scale;
+        self.slots.drain(|series, delta| {
+            if let Some(series) = series {
+                metrics::histogram_merge(series, &delta.counts, delta.sum as f64 * scale);
+            }
+            delta.counts.fill(0);
+            delta.sum = 0;
+        });
+    }
+}
+
+/// A counter family aggregated in the guest.
+pub struct CounterVec<K> {
+    slots: Slots<K, u64>,
+}
+
+impl<K: Hash + Eq + Clone> CounterVec<K> {
+    /// Declares the family; `name` without the `_total` suffix (the host adds it).
+    pub fn declare(name: &str, help: &str, labels: &[&str]) -> Result<Self, String> {
+        Ok(Self { slots: Slots::new(declare(name, help, MetricKind::Counter, labels, Vec::new())?) })
+    }
+
+    /// Adds `n` under `key`; `labels` names a new key's series.
+    #[inline]
+    pub fn add(&mut self, key: K, n: u64, labels: impl FnOnce(&K) -> Vec<String>) {
+        *self.slots.get(key, labels, || 0) += n;
+    }
+
+    /// Sends the accumulated deltas to the host, one call per touched series.
+    pub fn flush(&mut self) {
+        self.slots.drain(|series, n| {
+            if let Some(series) = series {
+                metrics::counter_add(series, *n);
+            }
+            *n = 0;
+        });
+    }
+}

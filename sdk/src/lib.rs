@@ -1,0 +1,116 @@
+//! The Rust SDK for wasmtap plugins.
+//!
+//! A plugin implements [`Plugin`] and calls [`export_plugin!`]; the SDK supplies the
+//! WIT bindings, a zero-copy typed view over each batch ([`SyscallBatch`]), and metric
+//! helpers that aggregate in the guest and flush one delta per series per batch
+//! ([`HistogramVec`], [`CounterVec`]).
+//!
+//! ```ignore
+//! struct Count(CounterVec<u32>);
+//! impl Plugin for Count {
+//!     fn init(_: &HostInfo, _: &Config) -> Result<(Self, Manifest), String> { ... }
+//!     fn on_syscalls(&mut self, batch: SyscallBatch<'_>) {
+//!         for r in batch.records() { self.0.add(r.syscall_nr, 1, |nr| vec![nr.to_string()]); }
+//!         self.0.flush();
+//!     }
+//! }
+//! export_plugin!(Count);
+//! ```
+
+pub mod aggregate;
+pub mod batch;
+pub mod config;
+pub mod names;
+
+pub use aggregate::{CounterVec, HistogramVec};
+pub use batch::SyscallBatch;
+pub use config::Config;
+pub use wasmtap_events::SyscallRecord;
+
+/// Bindings generated from `wit/` (the one contract with the host).
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "export_handler",
+        default_bindings_module: "wasmtap_sdk::bindings",
+    });
+}
+
+pub use bindings::wasmtap::plugin::{logs, metrics};
+pub use bindings::wasmtap::plugin::types::{
+    EventKind, Filter, HostInfo, Manifest, Subscription,
+};
+
+/// A wasmtap plugin: state created by `init`, fed batches, flushed on `tick`.
+pub trait Plugin: Sized + 'static {
+    /// Builds the plugin from its host configuration and declares what it subscribes to.
+    fn init(host: &HostInfo, config: &Config) -> Result<(Self, Manifest), String>;
+
+    /// Handles one batch of syscall records.
+    fn on_syscalls(&mut self, _batch: SyscallBatch<'_>) {}
+
+    /// Periodic (and final) flush; see the manifest's `tick-interval-ms`.
+    fn tick(&mut self, _now_ns: u64) {}
+}
+
+/// Writes a log record through the host's log sink.
+pub fn log(level: logs::Level, message: &str) {
+    logs::log(level, message, &[]);
+}
+
+/// Exports a [`Plugin`] implementation as the component's `handler`.
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        const _: () = {
+            ::std::thread_local! {
+                static STATE: ::core::cell::RefCell<Option<$plugin>> =
+                    const { ::core::cell::RefCell::new(None) };
+            }
+
+            struct Export;
+
+            impl $crate::bindings::exports::wasmtap::plugin::handler::Guest for Export {
+                fn init(
+                    host: $crate::HostInfo,
+                    config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
+                ) -> Result<$crate::Manifest, ::std::string::String> {
+                    let config = $crate::Config::new(config);
+                    let (plugin, manifest) = <$plugin as $crate::Plugin>::init(&host, &config)?;
+                    STATE.with(|s| *s.borrow_mut() = Some(plugin));
+                    Ok(manifest)
+                }
+
+                fn on_batch(
+                    kind: $crate::EventKind,
+                    record_size: u32,
+                    records: ::std::vec::Vec<u8>,
+                    dropped: u64,
+                ) {
+                    STATE.with(|s| {
+                        let mut state = s.borrow_mut();
+                        let plugin = state.as_mut().expect("on-batch before init");
+                        match kind {
+                            $crate::EventKind::Syscall => {
+                                let batch = $crate::SyscallBatch::new(&records, record_size, dropped);
+                                $crate::Plugin::on_syscalls(plugin, batch);
+                            }
+                        }
+                    })
+                }
+
+                fn tick(now_ns: u64) {
+                    STATE.with(|s| {
+                        if let Some(plugin) = s.borrow_mut().as_mut() {
+                            $crate::Plugin::tick(plugin, now_ns);
+                        }
+                    })
+                }
+            }
+
+            $crate::bindings::export_handler!(Export with_types_in $crate::bindings);
+        };
+    };
+}
