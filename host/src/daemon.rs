@@ -19,6 +19,9 @@ use crate::{
 };
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Before anything can report healthy, so a SIGTERM always takes the orderly path.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
         format!("cannot listen on {}\n  fix: pass a free address with --listen, or set `listen` in the config", config.listen)
     })?;
@@ -117,8 +120,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let server = tokio::spawn(server::serve(listener, state, stop_server.clone()));
     tracing::info!(listen = %config.listen, "serving /metrics, /healthz, /status");
 
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),

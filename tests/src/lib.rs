@@ -1,1 +1,183 @@
+//! Harness for the end-to-end tests: run the real daemon, run workloads, scrape.
 
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// Returns false (after saying so loudly) when the test cannot run here; under CI a
+/// missing privilege fails the test instead.
+pub fn privileged_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let msg = format!("{test}: needs root to load eBPF programs (run `./dev test` as root)");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}; CI=true, so this is a failure, not a skip");
+    }
+    eprintln!("\n!!! SKIPPED {msg}\n");
+    false
+}
+
+/// The build's target directory (`target/<profile>/`), from this test binary's path.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+}
+
+fn built(name: &str) -> PathBuf {
+    let path = profile_dir().join(name);
+    assert!(path.is_file(), "{} is missing: build it first (`./dev test` does)", path.display());
+    path
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `wasmtap run`, killed (SIGKILL) if the test did not stop it.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Daemon {
+    /// Starts the daemon with `config` (None: the embedded default) and waits until it
+    /// reports healthy.
+    pub fn start(config: Option<&str>) -> Self {
+        let dir = TempDir::new();
+        let addr = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
+        let mut cmd = Command::new(built("wasmtap"));
+        cmd.args(["run", "--listen", &addr.to_string()]);
+        if let Some(config) = config {
+            let path = dir.0.join("wasmtap.toml");
+            std::fs::write(&path, config).expect("write config");
+            cmd.arg("--config").arg(path);
+        }
+        let log = std::fs::File::create(dir.0.join("daemon.log")).expect("log file");
+        let child = cmd.stdout(log.try_clone().expect("log")).stderr(log).spawn().expect("spawn wasmtap");
+        let mut daemon = Self { child, addr, _dir: dir };
+        wait_for(Duration::from_secs(60), "the daemon to report healthy", || {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("wasmtap exited early ({status}):\n{}", daemon.log());
+            }
+            daemon.get("/healthz", None).filter(|(code, _)| *code == 200)
+        });
+        daemon
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.0.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// HTTP GET; returns (status, body), or None when the daemon does not answer.
+    pub fn get(&self, path: &str, accept: Option<&str>) -> Option<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        let accept = accept.map(|a| format!("Accept: {a}\r\n")).unwrap_or_default();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {}\r\n{accept}Connection: close\r\n\r\n", self.addr).ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        let code = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, body.to_owned()))
+    }
+
+    pub fn metrics(&self) -> String {
+        let (code, body) = self.get("/metrics", None).expect("scrape /metrics");
+        assert_eq!(code, 200, "{body}");
+        body
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/status", None).expect("GET /status").1).expect("status JSON")
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn terminate(&mut self) {
+        use nix::{sys::signal, unistd::Pid};
+        signal::kill(Pid::from_raw(self.child.id() as i32), signal::Signal::SIGTERM).expect("SIGTERM");
+        let status = wait_for(Duration::from_secs(20), "the daemon to exit", || self.child.try_wait().ok().flatten());
+        assert!(status.success(), "wasmtap exited with {status}:\n{}", self.log());
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of the sample `name{labels}` in Prometheus text, if present.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+        let got: Vec<&str> = rest.trim_end_matches('}').split(',').filter(|s| !s.is_empty()).collect();
+        (metric == name && got.len() == want.len() && want.iter().all(|w| got.contains(&w.as_str())))
+            .then(|| value.parse().ok())
+            .flatten()
+    })
+}
+
+/// A unique 15-byte task name for one test's workload.
+pub fn unique_comm(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let mut comm = format!("wt{tag}{:x}{nanos:x}", std::process::id());
+    comm.truncate(15);
+    comm
+}
+
+/// Spawns the workload helper.
+pub fn workload(comm: &str, getppid: u64, openat: u64, wait_stdin: bool) -> Child {
+    let mut cmd = Command::new(built("wt-workload"));
+    cmd.args([comm, &getppid.to_string(), &openat.to_string()]);
+    if wait_stdin {
+        cmd.arg("--wait-stdin").stdin(Stdio::piped());
+    }
+    cmd.spawn().expect("spawn wt-workload")
+}
+
+/// Runs the workload to completion.
+pub fn run_workload(comm: &str, getppid: u64, openat: u64) {
+    let status = workload(comm, getppid, openat, false).wait().expect("wait wt-workload");
+    assert!(status.success(), "wt-workload failed: {status}");
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let path = std::env::temp_dir().join(format!("wasmtap-test-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        Self(path)
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,151 @@
+//! End to end: real kernel probes, the real daemon binary, real plugins, real scrapes.
+//! Every count asserted here comes from a workload the test runs itself.
+
+use std::{io::Write as _, process::Command, time::Duration};
+
+use wasmtap_tests::{Daemon, privileged_or_skip, run_workload, sample, unique_comm, wait_for, workload};
+
+const GETPPID_CALLS: u64 = 20_000;
+const OPENAT_CALLS: u64 = 357;
+const NOISE_CALLS: u64 = 50_000;
+
+fn latency_count(metrics: &str, comm: &str, syscall: &str) -> Option<f64> {
+    sample(metrics, "syscall_latency_seconds_count", &[("comm", comm), ("syscall", syscall)])
+}
+
+/// Polls until the series reaches `want`, then asserts it is exactly `want`.
+fn assert_count_settles(daemon: &Daemon, want: u64, what: &str, read: impl Fn(&str) -> Option<f64>) {
+    let got = wait_for(Duration::from_secs(20), what, || read(&daemon.metrics()).filter(|v| *v >= want as f64));
+    // One more drain interval and plugin flush, to catch overcounting.
+    std::thread::sleep(Duration::from_millis(100));
+    let settled = read(&daemon.metrics()).unwrap_or_default();
+    assert_eq!((got, settled), (want as f64, want as f64), "{what}");
+}
+
+#[test]
+fn syscalls_of_a_child_reach_metrics_exactly() {
+    if !privileged_or_skip("syscalls_of_a_child_reach_metrics_exactly") {
+        return;
+    }
+    let daemon = Daemon::start(None);
+    let comm = unique_comm("e");
+    run_workload(&comm, GETPPID_CALLS, OPENAT_CALLS);
+
+    assert_count_settles(&daemon, GETPPID_CALLS, "getppid latency count", |m| latency_count(m, &comm, "getppid"));
+    let metrics = daemon.metrics();
+    assert_eq!(latency_count(&metrics, &comm, "openat"), Some(OPENAT_CALLS as f64), "openat latency count");
+    assert_eq!(
+        sample(&metrics, "syscall_latency_errors_total", &[("comm", &comm), ("syscall", "openat"), ("errno", "ENOENT")]),
+        Some(OPENAT_CALLS as f64),
+        "openat ENOENT failures"
+    );
+    // getppid never fails; buckets are exact counts, so +Inf equals the count.
+    assert_eq!(sample(&metrics, "syscall_latency_errors_total", &[("comm", &comm), ("syscall", "getppid"), ("errno", "ENOENT")]), None);
+    assert_eq!(
+        sample(&metrics, "syscall_latency_seconds_bucket", &[("comm", &comm), ("syscall", "getppid"), ("le", "+Inf")]),
+        Some(GETPPID_CALLS as f64)
+    );
+    let delivered = sample(&metrics, "wasmtap_plugin_events_total", &[("plugin", "syscall-latency")]).unwrap();
+    assert!(delivered >= (GETPPID_CALLS + OPENAT_CALLS) as f64, "self-metrics count delivered events: {delivered}");
+
+    // OpenMetrics when the scraper asks for it.
+    let (code, om) = daemon.get("/metrics", Some("application/openmetrics-text; version=1.0.0")).unwrap();
+    assert_eq!(code, 200);
+    assert!(om.trim_end().ends_with("# EOF"), "OpenMetrics ends with # EOF");
+    assert_eq!(latency_count(&om, &comm, "getppid"), Some(GETPPID_CALLS as f64));
+}
+
+#[test]
+fn promtool_accepts_the_scrape() {
+    if !privileged_or_skip("promtool_accepts_the_scrape") {
+        return;
+    }
+    let daemon = Daemon::start(None);
+    let comm = unique_comm("p");
+    run_workload(&comm, 100, 5);
+    let text = wait_for(Duration::from_secs(20), "the workload's series", || {
+        let m = daemon.metrics();
+        latency_count(&m, &comm, "openat").map(|_| m)
+    });
+    let promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .output_with_stdin(text.as_bytes());
+    assert!(
+        promtool.status.success() && promtool.stdout.is_empty() && promtool.stderr.is_empty(),
+        "promtool check metrics reported problems:\n{}{}",
+        String::from_utf8_lossy(&promtool.stdout),
+        String::from_utf8_lossy(&promtool.stderr)
+    );
+}
+
+trait OutputWithStdin {
+    fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output;
+}
+
+impl OutputWithStdin for Command {
+    fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output {
+        let mut child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool is installed (./dev setup installs it)");
+        child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
+        child.wait_with_output().expect("wait")
+    }
+}
+
+#[test]
+fn pid_filter_keeps_other_processes_out_of_the_ring_buffer() {
+    if !privileged_or_skip("pid_filter_keeps_other_processes_out_of_the_ring_buffer") {
+        return;
+    }
+    let comm = unique_comm("f");
+    let mut target = workload(&comm, 1_000, 0, true);
+    let config = format!(
+        "[[plugin]]\nname = \"one-pid\"\nbundled = \"syscall-latency\"\nconfig = {{ pids = [{}] }}\n",
+        target.id()
+    );
+    let daemon = Daemon::start(Some(&config));
+    let records = |d: &Daemon| sample(&d.metrics(), "wasmtap_probe_records_total", &[("probe", "syscalls")]).unwrap_or(0.0);
+
+    let before = records(&daemon);
+    let noise = unique_comm("n");
+    run_workload(&noise, NOISE_CALLS, 100);
+
+    // Wake the target only after the noise has finished: the ring buffer is FIFO, so
+    // once the target's records have been read, any noise record would have been too.
+    target.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert!(target.wait().unwrap().success());
+    let m = |d: &Daemon| sample(&d.metrics(), "one_pid_seconds_count", &[("comm", &comm), ("syscall", "getppid")]);
+    let got = wait_for(Duration::from_secs(20), "the target's getppid count", || m(&daemon).filter(|v| *v >= 1_000.0));
+    assert_eq!(got, 1_000.0);
+    // The target made 1 000 getppid calls plus a few dozen around them (its read,
+    // exit-time unmaps); the noise process made more than 50 000.
+    let added = records(&daemon) - before;
+    assert!((1_000.0..1_200.0).contains(&added), "probe recorded {added} records; the pid filter let others through");
+    assert_eq!(sample(&daemon.metrics(), "one_pid_seconds_count", &[("comm", &noise), ("syscall", "getppid")]), None);
+}
+
+#[test]
+fn sigterm_unloads_every_program() {
+    if !privileged_or_skip("sigterm_unloads_every_program") {
+        return;
+    }
+    let mut daemon = Daemon::start(None);
+    let ids: Vec<u32> = daemon.status()["probes"][0]["program_ids"]
+        .as_array()
+        .expect("program ids in /status")
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(ids.len(), 2, "sys_enter and sys_exit programs are loaded");
+    let loaded = || -> Vec<u32> { aya::programs::loaded_programs().filter_map(Result::ok).map(|p| p.id()).collect() };
+    assert!(ids.iter().all(|id| loaded().contains(id)), "programs {ids:?} are loaded while running");
+    daemon.terminate();
+    // The kernel frees a released program asynchronously (after an RCU grace period),
+    // so poll; a program still pinned or linked would stay listed for good.
+    wait_for(Duration::from_secs(10), "the daemon's programs to be unloaded", || {
+        loaded().iter().all(|id| !ids.contains(id)).then_some(())
+    });
+}
