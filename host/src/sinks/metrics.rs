@@ -336,7 +336,7 @@ mod tests {
         let mut text = String::new();
         prometheus_text::encode(&mut text, &registry).unwrap();
         assert!(text.contains("ns_lat_seconds_bucket{a=\"x\",le=\"0.1\"} 4\n"), "{text}");
-        assert!(text.contains("ns_lat_seconds_bucket{a=\"x\",le=\"1.0\"} 5\n"), "{text}");
+        assert!(text.contains("ns_lat_seconds_bucket{a=\"x\",le=\"1\"} 5\n"), "{text}");
         assert!(text.contains("ns_lat_seconds_bucket{a=\"x\",le=\"+Inf\"} 7\n"), "{text}");
         assert!(text.contains("ns_lat_seconds_count{a=\"x\"} 7\n"), "{text}");
         assert!(text.contains("ns_lat_seconds_sum{a=\"x\"} 8.0\n"), "{text}");
