@@ -1,1 +1,144 @@
-fn main(){}
+//! Plugin boundary: events/s through the bundled syscall-latency plugin in wasmtime,
+//! fed synthetic batches the way the reader feeds it, beside the very same aggregation
+//! code compiled natively against the same host sink. Prints; asserts nothing.
+//!
+//! cargo bench -p wasmtap --bench plugin_boundary
+
+use std::{
+    cell::RefCell,
+    collections::BTreeMap,
+    rc::Rc,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use syscall_latency::SyscallLatency;
+use wasmtap::{
+    config::{PluginConfig, PluginLimits},
+    plugins::{
+        self, PluginEngine,
+        host::{PluginState, wasmtap::plugin::metrics as wit, wasmtap::plugin::metrics::Host as _, wasmtap::plugin::names::Host as _},
+        instance::instantiate,
+    },
+    sinks::{MetricSink, metrics::namespace_for},
+};
+use wasmtap_events::SyscallRecord;
+use wasmtap_sdk::{HostApi, host::{FamilyDesc, MetricKind}};
+
+const BATCH: usize = 4096;
+const RUN: Duration = Duration::from_secs(3);
+
+/// Synthetic batches: 16 comms × 24 syscalls, latencies spread over the buckets,
+/// one in eight calls failing.
+fn batches() -> Vec<Vec<u8>> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..16)
+        .map(|_| {
+            let mut bytes = Vec::with_capacity(BATCH * SyscallRecord::SIZE);
+            for _ in 0..BATCH {
+                let r = next();
+                let mut comm = [0u8; 16];
+                comm[..8].copy_from_slice(format!("proc-{:03}", r % 16).as_bytes());
+                let record = SyscallRecord {
+                    latency_ns: 100 + (r >> 8) % (1 << ((r >> 40) % 24)),
+                    ret: if r % 8 == 0 { -2 } else { 0 },
+                    pid: 1000 + (r % 16) as u32,
+                    syscall_nr: ((r >> 20) % 24) as u32,
+                    comm,
+                    ..Default::default()
+                };
+                // SAFETY: plain integers, 64 bytes, no padding.
+                bytes.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts((&record as *const SyscallRecord).cast::<u8>(), SyscallRecord::SIZE)
+                });
+            }
+            bytes
+        })
+        .collect()
+}
+
+/// Runs `f` over the batches for `RUN`; returns events per second.
+fn measure(batches: &[Vec<u8>], mut f: impl FnMut(&[u8])) -> f64 {
+    for b in batches {
+        f(b); // warm up: series interned, code paged in
+    }
+    let started = Instant::now();
+    let mut events = 0usize;
+    while started.elapsed() < RUN {
+        for b in batches {
+            f(b);
+            events += b.len() / SyscallRecord::SIZE;
+        }
+    }
+    events as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The host's own sink implementation, called in process (no Wasm boundary).
+#[derive(Clone)]
+struct NativeHost(Rc<RefCell<PluginState>>);
+
+impl HostApi for NativeHost {
+    fn declare_family(&self, d: &FamilyDesc) -> Result<u32, String> {
+        let kind = match d.kind {
+            MetricKind::Counter => wit::MetricKind::Counter,
+            MetricKind::Gauge => wit::MetricKind::Gauge,
+            MetricKind::Histogram => wit::MetricKind::Histogram,
+        };
+        let desc = wit::FamilyDesc { name: d.name.clone(), help: d.help.clone(), kind, label_names: d.label_names.clone(), buckets: d.buckets.clone() };
+        self.0.borrow_mut().declare_family(desc).unwrap()
+    }
+    fn intern_series(&self, family: u32, values: &[String]) -> Result<u32, String> {
+        self.0.borrow_mut().intern_series(family, values.to_vec()).unwrap()
+    }
+    fn counter_add(&self, series: u32, value: u64) {
+        self.0.borrow_mut().counter_add(series, value).unwrap()
+    }
+    fn histogram_merge(&self, series: u32, counts: &[u64], sum: f64) {
+        self.0.borrow_mut().histogram_merge(series, counts.to_vec(), sum).unwrap()
+    }
+    fn syscall_name(&self, nr: u32) -> Option<String> {
+        self.0.borrow_mut().syscall_name(nr).unwrap()
+    }
+    fn errno_name(&self, errno: u16) -> Option<String> {
+        self.0.borrow_mut().errno_name(errno).unwrap()
+    }
+}
+
+fn main() {
+    let batches = batches();
+    let engine = PluginEngine::new(None).expect("engine");
+    let config = PluginConfig {
+        name: "syscall-latency".into(),
+        bundled: Some("syscall-latency".into()),
+        path: None,
+        namespace: None,
+        memory_bytes: None,
+        call_deadline_ms: None,
+        queue_batches: None,
+        config: BTreeMap::new(),
+    };
+    let spec = plugins::prepare(&engine, &config, PluginLimits::default()).expect("plugin");
+    let wasm_sink = Arc::new(MetricSink::default());
+    let (mut instance, _) = instantiate(&engine, &spec, &wasm_sink).expect("instantiate");
+    let deadline = Duration::from_secs(1);
+    let wasm = measure(&batches, |b| instance.on_batch(deadline, b, 0).expect("on-batch"));
+
+    let native_sink = Arc::new(MetricSink::default());
+    let state = PluginState::new("native", &namespace_for("syscall-latency"), native_sink, usize::MAX);
+    let mut plugin = SyscallLatency::new(NativeHost(Rc::new(RefCell::new(state)))).expect("native plugin");
+    let native = measure(&batches, |b| {
+        let records: Vec<SyscallRecord> = b.chunks_exact(SyscallRecord::SIZE).filter_map(SyscallRecord::read).collect();
+        plugin.observe(&records);
+    });
+
+    println!("plugin boundary: syscall-latency aggregation, batches of {BATCH} records, {}s each", RUN.as_secs());
+    println!("  wasm (wasmtime, component, list<u8> batch) {:>12.0} events/s  {:>6.1} ns/event", wasm, 1e9 / wasm);
+    println!("  native (same code, in process)             {:>12.0} events/s  {:>6.1} ns/event", native, 1e9 / native);
+    println!("  wasm / native time per event: {:.2}x   (target <= 3x)", native / wasm);
+}

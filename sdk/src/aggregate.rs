@@ -7,12 +7,13 @@ use std::hash::Hash;
 
 use rustc_hash::FxHashMap;
 
-use crate::metrics::{self, FamilyDesc, MetricKind};
+use crate::host::{FamilyDesc, HostApi, MetricKind, Wit};
 
 /// Key → slot table with a one-entry cache for runs of the same key (the common case:
 /// a thread issuing the same syscall in a loop).
-struct Slots<K, V> {
-    family: metrics::Family,
+struct Slots<K, V, H> {
+    host: H,
+    family: u32,
     index: FxHashMap<K, usize>,
     slots: Vec<Slot<V>>,
     dirty: Vec<usize>,
@@ -21,14 +22,14 @@ struct Slots<K, V> {
 
 struct Slot<V> {
     /// `None` when the host refused the series (e.g. the family's series limit).
-    series: Option<metrics::Series>,
+    series: Option<u32>,
     value: V,
     dirty: bool,
 }
 
-impl<K: Hash + Eq + Clone, V> Slots<K, V> {
-    fn new(family: metrics::Family) -> Self {
-        Self { family, index: FxHashMap::default(), slots: Vec::new(), dirty: Vec::new(), last: None }
+impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
+    fn new(host: H, family: u32) -> Self {
+        Self { host, family, index: FxHashMap::default(), slots: Vec::new(), dirty: Vec::new(), last: None }
     }
 
     #[inline]
@@ -39,7 +40,7 @@ impl<K: Hash + Eq + Clone, V> Slots<K, V> {
                 let i = match self.index.get(&key) {
                     Some(&i) => i,
                     None => {
-                        let series = metrics::intern_series(self.family, &labels(&key)).ok();
+                        let series = self.host.intern_series(self.family, &labels(&key)).ok();
                         self.slots.push(Slot { series, value: init(), dirty: false });
                         self.index.insert(key.clone(), self.slots.len() - 1);
                         self.slots.len() - 1
@@ -58,17 +59,17 @@ impl<K: Hash + Eq + Clone, V> Slots<K, V> {
     }
 
     /// Hands each dirty slot's value to `send` and clears the dirty list.
-    fn drain(&mut self, mut send: impl FnMut(Option<metrics::Series>, &mut V)) {
+    fn drain(&mut self, mut send: impl FnMut(&H, Option<u32>, &mut V)) {
         for i in self.dirty.drain(..) {
             let slot = &mut self.slots[i];
             slot.dirty = false;
-            send(slot.series, &mut slot.value);
+            send(&self.host, slot.series, &mut slot.value);
         }
     }
 }
 
-fn declare(name: &str, help: &str, kind: MetricKind, labels: &[&str], buckets: Vec<f64>) -> Result<metrics::Family, String> {
-    metrics::declare_family(&FamilyDesc {
+fn declare(host: &impl HostApi, name: &str, help: &str, kind: MetricKind, labels: &[&str], buckets: Vec<f64>) -> Result<u32, String> {
+    host.declare_family(&FamilyDesc {
         name: name.into(),
         help: help.into(),
         kind,
@@ -80,10 +81,10 @@ fn declare(name: &str, help: &str, kind: MetricKind, labels: &[&str], buckets: V
 /// A histogram family whose observations are integers in some unit (e.g. nanoseconds)
 /// and are reported scaled (e.g. to seconds). Counts are exact: each observation adds
 /// one to exactly one bucket.
-pub struct HistogramVec<K> {
+pub struct HistogramVec<K, H = Wit> {
     bounds: Vec<u64>,
     scale: f64,
-    slots: Slots<K, HistogramDelta>,
+    slots: Slots<K, HistogramDelta, H>,
 }
 
 struct HistogramDelta {
@@ -92,13 +93,18 @@ struct HistogramDelta {
     sum: u64,
 }
 
-impl<K: Hash + Eq + Clone> HistogramVec<K> {
+impl<K: Hash + Eq + Clone, H: HostApi> HistogramVec<K, H> {
     /// Declares the family. `bounds` are inclusive upper bounds in observation units,
     /// strictly increasing; the host sees `bound * scale`.
-    pub fn declare(name: &str, help: &str, labels: &[&str], bounds: Vec<u64>, scale: f64) -> Result<Self, String> {
+    pub fn declare(host: H, name: &str, help: &str, labels: &[&str], bounds: Vec<u64>, scale: f64) -> Result<Self, String> {
         let buckets = bounds.iter().map(|&b| b as f64 * scale).collect();
-        let family = declare(name, help, MetricKind::Histogram, labels, buckets)?;
-        Ok(Self { bounds, scale, slots: Slots::new(family) })
+        let family = declare(&host, name, help, MetricKind::Histogram, labels, buckets)?;
+        Ok(Self { bounds, scale, slots: Slots::new(host, family) })
+    }
+
+    /// The host this family reports to.
+    pub fn host(&self) -> &H {
+        &self.slots.host
     }
 
     /// Adds one observation of `value` under `key`; `labels` names a new key's series.
@@ -114,9 +120,9 @@ impl<K: Hash + Eq + Clone> HistogramVec<K> {
     /// Sends the accumulated deltas to the host, one call per touched series.
     pub fn flush(&mut self) {
         let scale = self.scale;
-        self.slots.drain(|series, delta| {
+        self.slots.drain(|host, series, delta| {
             if let Some(series) = series {
-                metrics::histogram_merge(series, &delta.counts, delta.sum as f64 * scale);
+                host.histogram_merge(series, &delta.counts, delta.sum as f64 * scale);
             }
             delta.counts.fill(0);
             delta.sum = 0;
@@ -125,14 +131,15 @@ impl<K: Hash + Eq + Clone> HistogramVec<K> {
 }
 
 /// A counter family aggregated in the guest.
-pub struct CounterVec<K> {
-    slots: Slots<K, u64>,
+pub struct CounterVec<K, H = Wit> {
+    slots: Slots<K, u64, H>,
 }
 
-impl<K: Hash + Eq + Clone> CounterVec<K> {
+impl<K: Hash + Eq + Clone, H: HostApi> CounterVec<K, H> {
     /// Declares the family; `name` without the `_total` suffix (the host adds it).
-    pub fn declare(name: &str, help: &str, labels: &[&str]) -> Result<Self, String> {
-        Ok(Self { slots: Slots::new(declare(name, help, MetricKind::Counter, labels, Vec::new())?) })
+    pub fn declare(host: H, name: &str, help: &str, labels: &[&str]) -> Result<Self, String> {
+        let family = declare(&host, name, help, MetricKind::Counter, labels, Vec::new())?;
+        Ok(Self { slots: Slots::new(host, family) })
     }
 
     /// Adds `n` under `key`; `labels` names a new key's series.
@@ -143,9 +150,9 @@ impl<K: Hash + Eq + Clone> CounterVec<K> {
 
     /// Sends the accumulated deltas to the host, one call per touched series.
     pub fn flush(&mut self) {
-        self.slots.drain(|series, n| {
+        self.slots.drain(|host, series, n| {
             if let Some(series) = series {
-                metrics::counter_add(series, *n);
+                host.counter_add(series, *n);
             }
             *n = 0;
         });

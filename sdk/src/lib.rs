@@ -20,11 +20,13 @@
 pub mod aggregate;
 pub mod batch;
 pub mod config;
+pub mod host;
 pub mod names;
 
 pub use aggregate::{CounterVec, HistogramVec};
 pub use batch::SyscallBatch;
 pub use config::Config;
+pub use host::{HostApi, Wit};
 pub use wasmtap_events::SyscallRecord;
 
 /// Bindings generated from `wit/` (the one contract with the host).
@@ -64,6 +66,9 @@ pub fn log(level: logs::Level, message: &str) {
 #[macro_export]
 macro_rules! export_plugin {
     ($plugin:ty) => {
+        // Component exports only mean something in a Wasm build; natively (tests,
+        // benchmarks) the plugin is a plain Rust library.
+        #[cfg(target_family = "wasm")]
         const _: () = {
             ::std::thread_local! {
                 static STATE: ::core::cell::RefCell<Option<$plugin>> =

@@ -13,11 +13,11 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use serde::Serialize;
-use wasmtime::Store;
 
 use super::{
     engine::PluginEngine,
-    host::{HostInfo, Manifest, Plugin, PluginPre, PluginState, WitEventKind},
+    host::{Manifest, PluginPre, PluginState, WitEventKind},
+    instance::{Instance, instantiate},
 };
 use crate::{
     config::PluginLimits,
@@ -61,34 +61,6 @@ impl PluginHandle {
         drop(self.subscriber);
         let _ = self.thread.join();
     }
-}
-
-struct Instance {
-    store: Store<PluginState>,
-    bindings: Plugin,
-}
-
-fn instantiate(engine: &PluginEngine, spec: &PluginSpec, sink: &Arc<MetricSink>) -> anyhow::Result<(Instance, Manifest)> {
-    let state = PluginState::new(&spec.name, &spec.namespace, sink.clone(), spec.limits.memory_bytes);
-    let mut store = Store::new(engine.engine(), state);
-    store.limiter(|s| &mut s.limiter);
-    store.epoch_deadline_trap();
-    let ticks = PluginEngine::ticks(Duration::from_millis(spec.limits.call_deadline_ms));
-    store.set_epoch_deadline(ticks);
-    let bindings = spec.pre.instantiate(&mut store).map_err(anyhow::Error::from).context("instantiating")?;
-    let host = HostInfo {
-        version: env!("CARGO_PKG_VERSION").into(),
-        arch: std::env::consts::ARCH.into(),
-        instance: spec.name.clone(),
-    };
-    store.set_epoch_deadline(ticks);
-    let manifest = bindings
-        .wasmtap_plugin_handler()
-        .call_init(&mut store, &host, &spec.config)
-        .map_err(anyhow::Error::from)
-        .context("init trapped")?
-        .map_err(|e| anyhow!("init refused: {e}"))?;
-    Ok((Instance { store, bindings }, manifest))
 }
 
 /// The manifest's syscall subscriptions as host filters (syscall names resolved).
@@ -191,26 +163,19 @@ impl Worker {
             return;
         };
         let dropped = pending_dropped.swap(0, Relaxed);
-        instance.store.set_epoch_deadline(deadline);
         let started = Instant::now();
-        let result = instance.bindings.wasmtap_plugin_handler().call_on_batch(
-            &mut instance.store,
-            WitEventKind::Syscall,
-            wasmtap_events::SyscallRecord::SIZE as u32,
-            &batch.records,
-            dropped,
-        );
+        let result = instance.on_batch(deadline, &batch.records, dropped);
         counters.busy_seconds.inc_by(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
                 counters.events.inc_by(n);
                 counters.batches.inc();
-                counters.memory_bytes.set(instance.store.data().limiter.current_bytes as i64);
+                counters.memory_bytes.set(instance.memory_bytes() as i64);
                 self.backoff = FIRST_BACKOFF;
             }
             Err(e) => {
                 counters.dropped.inc_by(n);
-                self.fault(anyhow::Error::from(e).context("on-batch trapped"));
+                self.fault(e);
             }
         }
     }
@@ -218,20 +183,16 @@ impl Worker {
     fn call_tick(&mut self) {
         let deadline = self.deadline();
         let Some(instance) = self.live_instance() else { return };
-        instance.store.set_epoch_deadline(deadline);
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-            .unwrap_or_default();
         let started = Instant::now();
-        let result = instance.bindings.wasmtap_plugin_handler().call_tick(&mut instance.store, now);
+        let result = instance.tick(deadline);
         self.counters.busy_seconds.inc_by(started.elapsed().as_secs_f64());
         if let Err(e) = result {
-            self.fault(anyhow::Error::from(e).context("tick trapped"));
+            self.fault(e);
         }
     }
 
-    fn deadline(&self) -> u64 {
-        PluginEngine::ticks(Duration::from_millis(self.spec.limits.call_deadline_ms))
+    fn deadline(&self) -> Duration {
+        Duration::from_millis(self.spec.limits.call_deadline_ms)
     }
 
     /// The running instance, restarting a faulted one once its backoff has passed.

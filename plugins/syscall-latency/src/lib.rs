@@ -5,17 +5,19 @@
 //! the subscription; by default every process is observed.
 
 use wasmtap_sdk::{
-    Config, CounterVec, EventKind, Filter, HistogramVec, HostInfo, Manifest, Plugin, Subscription,
-    SyscallBatch, export_plugin,
+    Config, CounterVec, EventKind, Filter, HistogramVec, HostApi, HostInfo, Manifest, Plugin, Subscription,
+    SyscallBatch, SyscallRecord, Wit, export_plugin,
     names::{errno_label, syscall_label},
 };
 
 /// Per-thread-name, per-syscall key; the comm is kept raw so the hot path never formats.
 type Key = ([u8; 16], u32);
 
-pub struct SyscallLatency {
-    latency: HistogramVec<Key>,
-    errors: CounterVec<(Key, u16)>,
+/// The plugin's state. Generic over the host so the benchmark can run the very same
+/// aggregation natively; as a plugin it talks to the real host through [`Wit`].
+pub struct SyscallLatency<H: HostApi + Clone = Wit> {
+    latency: HistogramVec<Key, H>,
+    errors: CounterVec<(Key, u16), H>,
 }
 
 /// Upper bounds in nanoseconds: powers of two from 128 ns to ~8.6 s.
@@ -28,38 +30,30 @@ fn comm_label(comm: &[u8; 16]) -> String {
     String::from_utf8_lossy(&comm[..len]).into_owned()
 }
 
-impl SyscallLatency {
-    pub fn new() -> Result<Self, String> {
+impl<H: HostApi + Clone> SyscallLatency<H> {
+    pub fn new(host: H) -> Result<Self, String> {
         Ok(Self {
             latency: HistogramVec::declare(
+                host.clone(),
                 "seconds",
                 "Latency of completed system calls.",
                 &["comm", "syscall"],
                 latency_bounds_ns(),
                 1e-9,
             )?,
-            errors: CounterVec::declare(
-                "errors",
-                "System calls that returned an error.",
-                &["comm", "syscall", "errno"],
-            )?,
+            errors: CounterVec::declare(host, "errors", "System calls that returned an error.", &["comm", "syscall", "errno"])?,
         })
     }
 
     /// Aggregates one batch and flushes it to the host.
-    pub fn observe(&mut self, records: &[wasmtap_sdk::SyscallRecord]) {
+    pub fn observe(&mut self, records: &[SyscallRecord]) {
+        let host = self.latency.host().clone();
         for r in records {
             let key = (r.comm, r.syscall_nr);
-            self.latency.observe(key, r.latency_ns, |(comm, nr)| {
-                vec![comm_label(comm), syscall_label(*nr)]
-            });
+            self.latency.observe(key, r.latency_ns, |(comm, nr)| vec![comm_label(comm), syscall_label(&host, *nr)]);
             if let Some(errno) = r.errno() {
                 self.errors.add((key, errno), 1, |((comm, nr), errno)| {
-                    vec![
-                        comm_label(comm),
-                        syscall_label(*nr),
-                        errno_label(*errno),
-                    ]
+                    vec![comm_label(comm), syscall_label(&host, *nr), errno_label(&host, *errno)]
                 });
             }
         }
@@ -75,11 +69,8 @@ impl Plugin for SyscallLatency {
             cgroups: config.list("cgroups")?,
             syscalls: config.list("syscalls")?,
         };
-        let manifest = Manifest {
-            subscriptions: vec![Subscription { kind: EventKind::Syscall, filter }],
-            tick_interval_ms: 0,
-        };
-        Ok((Self::new()?, manifest))
+        let manifest = Manifest { subscriptions: vec![Subscription { kind: EventKind::Syscall, filter }], tick_interval_ms: 0 };
+        Ok((Self::new(Wit)?, manifest))
     }
 
     fn on_syscalls(&mut self, batch: SyscallBatch<'_>) {
