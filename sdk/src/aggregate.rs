@@ -82,7 +82,7 @@ fn declare(host: &impl HostApi, name: &str, help: &str, kind: MetricKind, labels
 /// and are reported scaled (e.g. to seconds). Counts are exact: each observation adds
 /// one to exactly one bucket.
 pub struct HistogramVec<K, H = Wit> {
-    bounds: Vec<u64>,
+    bounds: Bounds,
     scale: f64,
     slots: Slots<K, HistogramDelta, H>,
 }
@@ -99,7 +99,7 @@ impl<K: Hash + Eq + Clone, H: HostApi> HistogramVec<K, H> {
     pub fn declare(host: H, name: &str, help: &str, labels: &[&str], bounds: Vec<u64>, scale: f64) -> Result<Self, String> {
         let buckets = bounds.iter().map(|&b| b as f64 * scale).collect();
         let family = declare(&host, name, help, MetricKind::Histogram, labels, buckets)?;
-        Ok(Self { bounds, scale, slots: Slots::new(host, family) })
+        Ok(Self { bounds: Bounds::new(bounds), scale, slots: Slots::new(host, family) })
     }
 
     /// The host this family reports to.
@@ -110,8 +110,8 @@ impl<K: Hash + Eq + Clone, H: HostApi> HistogramVec<K, H> {
     /// Adds one observation of `value` under `key`; `labels` names a new key's series.
     #[inline]
     pub fn observe(&mut self, key: K, value: u64, labels: impl FnOnce(&K) -> Vec<String>) {
-        let bucket = self.bounds.partition_point(|&b| b < value);
-        let buckets = self.bounds.len() + 1;
+        let bucket = self.bounds.index(value);
+        let buckets = self.bounds.bounds.len() + 1;
         let delta = self.slots.get(key, labels, || HistogramDelta { counts: vec![0; buckets], sum: 0 });
         delta.counts[bucket] += 1;
         delta.sum = delta.sum.wrapping_add(value);
@@ -127,6 +127,34 @@ impl<K: Hash + Eq + Clone, H: HostApi> HistogramVec<K, H> {
             delta.counts.fill(0);
             delta.sum = 0;
         });
+    }
+}
+
+/// Histogram upper bounds, with an O(1) lookup when they are consecutive powers of two
+/// (the common exponential layout), a binary search otherwise.
+struct Bounds {
+    bounds: Vec<u64>,
+    /// `Some(k)` when `bounds == [2^k, 2^(k+1), ...]`.
+    pow2_from: Option<u32>,
+}
+
+impl Bounds {
+    fn new(bounds: Vec<u64>) -> Self {
+        let pow2_from = bounds.first().filter(|b| b.is_power_of_two()).map(|b| b.trailing_zeros()).filter(|&k| {
+            bounds.iter().enumerate().all(|(i, &b)| k as usize + i < 64 && b == 1 << (k as usize + i))
+        });
+        Self { bounds, pow2_from }
+    }
+
+    /// The bucket `value` falls in (inclusive upper bounds); `len` means `+Inf`.
+    #[inline]
+    fn index(&self, value: u64) -> usize {
+        match self.pow2_from {
+            Some(k) if value <= 1 << k => 0,
+            // ceil(log2(value)) - k, for value > 2^k >= 1.
+            Some(k) => ((64 - (value - 1).leading_zeros() - k) as usize).min(self.bounds.len()),
+            None => self.bounds.partition_point(|&b| b < value),
+        }
     }
 }
 
@@ -156,5 +184,23 @@ impl<K: Hash + Eq + Clone, H: HostApi> CounterVec<K, H> {
             }
             *n = 0;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Bounds;
+
+    #[test]
+    fn power_of_two_lookup_matches_binary_search() {
+        let pow2 = Bounds::new((7..=33).map(|k| 1u64 << k).collect());
+        assert_eq!(pow2.pow2_from, Some(7));
+        let search = Bounds { bounds: pow2.bounds.clone(), pow2_from: None };
+        let mut values: Vec<u64> = vec![0, 1, 127, 128, 129, 255, 256, 257, u64::MAX, 1 << 33, (1 << 33) + 1];
+        values.extend((0..64).flat_map(|k| [(1u64 << k).saturating_sub(1), 1 << k, (1u64 << k).saturating_add(1)]));
+        for v in values {
+            assert_eq!(pow2.index(v), search.index(v), "value {v}");
+        }
+        assert_eq!(Bounds::new(vec![1, 3, 4]).pow2_from, None);
     }
 }

@@ -3,7 +3,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -22,10 +22,12 @@ pub fn privileged_or_skip(test: &str) -> bool {
     false
 }
 
-/// The build's target directory (`target/<profile>/`), from this test binary's path.
+/// The build's target directory (`target/<profile>/`), from this binary's path (a test
+/// in `target/<profile>/deps/`, or a bench driver in `target/<profile>/`).
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+    let dir = exe.parent().expect("binary in a directory");
+    if dir.ends_with("deps") { dir.parent().expect("target/<profile>").to_path_buf() } else { dir.to_path_buf() }
 }
 
 fn built(name: &str) -> PathBuf {

@@ -46,17 +46,20 @@ impl SyscallRecord {
     pub const SIZE: usize = size_of::<Self>();
 
     /// The errno this syscall failed with, if it failed.
+    #[inline]
     pub fn errno(&self) -> Option<u16> {
         (-4095..=-1).contains(&self.ret).then(|| (-self.ret) as u16)
     }
 
     /// `comm` up to its first NUL.
+    #[inline]
     pub fn comm_bytes(&self) -> &[u8] {
         let len = self.comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
         &self.comm[..len]
     }
 
     /// Reads a record from the start of `bytes` (which need not be aligned).
+    #[inline]
     pub fn read(bytes: &[u8]) -> Option<Self> {
         if bytes.len() < Self::SIZE {
             return None;

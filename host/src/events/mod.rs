@@ -3,6 +3,7 @@
 
 pub mod filter;
 pub mod reader;
+pub mod ring;
 pub mod route;
 
 use std::sync::Arc;

@@ -8,7 +8,7 @@ use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 use wasmtap_events::{SyscallRecord, counter};
 
-use super::{Batch, EventKind, Router};
+use super::{Batch, EventKind, Router, ring::RingReader};
 use crate::{probes::SyscallStream, sinks::self_metrics::ProbeCounters};
 
 /// Records per batch at most (256 KiB of syscall records).
@@ -41,8 +41,8 @@ impl Reader {
         let Self { stream, router, counters, interval } = self;
         let SyscallStream { ring, drops } = stream;
         runtime.block_on(async move {
-            // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is
-            // dropped, which only happens when this AsyncFd drops it.
+            // SAFETY: the RingReader owns its map fd and keeps it open, unchanged, until
+            // it is dropped, which only happens when this AsyncFd drops it.
             let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
                 .map_err(|e| e.into_parts().1)
                 .context("polling the ring buffer")?;
@@ -78,19 +78,20 @@ struct Drain {
 }
 
 impl Drain {
-    fn ring(&mut self, ring: &mut aya::maps::RingBuf<aya::maps::MapData>) {
-        let mut records = Vec::with_capacity(MAX_BATCH_RECORDS * SyscallRecord::SIZE);
-        while let Some(item) = ring.next() {
-            // The kernel only writes whole records; anything else would be a layout bug.
-            if item.len() == SyscallRecord::SIZE {
-                records.extend_from_slice(&item);
-            }
-            drop(item);
-            if records.len() >= MAX_BATCH_RECORDS * SyscallRecord::SIZE {
-                self.dispatch(std::mem::replace(&mut records, Vec::with_capacity(MAX_BATCH_RECORDS * SyscallRecord::SIZE)));
+    fn ring(&mut self, ring: &mut RingReader) {
+        loop {
+            let mut records = Vec::with_capacity(MAX_BATCH_RECORDS * SyscallRecord::SIZE);
+            let read = ring.read(MAX_BATCH_RECORDS, |record| {
+                // The kernel only writes whole records; anything else would be a layout bug.
+                if record.len() == SyscallRecord::SIZE {
+                    records.extend_from_slice(record);
+                }
+            });
+            self.dispatch(records);
+            if read < MAX_BATCH_RECORDS {
+                break;
             }
         }
-        self.dispatch(records);
         self.drains += 1;
         if self.drains % DROPS_EVERY == 0 {
             self.kernel_drops();

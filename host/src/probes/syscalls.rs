@@ -5,13 +5,16 @@ use std::collections::BTreeSet;
 use anyhow::Context as _;
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{BtfTracePoint, TracePoint},
 };
 use wasmtap_events::{FILTER_CGROUPS, FILTER_PIDS, FILTER_SYSCALLS, MAX_SYSCALLS, ProbeConfig, maps};
 
 use super::{EBPF_OBJECT, explain, system};
-use crate::{config::ProbeSettings, events::EventFilter};
+use crate::{
+    config::ProbeSettings,
+    events::{EventFilter, ring::RingReader},
+};
 
 /// How the programs were attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +36,7 @@ pub struct SyscallProbe {
 
 /// What the reader owns: the ring buffer and the kernel drop counters.
 pub struct SyscallStream {
-    pub ring: RingBuf<MapData>,
+    pub ring: RingReader,
     pub drops: PerCpuArray<MapData, u64>,
 }
 
@@ -46,7 +49,7 @@ impl SyscallProbe {
             .map_max_entries(maps::SYSCALL_EVENTS, settings.ring_buffer_bytes)
             .load(EBPF_OBJECT)
             .map_err(|e| explain(e, "cannot load the syscall probe's eBPF object"))?;
-        let ring = RingBuf::try_from(ebpf.take_map(maps::SYSCALL_EVENTS).context("object lacks SYSCALL_EVENTS")?)?;
+        let ring = RingReader::new(ebpf.take_map(maps::SYSCALL_EVENTS).context("object lacks SYSCALL_EVENTS")?)?;
         let drops = PerCpuArray::try_from(ebpf.take_map(maps::COUNTERS).context("object lacks COUNTERS")?)?;
         let config = ProbeConfig {
             filters: 0,

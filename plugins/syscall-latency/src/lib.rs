@@ -10,8 +10,9 @@ use wasmtap_sdk::{
     names::{errno_label, syscall_label},
 };
 
-/// Per-thread-name, per-syscall key; the comm is kept raw so the hot path never formats.
-type Key = ([u8; 16], u32);
+/// Per-thread-name, per-syscall key. The comm stays raw (as one integer, so comparing
+/// keys is two integer compares, not a byte loop) and is only formatted for a new series.
+type Key = (u128, u32);
 
 /// The plugin's state. Generic over the host so the benchmark can run the very same
 /// aggregation natively; as a plugin it talks to the real host through [`Wit`].
@@ -25,7 +26,8 @@ pub fn latency_bounds_ns() -> Vec<u64> {
     (7..=33).map(|shift| 1u64 << shift).collect()
 }
 
-fn comm_label(comm: &[u8; 16]) -> String {
+fn comm_label(comm: &u128) -> String {
+    let comm = comm.to_le_bytes();
     let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..len]).into_owned()
 }
@@ -49,7 +51,7 @@ impl<H: HostApi + Clone> SyscallLatency<H> {
     pub fn observe(&mut self, records: &[SyscallRecord]) {
         let host = self.latency.host().clone();
         for r in records {
-            let key = (r.comm, r.syscall_nr);
+            let key = (u128::from_le_bytes(r.comm), r.syscall_nr);
             self.latency.observe(key, r.latency_ns, |(comm, nr)| vec![comm_label(comm), syscall_label(&host, *nr)]);
             if let Some(errno) = r.errno() {
                 self.errors.add((key, errno), 1, |((comm, nr), errno)| {
