@@ -52,6 +52,9 @@ fn build_plugins(root: &Path, out_dir: &Path) -> anyhow::Result<()> {
     for name in &names {
         cargo.args(["--package", name]);
     }
+    // Plugins are small: whole-program optimisation across plugin, SDK and layout crates
+    // is cheap to build and inlines the per-event path.
+    cargo.env("CARGO_PROFILE_RELEASE_LTO", "true").env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1");
     // The outer build's flags are for the host target, not for the plugins.
     for key in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "RUSTC_WORKSPACE_WRAPPER", "CARGO_BUILD_TARGET"] {
         cargo.env_remove(key);
