@@ -93,7 +93,7 @@ impl Drain {
             }
         }
         self.drains += 1;
-        if self.drains % DROPS_EVERY == 0 {
+        if self.drains.is_multiple_of(DROPS_EVERY) {
             self.kernel_drops();
         }
     }

@@ -229,14 +229,20 @@ impl Series {
 
     pub fn gauge_set(&self, v: f64) -> Result<(), MisuseError> {
         match &self.value {
-            SeriesValue::Gauge(g) => Ok(g.store(v.to_bits(), Relaxed)),
+            SeriesValue::Gauge(g) => {
+                g.store(v.to_bits(), Relaxed);
+                Ok(())
+            }
             _ => Err(MisuseError("gauge-set on a series that is not a gauge")),
         }
     }
 
     pub fn gauge_add(&self, v: f64) -> Result<(), MisuseError> {
         match &self.value {
-            SeriesValue::Gauge(g) => Ok(add_f64(g, v)),
+            SeriesValue::Gauge(g) => {
+                add_f64(g, v);
+                Ok(())
+            }
             _ => Err(MisuseError("gauge-add on a series that is not a gauge")),
         }
     }
