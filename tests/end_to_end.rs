@@ -149,3 +149,40 @@ fn sigterm_unloads_every_program() {
         loaded().iter().all(|id| !ids.contains(id)).then_some(())
     });
 }
+
+#[test]
+fn a_broken_plugin_is_reported_and_the_rest_runs_on() {
+    if !privileged_or_skip("a_broken_plugin_is_reported_and_the_rest_runs_on") {
+        return;
+    }
+    let dir = wasmtap_tests::TempDir::new();
+    let garbage = dir.0.join("garbage.wasm");
+    std::fs::write(&garbage, b"\0asm this is not a component").unwrap();
+    let config = format!(
+        "[[plugin]]\nname = \"broken\"\npath = \"{}\"\n\n[[plugin]]\nname = \"good\"\nbundled = \"syscall-latency\"\n",
+        garbage.display()
+    );
+    let daemon = Daemon::start_until(Some(&config), 503);
+    let (_, health) = daemon.get("/healthz", None).unwrap();
+    assert!(health.contains("plugin broken:") && health.contains("not a valid wasmtap plugin component"), "{health}");
+    assert_eq!(daemon.status()["plugins"].as_array().unwrap().len(), 2);
+
+    let comm = unique_comm("b");
+    run_workload(&comm, 500, 0);
+    let good = |m: &str| sample(m, "good_seconds_count", &[("comm", &comm), ("syscall", "getppid")]);
+    assert_count_settles(&daemon, 500, "the good plugin's count", good);
+}
+
+#[test]
+fn a_bad_config_is_one_clear_error() {
+    let dir = wasmtap_tests::TempDir::new();
+    let path = dir.0.join("bad.toml");
+    std::fs::write(&path, "[probes]\ndrain_interval_ms = 0\n").unwrap();
+    let out = Command::new(wasmtap_tests::built("wasmtap")).arg("run").arg("--config").arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: invalid config") && stderr.contains("probes.drain_interval_ms must be within 1..=1000, got 0"),
+        "{stderr}"
+    );
+}

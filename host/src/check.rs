@@ -73,7 +73,7 @@ pub fn run() -> bool {
         match is_program_supported(ty) {
             Ok(true) => r.ok(name, "supported"),
             Ok(false) => r.unavailable(name, "not supported by this kernel"),
-            Err(e) => r.unavailable(name, &format!("probe refused: {e}")),
+            Err(e) => r.unavailable(name, &format!("probe refused: {:#}", anyhow::Error::from(e))),
         }
     }
     if Path::new("/sys/bus/event_source/devices/kprobe").exists() {
@@ -84,7 +84,10 @@ pub fn run() -> bool {
     match is_program_supported(ProgramType::Tracing) {
         Ok(true) => r.ok("fentry/fexit", "supported"),
         Ok(false) => r.unavailable("fentry/fexit", "not supported by this kernel"),
-        Err(e) => r.unavailable("fentry/fexit", &format!("refused by the kernel ({e}); wasmtap's probes do not need it")),
+        Err(e) => r.unavailable(
+            "fentry/fexit",
+            &format!("refused by the kernel ({:#}); wasmtap's probes do not need it", anyhow::Error::from(e)),
+        ),
     }
 
     // The real thing: load and attach the syscall probe, recording nothing.

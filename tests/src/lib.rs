@@ -30,7 +30,8 @@ fn profile_dir() -> PathBuf {
     if dir.ends_with("deps") { dir.parent().expect("target/<profile>").to_path_buf() } else { dir.to_path_buf() }
 }
 
-fn built(name: &str) -> PathBuf {
+/// Path of a binary built in this workspace (`wasmtap`, `wt-workload`, ...).
+pub fn built(name: &str) -> PathBuf {
     let path = profile_dir().join(name);
     assert!(path.is_file(), "{} is missing: build it first (`./dev test` does)", path.display());
     path
@@ -59,6 +60,12 @@ impl Daemon {
     /// Starts the daemon with `config` (None: the embedded default) and waits until it
     /// reports healthy.
     pub fn start(config: Option<&str>) -> Self {
+        Self::start_until(config, 200)
+    }
+
+    /// Starts the daemon and waits until `/healthz` answers with `health` (e.g. 503 for
+    /// a daemon that runs on with a broken part).
+    pub fn start_until(config: Option<&str>, health: u16) -> Self {
         let dir = TempDir::new();
         let addr = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
         let mut cmd = Command::new(built("wasmtap"));
@@ -71,11 +78,11 @@ impl Daemon {
         let log = std::fs::File::create(dir.0.join("daemon.log")).expect("log file");
         let child = cmd.stdout(log.try_clone().expect("log")).stderr(log).spawn().expect("spawn wasmtap");
         let mut daemon = Self { child, addr, _dir: dir };
-        wait_for(Duration::from_secs(60), "the daemon to report healthy", || {
+        wait_for(Duration::from_secs(60), "the daemon's /healthz", || {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!("wasmtap exited early ({status}):\n{}", daemon.log());
             }
-            daemon.get("/healthz", None).filter(|(code, _)| *code == 200)
+            daemon.get("/healthz", None).filter(|(code, _)| *code == health)
         });
         daemon
     }
