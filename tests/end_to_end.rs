@@ -186,3 +186,56 @@ fn a_bad_config_is_one_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn real_prometheus_scrapes_exact_counts() {
+    if !privileged_or_skip("real_prometheus_scrapes_exact_counts") {
+        return;
+    }
+    let daemon = Daemon::start(None);
+    let prometheus = wasmtap_tests::Prometheus::start(daemon.addr);
+    let comm = unique_comm("q");
+    run_workload(&comm, GETPPID_CALLS, OPENAT_CALLS);
+    let count = format!("syscall_latency_seconds_count{{comm=\"{comm}\",syscall=\"getppid\"}}");
+    let got = wait_for(Duration::from_secs(60), "Prometheus to scrape the workload", || {
+        prometheus.query(&count).filter(|v| *v >= GETPPID_CALLS as f64)
+    });
+    assert_eq!(got, GETPPID_CALLS as f64);
+    let errors = format!("syscall_latency_errors_total{{comm=\"{comm}\",syscall=\"openat\",errno=\"ENOENT\"}}");
+    assert_eq!(prometheus.query(&errors), Some(OPENAT_CALLS as f64));
+    assert_eq!(prometheus.query("up{job=\"wasmtap\"}"), Some(1.0));
+}
+
+#[test]
+fn a_full_ring_buffer_is_counted_as_kernel_drops() {
+    if !privileged_or_skip("a_full_ring_buffer_is_counted_as_kernel_drops") {
+        return;
+    }
+    // 4 KiB holds 56 records, drained once a second: a burst overflows it.
+    let config = "[probes]\nring_buffer_bytes = 4096\ndrain_interval_ms = 1000\nwakeup_percent = 100\n\n\
+                  [[plugin]]\nname = \"syscall-latency\"\nbundled = \"syscall-latency\"\n";
+    let daemon = Daemon::start(Some(config));
+    let comm = unique_comm("d");
+    run_workload(&comm, GETPPID_CALLS, 0);
+    // Every one of the workload's calls was either delivered or counted as dropped.
+    let (counted, dropped) = wait_for(Duration::from_secs(20), "drops to be accounted", || {
+        let m = daemon.metrics();
+        let counted = latency_count(&m, &comm, "getppid").unwrap_or(0.0);
+        let dropped = sample(&m, "wasmtap_probe_kernel_drops_total", &[("probe", "syscalls")]).unwrap_or(0.0);
+        (counted + dropped >= GETPPID_CALLS as f64).then_some((counted, dropped))
+    });
+    assert!(dropped > 0.0 && counted < GETPPID_CALLS as f64, "counted {counted}, dropped {dropped}");
+}
+
+#[test]
+fn without_privileges_the_daemon_says_how_to_fix_it_and_serves_on() {
+    if !privileged_or_skip("without_privileges_the_daemon_says_how_to_fix_it_and_serves_on") {
+        return;
+    }
+    let daemon = Daemon::spawn(None, 503, Some(65534));
+    let (_, health) = daemon.get("/healthz", None).unwrap();
+    assert!(health.contains("probe syscalls:") && health.contains("fix: run wasmtap as root"), "{health}");
+    let metrics = daemon.metrics();
+    assert!(metrics.contains("wasmtap_plugin_events_total{plugin=\"syscall-latency\"} 0"), "{metrics}");
+    assert_eq!(daemon.status()["plugins"][0]["state"], "running");
+}

@@ -66,10 +66,18 @@ impl Daemon {
     /// Starts the daemon and waits until `/healthz` answers with `health` (e.g. 503 for
     /// a daemon that runs on with a broken part).
     pub fn start_until(config: Option<&str>, health: u16) -> Self {
+        Self::spawn(config, health, None)
+    }
+
+    /// Starts the daemon, optionally as user `uid` (to test it without privileges).
+    pub fn spawn(config: Option<&str>, health: u16, uid: Option<u32>) -> Self {
         let dir = TempDir::new();
         let addr = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
         let mut cmd = Command::new(built("wasmtap"));
         cmd.args(["run", "--listen", &addr.to_string()]);
+        if let Some(uid) = uid {
+            std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+        }
         if let Some(config) = config {
             let path = dir.0.join("wasmtap.toml");
             std::fs::write(&path, config).expect("write config");
@@ -165,6 +173,87 @@ pub fn workload(comm: &str, getppid: u64, openat: u64, wait_stdin: bool) -> Chil
 pub fn run_workload(comm: &str, getppid: u64, openat: u64) {
     let status = workload(comm, getppid, openat, false).wait().expect("wait wt-workload");
     assert!(status.success(), "wt-workload failed: {status}");
+}
+
+/// Minimal HTTP GET against a loopback server; (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { unchunk(body) } else { body.to_owned() };
+    Some((head.split_whitespace().nth(1)?.parse().ok()?, body))
+}
+
+fn unchunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A real Prometheus server (Debian's `prometheus`) scraping `target` every second.
+pub struct Prometheus {
+    child: Child,
+    pub addr: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    pub fn start(target: SocketAddr) -> Self {
+        let dir = TempDir::new();
+        let addr = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
+        let config = dir.0.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: wasmtap\n    static_configs:\n      - targets: ['{target}']\n"),
+        )
+        .expect("prometheus config");
+        let log = std::fs::File::create(dir.0.join("prometheus.log")).expect("log");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.0.join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("prometheus is installed (./dev setup installs it)");
+        let prometheus = Self { child, addr, _dir: dir };
+        wait_for(Duration::from_secs(60), "Prometheus to be ready", || {
+            http_get(prometheus.addr, "/-/ready").filter(|(code, _)| *code == 200)
+        });
+        prometheus
+    }
+
+    /// The value of an instant query with exactly one result, if it has one.
+    pub fn query(&self, promql: &str) -> Option<f64> {
+        let encoded: String = promql
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect();
+        let (code, body) = http_get(self.addr, &format!("/api/v1/query?query={encoded}"))?;
+        if code != 200 {
+            return None;
+        }
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let result = json["data"]["result"].as_array()?;
+        (result.len() == 1).then(|| result[0]["value"][1].as_str()?.parse().ok()).flatten()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A temporary directory removed on drop.

@@ -13,8 +13,6 @@ use crate::{probes::SyscallStream, sinks::self_metrics::ProbeCounters};
 
 /// Records per batch at most (256 KiB of syscall records).
 const MAX_BATCH_RECORDS: usize = 4096;
-/// Kernel drop counters are read every this many drains (it costs a syscall per CPU).
-const DROPS_EVERY: u32 = 10;
 
 pub struct Reader {
     pub stream: SyscallStream,
@@ -46,7 +44,7 @@ impl Reader {
             let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
                 .map_err(|e| e.into_parts().1)
                 .context("polling the ring buffer")?;
-            let mut drain = Drain { router, counters, drops, kernel_drops: 0, drains: 0 };
+            let mut drain = Drain { router, counters, drops, kernel_drops: 0 };
             let mut timer = tokio::time::interval(interval);
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -63,7 +61,6 @@ impl Reader {
                 drain.ring(ring.get_mut());
             }
             drain.ring(ring.get_mut());
-            drain.kernel_drops();
             Ok(())
         })
     }
@@ -74,7 +71,6 @@ struct Drain {
     counters: ProbeCounters,
     drops: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
     kernel_drops: u64,
-    drains: u32,
 }
 
 impl Drain {
@@ -92,10 +88,8 @@ impl Drain {
                 break;
             }
         }
-        self.drains += 1;
-        if self.drains.is_multiple_of(DROPS_EVERY) {
-            self.kernel_drops();
-        }
+        // One map lookup per drain (not per record); cheap at the drain rate.
+        self.kernel_drops();
     }
 
     fn dispatch(&self, records: Vec<u8>) {
