@@ -33,14 +33,17 @@ fn syscall_loop() -> f64 {
     String::from_utf8_lossy(&out.stdout).trim().parse().expect("ns per call")
 }
 
-/// User + system CPU time of `pid`, in nanoseconds.
+/// CPU time (user + system) of all of `pid`'s threads, in nanoseconds: the sum of each
+/// thread's `sum_exec_runtime` (first field of /proc/PID/task/TID/schedstat), which
+/// unlike /proc/PID/stat is not rounded to clock ticks. The daemon's threads live for
+/// its whole run, so none is missed.
 fn cpu_ns(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let fields: Vec<&str> = stat.rsplit_once(')').expect("stat format").1.split_whitespace().collect();
-    // After the comm: state is field 3, utime 14, stime 15 (1-based over the whole line).
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
-    ticks * 1e9 / hz
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum()
 }
 
 struct WasmtapRun {
