@@ -53,10 +53,7 @@ fn batches() -> Vec<Vec<u8>> {
                     comm,
                     ..Default::default()
                 };
-                // SAFETY: plain integers, 64 bytes, no padding.
-                bytes.extend_from_slice(unsafe {
-                    std::slice::from_raw_parts((&record as *const SyscallRecord).cast::<u8>(), SyscallRecord::SIZE)
-                });
+                bytes.extend_from_slice(record.as_bytes());
             }
             bytes
         })

@@ -52,14 +52,7 @@ mod tests {
     }
 
     fn bytes_of(records: &[SyscallRecord]) -> Vec<u8> {
-        records
-            .iter()
-            .flat_map(|r| {
-                // SAFETY: plain integers, 64 bytes, no padding.
-                unsafe { std::slice::from_raw_parts((r as *const SyscallRecord).cast::<u8>(), SyscallRecord::SIZE) }
-                    .to_vec()
-            })
-            .collect()
+        records.iter().flat_map(|r| *r.as_bytes()).collect()
     }
 
     #[test]

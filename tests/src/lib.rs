@@ -101,15 +101,7 @@ impl Daemon {
 
     /// HTTP GET; returns (status, body), or None when the daemon does not answer.
     pub fn get(&self, path: &str, accept: Option<&str>) -> Option<(u16, String)> {
-        let mut stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        let accept = accept.map(|a| format!("Accept: {a}\r\n")).unwrap_or_default();
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: {}\r\n{accept}Connection: close\r\n\r\n", self.addr).ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        let code = head.split_whitespace().nth(1)?.parse().ok()?;
-        Some((code, body.to_owned()))
+        http_get(self.addr, path, accept)
     }
 
     pub fn metrics(&self) -> String {
@@ -175,11 +167,13 @@ pub fn run_workload(comm: &str, getppid: u64, openat: u64) {
     assert!(status.success(), "wt-workload failed: {status}");
 }
 
-/// Minimal HTTP GET against a loopback server; (status, body).
-pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+/// Minimal HTTP/1.1 GET against a loopback server; (status, body), or None when it
+/// does not answer.
+pub fn http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let accept = accept.map(|a| format!("Accept: {a}\r\n")).unwrap_or_default();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
@@ -228,7 +222,7 @@ impl Prometheus {
             .expect("prometheus is installed (./dev setup installs it)");
         let prometheus = Self { child, addr, _dir: dir };
         wait_for(Duration::from_secs(60), "Prometheus to be ready", || {
-            http_get(prometheus.addr, "/-/ready").filter(|(code, _)| *code == 200)
+            http_get(prometheus.addr, "/-/ready", None).filter(|(code, _)| *code == 200)
         });
         prometheus
     }
@@ -239,7 +233,7 @@ impl Prometheus {
             .bytes()
             .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
             .collect();
-        let (code, body) = http_get(self.addr, &format!("/api/v1/query?query={encoded}"))?;
+        let (code, body) = http_get(self.addr, &format!("/api/v1/query?query={encoded}"), None)?;
         if code != 200 {
             return None;
         }

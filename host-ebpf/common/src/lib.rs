@@ -58,6 +58,14 @@ impl SyscallRecord {
         &self.comm[..len]
     }
 
+    /// The record's bytes, as they sit in a batch.
+    #[inline]
+    pub fn as_bytes(&self) -> &[u8; Self::SIZE] {
+        // SAFETY: repr(C) integers with no padding (size asserted above), so every byte
+        // is initialised; the array has alignment 1 and the same size.
+        unsafe { &*(self as *const Self).cast::<[u8; Self::SIZE]>() }
+    }
+
     /// Reads a record from the start of `bytes` (which need not be aligned).
     #[inline]
     pub fn read(bytes: &[u8]) -> Option<Self> {

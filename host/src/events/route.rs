@@ -94,13 +94,7 @@ mod tests {
     use crate::sinks::SelfMetrics;
 
     fn records(pids: &[u32]) -> Vec<u8> {
-        pids.iter()
-            .flat_map(|&pid| {
-                let r = SyscallRecord { pid, ..Default::default() };
-                // SAFETY: plain integers, 64 bytes, no padding.
-                unsafe { std::slice::from_raw_parts((&r as *const SyscallRecord).cast::<u8>(), SyscallRecord::SIZE) }.to_vec()
-            })
-            .collect()
+        pids.iter().flat_map(|&pid| *SyscallRecord { pid, ..Default::default() }.as_bytes()).collect()
     }
 
     #[test]
