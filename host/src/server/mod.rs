@@ -1,6 +1,8 @@
 //! HTTP: `/metrics` (Prometheus text 0.0.4, or OpenMetrics when asked), `/healthz`,
 //! `/status`.
 
+pub mod status;
+
 use std::{convert::Infallible, sync::Arc};
 
 use http_body_util::Full;
@@ -22,10 +24,7 @@ use tokio_util::sync::CancellationToken;
 /// What the endpoints read.
 pub struct AppState {
     pub registry: Registry,
-    /// Reports problems; empty means healthy.
-    pub health: Box<dyn Fn() -> Vec<String> + Send + Sync>,
-    /// The `/status` document.
-    pub status: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    pub report: status::Report,
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -85,14 +84,14 @@ fn handle(req: &Request<Incoming>, state: &AppState) -> Response<Full<Bytes>> {
             }
         }
         "/healthz" => {
-            let problems = (state.health)();
+            let problems = state.report.problems();
             if problems.is_empty() {
                 reply(StatusCode::OK, "text/plain", "ok\n")
             } else {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", problems.join("\n") + "\n")
             }
         }
-        "/status" => reply(StatusCode::OK, "application/json", (state.status)().to_string()),
+        "/status" => reply(StatusCode::OK, "application/json", state.report.to_json().to_string()),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /healthz or /status\n"),
     }
 }
