@@ -43,7 +43,6 @@ pub fn effective_caps() -> u64 {
         .unwrap_or(0)
 }
 
-pub const CAP_SYS_ADMIN: u32 = 21;
 pub const CAP_PERFMON: u32 = 38;
 pub const CAP_BPF: u32 = 39;
 

@@ -163,14 +163,6 @@ impl MetricSink {
 }
 
 impl MetricFamily {
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn kind(&self) -> MetricKind {
-        self.spec.kind
-    }
-
     /// Interns one label set.
     pub fn series(&self, values: &[String]) -> Result<Arc<Series>, String> {
         if values.len() != self.spec.label_names.len() {
