@@ -73,7 +73,19 @@ impl Daemon {
     pub fn spawn(config: Option<&str>, health: u16, uid: Option<u32>) -> Self {
         let dir = TempDir::new();
         let addr = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
-        let mut cmd = Command::new(built("wasmtap"));
+        let mut binary = built("wasmtap");
+        if uid.is_some() {
+            // The checkout may sit below a directory only root can enter (mktemp -d);
+            // run a copy from this world-readable temp dir instead.
+            use std::os::unix::fs::PermissionsExt as _;
+            let copy = dir.0.join("wasmtap");
+            std::fs::copy(&binary, &copy).expect("copy wasmtap");
+            for path in [&dir.0, &copy] {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            }
+            binary = copy;
+        }
+        let mut cmd = Command::new(binary);
         cmd.args(["run", "--listen", &addr.to_string()]);
         if let Some(uid) = uid {
             std::os::unix::process::CommandExt::uid(&mut cmd, uid);
