@@ -5,16 +5,29 @@
 //! helpers that aggregate in the guest and flush one delta per series per batch
 //! ([`HistogramVec`], [`CounterVec`]).
 //!
-//! ```ignore
-//! struct Count(CounterVec<u32>);
-//! impl Plugin for Count {
-//!     fn init(_: &HostInfo, _: &Config) -> Result<(Self, Manifest), String> { ... }
+//! ```no_run
+//! use wasmtap_sdk::*;
+//!
+//! /// Counts calls per syscall number.
+//! struct Calls(CounterVec<u32>);
+//!
+//! impl Plugin for Calls {
+//!     fn init(_: &HostInfo, _: &Config) -> Result<(Self, Manifest), String> {
+//!         let calls = CounterVec::declare(Wit, "calls", "System calls.", &["nr"])?;
+//!         let all = Filter { pids: vec![], cgroups: vec![], syscalls: vec![] };
+//!         let subscriptions = vec![Subscription { kind: EventKind::Syscall, filter: all }];
+//!         Ok((Self(calls), Manifest { subscriptions, tick_interval_ms: 0 }))
+//!     }
+//!
 //!     fn on_syscalls(&mut self, batch: SyscallBatch<'_>) {
-//!         for r in batch.records() { self.0.add(r.syscall_nr, 1, |nr| vec![nr.to_string()]); }
-//!         self.0.flush();
+//!         for r in batch.records() {
+//!             self.0.add(r.syscall_nr, 1, |nr| vec![nr.to_string()]);
+//!         }
+//!         self.0.flush(); // one host call per touched series
 //!     }
 //! }
-//! export_plugin!(Count);
+//!
+//! export_plugin!(Calls);
 //! ```
 
 pub mod aggregate;
