@@ -174,6 +174,8 @@ impl Worker {
                 self.backoff = FIRST_BACKOFF;
             }
             Err(e) => {
+                // The batch died with the instance: count it, and tell the next one.
+                pending_dropped.fetch_add(n, Relaxed);
                 counters.dropped.inc_by(n);
                 self.fault(e);
             }
