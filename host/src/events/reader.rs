@@ -76,10 +76,15 @@ struct Drain {
 impl Drain {
     fn ring(&mut self, ring: &mut RingReader) {
         loop {
-            let mut records = Vec::with_capacity(MAX_BATCH_RECORDS * SyscallRecord::SIZE);
+            // Allocated on the first record only: most drains of a quiet system find
+            // nothing, and a batch-sized buffer is big enough to cost an mmap each time.
+            let mut records = Vec::new();
             let read = ring.read(MAX_BATCH_RECORDS, |record| {
                 // The kernel only writes whole records; anything else would be a layout bug.
                 if record.len() == SyscallRecord::SIZE {
+                    if records.capacity() == 0 {
+                        records.reserve_exact(MAX_BATCH_RECORDS * SyscallRecord::SIZE);
+                    }
                     records.extend_from_slice(record);
                 }
             });
