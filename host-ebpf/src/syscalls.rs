@@ -15,7 +15,7 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_comm},
     },
     macros::{btf_tracepoint, map, tracepoint},
@@ -173,7 +173,7 @@ fn on_exit(ret: i64) {
         (*record).pid = (pid_tgid >> 32) as u32;
         (*record).tid = tid;
         (*record).syscall_nr = syscall_nr as u32;
-        (*record).uid = bpf_get_current_uid_gid() as u32;
+        (*record).reserved = 0;
         // On failure the helper zero-fills `comm` itself.
         bpf_get_current_comm((*record).comm.as_mut_ptr().cast(), COMM_LEN as u32);
     }
