@@ -1,9 +1,18 @@
-//! The traced workload: N getppid calls in a tight loop; prints ns per call.
+//! The traced workload: N getppid calls in a tight loop, optionally pinned to one CPU;
+//! prints ns per call.
 //!
-//! usage: wt-syscall-loop N
+//! usage: wt-syscall-loop N [CPU]
+
+use nix::{sched::CpuSet, unistd::Pid};
 
 fn main() {
-    let n: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).expect("usage: wt-syscall-loop N");
+    let mut args = std::env::args().skip(1);
+    let n: u64 = args.next().and_then(|a| a.parse().ok()).expect("usage: wt-syscall-loop N [CPU]");
+    if let Some(cpu) = args.next() {
+        let mut set = CpuSet::new();
+        set.set(cpu.parse().expect("CPU")).expect("CPU in range");
+        nix::sched::sched_setaffinity(Pid::from_raw(0), &set).expect("pin to CPU");
+    }
     nix::sys::prctl::set_name(c"wt-syscall-loop").expect("prctl");
     let started = std::time::Instant::now();
     for _ in 0..n {
