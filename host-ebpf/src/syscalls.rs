@@ -16,14 +16,14 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        generated::{bpf_get_current_cgroup_id, bpf_get_current_comm},
+        generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm},
     },
     macros::{btf_tracepoint, map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
 use wasmtap_events::{
-    COMM_LEN, FILTER_CGROUPS, FILTER_PIDS, FILTER_SYSCALLS, MAX_SYSCALLS, ProbeConfig,
+    COMM_LEN, FILTER_CGROUPS, FILTER_PIDS, FILTER_SYSCALLS, MAX_CGROUP_DEPTH, MAX_FILTER_ENTRIES, MAX_SYSCALLS, ProbeConfig,
     SyscallRecord, SyscallStart, counter,
 };
 
@@ -35,10 +35,10 @@ static SYSCALL_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 static CONFIG: Array<ProbeConfig> = Array::with_max_entries(1, 0);
 
 #[map(name = "PID_FILTER")]
-static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
 
 #[map(name = "CGROUP_FILTER")]
-static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(4096, 0);
+static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
 
 #[map(name = "SYSCALL_FILTER")]
 static SYSCALL_FILTER: Array<u8> = Array::with_max_entries(MAX_SYSCALLS, 0);
@@ -128,15 +128,34 @@ fn wanted(filters: u32, pid: u32, syscall_nr: u64) -> bool {
     if filters & FILTER_PIDS != 0 && unsafe { PID_FILTER.get(&pid) }.is_none() {
         return false;
     }
-    if filters & FILTER_CGROUPS != 0 {
-        // SAFETY: the helper has no preconditions.
-        let cgroup = unsafe { bpf_get_current_cgroup_id() };
-        // SAFETY: as above, presence only.
-        if unsafe { CGROUP_FILTER.get(&cgroup) }.is_none() {
-            return false;
-        }
+    if filters & FILTER_CGROUPS != 0 && !cgroup_wanted() {
+        return false;
     }
     true
+}
+
+/// Whether the task's cgroup or one of its ancestors is in `CGROUP_FILTER` (a tenant's
+/// scope is a subtree, which may gain cgroups at any time).
+#[inline(always)]
+fn cgroup_wanted() -> bool {
+    // SAFETY: the helper has no preconditions.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the value is only tested for presence, never read.
+    if unsafe { CGROUP_FILTER.get(&cgroup) }.is_some() {
+        return true;
+    }
+    for level in 1..=MAX_CGROUP_DEPTH {
+        // SAFETY: the helper has no preconditions; it returns 0 past the task's depth.
+        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if ancestor == 0 || ancestor == cgroup {
+            return false;
+        }
+        // SAFETY: presence only.
+        if unsafe { CGROUP_FILTER.get(&ancestor) }.is_some() {
+            return true;
+        }
+    }
+    false
 }
 
 #[inline(always)]

@@ -6,7 +6,6 @@
 
 use std::{
     cell::RefCell,
-    collections::BTreeMap,
     rc::Rc,
     sync::Arc,
     time::{Duration, Instant},
@@ -14,13 +13,15 @@ use std::{
 
 use syscall_latency::SyscallLatency;
 use wasmtap::{
+    budget::Budget,
     config::{PluginConfig, PluginLimits},
     plugins::{
         self, PluginEngine,
+        engine::Compiler,
         host::{PluginState, wasmtap::plugin::metrics as wit, wasmtap::plugin::metrics::Host as _, wasmtap::plugin::names::Host as _},
         instance::instantiate,
     },
-    sinks::{MetricSink, metrics::namespace_for},
+    sinks::{MetricSink, SelfMetrics, metrics::namespace_for},
 };
 use wasmtap_events::SyscallRecord;
 use wasmtap_sdk::{HostApi, host::{FamilyDesc, MetricKind}};
@@ -109,25 +110,18 @@ impl HostApi for NativeHost {
 
 fn main() {
     let batches = batches();
-    let engine = PluginEngine::new(None).expect("engine");
-    let config = PluginConfig {
-        name: "syscall-latency".into(),
-        bundled: Some("syscall-latency".into()),
-        path: None,
-        namespace: None,
-        memory_bytes: None,
-        call_deadline_ms: None,
-        queue_batches: None,
-        config: BTreeMap::new(),
-    };
-    let spec = plugins::prepare(&engine, &config, PluginLimits::default()).expect("plugin");
+    // Every budget on, at its default.
+    let engine = Arc::new(PluginEngine::new(None, Compiler::InProcess).expect("engine"));
+    let config = PluginConfig::bundled("syscall-latency", "syscall-latency");
     let wasm_sink = Arc::new(MetricSink::default());
-    let (mut instance, _) = instantiate(&engine, &spec, &wasm_sink).expect("instantiate");
+    let spec = plugins::prepare(&engine, &config, None, &wasm_sink, &SelfMetrics::default()).expect("plugin");
+    let (mut instance, _) = instantiate(&spec).expect("instantiate");
     let deadline = Duration::from_secs(1);
     let wasm = measure(&batches, |b| instance.on_batch(deadline, b, 0).expect("on-batch"));
 
     let native_sink = Arc::new(MetricSink::default());
-    let state = PluginState::new("native", &namespace_for("syscall-latency"), native_sink, usize::MAX);
+    let budget = Arc::new(Budget::unmetered("native", PluginLimits::default()));
+    let state = PluginState::new(&namespace_for("syscall-latency"), native_sink, budget);
     let mut plugin = SyscallLatency::new(NativeHost(Rc::new(RefCell::new(state)))).expect("native plugin");
     let native = measure(&batches, |b| {
         let records: Vec<SyscallRecord> = b.chunks_exact(SyscallRecord::SIZE).filter_map(SyscallRecord::read).collect();

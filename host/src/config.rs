@@ -1,9 +1,13 @@
 //! Daemon configuration: TOML, with an embedded default (`host/default.toml`).
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+    path::PathBuf,
+};
 
 use anyhow::{Context as _, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The configuration used when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = include_str!("../default.toml");
@@ -23,6 +27,8 @@ pub struct Config {
     pub cache_dir: Option<PathBuf>,
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
+    #[serde(default, rename = "tenant")]
+    pub tenants: Vec<TenantConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -43,28 +49,90 @@ impl Default for ProbeSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+/// What one plugin may use of the host. `[plugin_defaults]` sets them for every plugin;
+/// any key may be repeated in a `[[plugin]]` section to override it for that plugin.
+/// Past a limit the host refuses the call and counts it in
+/// `wasmtap_plugin_refusals_total{plugin,reason}`; the plugin and everyone else go on.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginLimits {
-    /// Linear memory a plugin instance may grow to.
+    /// All linear memories and tables of an instance together (tables count 8 bytes per
+    /// element).
     pub memory_bytes: usize,
     /// Longest a single call into the plugin may run before it is interrupted.
     pub call_deadline_ms: u64,
     /// Batches that may wait for the plugin before new ones are dropped.
     pub queue_batches: usize,
+    /// Host bytes its metric families and series may take: what they hold plus what
+    /// they add to every scrape (names, help, label values, bucket lines).
+    pub metric_bytes: usize,
+    /// Series in all its families.
+    pub series: usize,
+    /// Metric families.
+    pub families: usize,
+    /// Buckets per histogram family.
+    pub buckets: usize,
+    /// Label names per family.
+    pub labels: usize,
+    /// Length of one label value, in bytes.
+    pub label_value_bytes: usize,
+    /// Length of a family's help text, in bytes.
+    pub help_bytes: usize,
+    /// Log bytes (messages, fields, stdout and stderr) per second; bursts may reach four
+    /// seconds' worth. The allowance belongs to the plugin, not to an instance: a
+    /// restart does not refill it.
+    pub log_bytes_per_second: u64,
+    /// Subscriptions in its manifest.
+    pub subscriptions: usize,
+    /// Filter entries (pids, cgroups, syscalls) over all its subscriptions.
+    pub filter_entries: usize,
+    /// Size of the component file.
+    pub component_bytes: usize,
+    /// Longest compiling the component may take (compiled in a child process).
+    pub compile_timeout_ms: u64,
+    /// Address space the compiling child process may use.
+    pub compile_memory_bytes: u64,
+    /// On shutdown, how long the plugin may take to finish its queue and final tick;
+    /// what is still queued then is counted as dropped.
+    pub shutdown_ms: u64,
+    /// Faults within `fault_window_ms` after which the plugin is quarantined (no more
+    /// restarts until the daemon restarts).
+    pub max_faults: u32,
+    pub fault_window_ms: u64,
 }
 
 impl Default for PluginLimits {
     fn default() -> Self {
-        Self { memory_bytes: 64 << 20, call_deadline_ms: 500, queue_batches: 128 }
+        Self {
+            memory_bytes: 64 << 20,
+            call_deadline_ms: 500,
+            queue_batches: 128,
+            metric_bytes: 8 << 20,
+            series: 10_000,
+            families: 64,
+            buckets: 64,
+            labels: 16,
+            label_value_bytes: 256,
+            help_bytes: 512,
+            log_bytes_per_second: 16 << 10,
+            subscriptions: 16,
+            filter_entries: 4096,
+            component_bytes: 32 << 20,
+            compile_timeout_ms: 60_000,
+            compile_memory_bytes: 4 << 30,
+            shutdown_ms: 2_000,
+            max_faults: 5,
+            fault_window_ms: 60_000,
+        }
     }
 }
 
+// No `deny_unknown_fields`: keys that are not fields land in `overrides`, where
+// `PluginLimits` (which does deny them) reports any unknown one.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// Instance name: labels its self-metrics and log records, and (with `-` → `_`)
-    /// prefixes its metric families unless `namespace` is set.
+    /// is its metric namespace unless `namespace` is set.
     pub name: String,
     /// A plugin built into the binary (see `wasmtap plugins`).
     #[serde(default)]
@@ -72,25 +140,82 @@ pub struct PluginConfig {
     /// A component file on disk.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// Metric namespace the plugin owns: every family it declares is `<namespace>_<name>`.
     #[serde(default)]
     pub namespace: Option<String>,
+    /// The `[[tenant]]` this plugin belongs to.
     #[serde(default)]
-    pub memory_bytes: Option<usize>,
-    #[serde(default)]
-    pub call_deadline_ms: Option<u64>,
-    #[serde(default)]
-    pub queue_batches: Option<usize>,
+    pub tenant: Option<String>,
     /// Passed to the plugin's `init` as key/value strings (lists are comma-joined).
     #[serde(default)]
     pub config: BTreeMap<String, toml::Value>,
+    /// Limit overrides (any `PluginLimits` key); resolved by `Config::parse`.
+    #[serde(flatten)]
+    overrides: toml::Table,
+    #[serde(skip)]
+    pub limits: PluginLimits,
+}
+
+/// A tenant: a cgroup v2 subtree whose events its plugins see (and nothing else), a
+/// metric namespace its plugins' namespaces live in, and quotas its plugins share.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    /// The tenant's cgroup v2 directory (absolute, or relative to the cgroup v2 mount).
+    /// Its plugins receive only events of tasks in this cgroup or below it.
+    pub cgroup: PathBuf,
+    /// Namespace prefix of its plugins' metrics; defaults to the name (`-` → `_`).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub quota: TenantQuota,
+}
+
+/// What all of a tenant's plugins together may use.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantQuota {
+    /// Linear memory of all its plugin instances.
+    pub memory_bytes: usize,
+    /// Series in all its plugins' families.
+    pub series: usize,
+    /// Host metric bytes of all its plugins (see `PluginLimits::metric_bytes`).
+    pub metric_bytes: usize,
+    /// Log bytes per second of all its plugins.
+    pub log_bytes_per_second: u64,
+    /// CPU its plugins' calls may take per `cpu_period_ms`, in percent of one CPU.
+    /// Batches that arrive once the share is spent are dropped (and counted) until the
+    /// next period.
+    pub cpu_percent: u32,
+    pub cpu_period_ms: u64,
+}
+
+impl Default for TenantQuota {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 256 << 20,
+            series: 20_000,
+            metric_bytes: 16 << 20,
+            log_bytes_per_second: 32 << 10,
+            cpu_percent: 50,
+            cpu_period_ms: 1_000,
+        }
+    }
 }
 
 impl PluginConfig {
-    pub fn limits(&self, defaults: PluginLimits) -> PluginLimits {
-        PluginLimits {
-            memory_bytes: self.memory_bytes.unwrap_or(defaults.memory_bytes),
-            call_deadline_ms: self.call_deadline_ms.unwrap_or(defaults.call_deadline_ms),
-            queue_batches: self.queue_batches.unwrap_or(defaults.queue_batches),
+    /// A plugin section with the default limits, as a test or bench would write it.
+    pub fn bundled(name: &str, bundled: &str) -> Self {
+        Self {
+            name: name.into(),
+            bundled: Some(bundled.into()),
+            path: None,
+            namespace: None,
+            tenant: None,
+            config: BTreeMap::new(),
+            overrides: toml::Table::new(),
+            limits: PluginLimits::default(),
         }
     }
 
@@ -105,12 +230,33 @@ impl PluginConfig {
         }
         self.config.iter().map(|(k, v)| (k.clone(), text(v))).collect()
     }
+
+    /// The defaults with this section's overrides applied; unknown keys are errors.
+    fn resolve_limits(&mut self, defaults: PluginLimits) -> anyhow::Result<()> {
+        let mut table = toml::Table::try_from(defaults)?;
+        table.extend(std::mem::take(&mut self.overrides));
+        self.limits = table.try_into()?;
+        Ok(())
+    }
+}
+
+/// A name an operator gives (plugin, tenant): shown in labels and logs, so kept plain.
+fn check_name(what: &str, name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        bail!("{what} name {name:?} is not allowed: use 1 to 64 of A-Z a-z 0-9 - _ .");
+    }
+    Ok(())
 }
 
 impl Config {
     /// Parses and validates; errors name the offending key.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let config: Self = toml::from_str(text)?;
+        let mut config: Self = toml::from_str(text)?;
+        let defaults = config.plugin_defaults;
+        for plugin in &mut config.plugins {
+            let name = plugin.name.clone();
+            plugin.resolve_limits(defaults).with_context(|| format!("plugin {name:?}"))?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -137,21 +283,52 @@ impl Config {
         if !(1..=100).contains(&p.wakeup_percent) {
             bail!("probes.wakeup_percent must be within 1..=100, got {}", p.wakeup_percent);
         }
-        let mut seen = std::collections::HashSet::new();
+        let mut tenants = HashSet::new();
+        for tenant in &self.tenants {
+            check_name("tenant", &tenant.name)?;
+            if !tenants.insert(tenant.name.as_str()) {
+                bail!("tenant name {:?} is used twice", tenant.name);
+            }
+            if let Some(ns) = &tenant.namespace {
+                check_namespace(&format!("tenant {:?}", tenant.name), ns)?;
+            }
+            let q = &tenant.quota;
+            if q.cpu_period_ms == 0 || !(1..=100 * 1024).contains(&q.cpu_percent) {
+                bail!("tenant {:?}: quota.cpu_period_ms must be > 0 and quota.cpu_percent within 1..=102400", tenant.name);
+            }
+        }
+        let mut seen = HashSet::new();
         for plugin in &self.plugins {
+            check_name("plugin", &plugin.name)?;
             if !seen.insert(&plugin.name) {
                 bail!("plugin name {:?} is used twice", plugin.name);
             }
             if plugin.bundled.is_some() == plugin.path.is_some() {
                 bail!("plugin {:?}: set exactly one of `bundled` or `path`", plugin.name);
             }
-            let limits = plugin.limits(self.plugin_defaults);
-            if limits.queue_batches == 0 || limits.call_deadline_ms == 0 || limits.memory_bytes < 65536 {
-                bail!("plugin {:?}: queue_batches and call_deadline_ms must be > 0, memory_bytes >= 65536", plugin.name);
+            if let Some(ns) = &plugin.namespace {
+                check_namespace(&format!("plugin {:?}", plugin.name), ns)?;
+            }
+            if let Some(tenant) = &plugin.tenant
+                && !tenants.contains(tenant.as_str())
+            {
+                bail!("plugin {:?}: no [[tenant]] named {tenant:?}", plugin.name);
+            }
+            let l = &plugin.limits;
+            if l.queue_batches == 0 || l.call_deadline_ms == 0 || l.memory_bytes < 65536 || l.shutdown_ms == 0 || l.max_faults == 0 {
+                bail!(
+                    "plugin {:?}: queue_batches, call_deadline_ms, shutdown_ms and max_faults must be > 0, memory_bytes >= 65536",
+                    plugin.name
+                );
             }
         }
         Ok(())
     }
+}
+
+/// A namespace given in the config: a metric name prefix of its own.
+fn check_namespace(owner: &str, ns: &str) -> anyhow::Result<()> {
+    crate::sinks::metrics::check_namespace(ns).map_err(|e| anyhow::anyhow!("{owner}: {e}"))
 }
 
 #[cfg(test)]
@@ -173,11 +350,18 @@ mod tests {
         assert!(err("[probes]\nring_buffer_bytes = 1000").contains("power of two"));
         assert!(err("[[plugin]]\nname = \"a\"").contains("exactly one of"));
         assert!(err("[[plugin]]\nname=\"a\"\nbundled=\"x\"\n[[plugin]]\nname=\"a\"\nbundled=\"x\"").contains("used twice"));
+        assert!(err("[[plugin]]\nname=\"a\\u0000b\"\nbundled=\"x\"").contains("is not allowed"));
+        assert!(err("[[plugin]]\nname=\"\"\nbundled=\"x\"").contains("is not allowed"));
+        assert!(err("[[plugin]]\nname=\"a\"\nbundled=\"x\"\nnamespace=\"wasmtap\"").contains("reserved"));
+        assert!(err("[[plugin]]\nname=\"a\"\nbundled=\"x\"\nnamespace=\"a-b\"").contains("namespace"));
+        assert!(err("[[plugin]]\nname=\"a\"\nbundled=\"x\"\nmemory_byte=1").contains("unknown field `memory_byte`"));
+        assert!(err("[[plugin]]\nname=\"a\"\nbundled=\"x\"\ntenant=\"t\"").contains("no [[tenant]]"));
     }
 
     #[test]
     fn plugin_config_becomes_strings() {
-        let c = Config::parse("[[plugin]]\nname=\"a\"\nbundled=\"x\"\nconfig = { pids = [1, 2], mode = \"fast\", n = 3 }").unwrap();
+        let c = Config::parse("[plugin_defaults]\nseries = 7\n[[plugin]]\nname=\"a\"\nbundled=\"x\"\nhelp_bytes = 9\nconfig = { pids = [1, 2], mode = \"fast\", n = 3 }").unwrap();
+        assert_eq!((c.plugins[0].limits.series, c.plugins[0].limits.help_bytes, c.plugins[0].limits.buckets), (7, 9, 64));
         assert_eq!(
             c.plugins[0].init_config(),
             vec![("mode".into(), "fast".into()), ("n".into(), "3".into()), ("pids".into(), "1,2".into())]

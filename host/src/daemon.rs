@@ -1,5 +1,5 @@
-//! `wasmtap run`: wires probes → reader → plugins → sinks → server, and shuts them
-//! down in that order on SIGINT/SIGTERM.
+//! `wasmtap run`: serves first (liveness answers while plugins compile), then wires
+//! plugins → probes → reader, and shuts them down in order on SIGINT/SIGTERM.
 
 use std::{sync::Arc, thread::JoinHandle, time::Duration};
 
@@ -9,15 +9,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Config,
-    events::{EventFilter, Reader, Router},
-    plugins::{self, PluginEngine, PluginHandle},
+    budget::TenantBudget,
+    config::{Config, TenantConfig},
+    events::{CgroupScope, EventFilter, Reader, Router, Subscriber},
+    plugins::{self, PluginEngine, PluginHandle, engine::Compiler},
     probes::{SyscallProbe, syscalls::Attach},
-    server::{
-        self, AppState,
-        status::{ProbeStatus, Report},
-    },
-    sinks::{MetricSink, SelfMetrics},
+    server::{self, AppState, status::ProbeStatus},
+    sinks::{MetricSink, SelfMetrics, metrics::namespace_for},
 };
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -31,31 +29,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let self_metrics = SelfMetrics::register(&mut registry);
     let sink = Arc::new(MetricSink::default());
     registry.register_collector(Box::new(sink.clone()));
-    let mut report = Report::default();
+    let state = Arc::new(AppState::new(registry));
+    let stop_server = CancellationToken::new();
+    let server = tokio::spawn(server::serve(listener, state.clone(), stop_server.clone()));
+    tracing::info!(listen = %config.listen, "serving /metrics, /healthz, /readyz, /status");
 
-    // Plugins first: their manifests decide what the probes record.
-    let handles = start_plugins(&config, &sink, &self_metrics, &mut report)?;
+    // Plugins first: their manifests decide what the probes record. Compiling and
+    // calling into plugins blocks, so it runs off the async workers.
+    let started = {
+        let (config, sink, metrics, state) = (config.clone(), sink.clone(), self_metrics.clone(), state.clone());
+        tokio::task::spawn_blocking(move || start_plugins(&config, &sink, &metrics, &state)).await??
+    };
+    let handles = started;
     let router = Arc::new(Router::new(handles.iter().map(|h| h.subscriber.clone()).collect()));
     let stop_reader = CancellationToken::new();
-    let probe = start_syscall_probe(&config, &router, &self_metrics, &stop_reader, &mut report)?;
-
-    let stop_server = CancellationToken::new();
-    let state = Arc::new(AppState { registry, report });
-    let server = tokio::spawn(server::serve(listener, state, stop_server.clone()));
-    tracing::info!(listen = %config.listen, "serving /metrics, /healthz, /status");
+    let probe = start_syscall_probe(&config, &router, &self_metrics, &stop_reader, &state)?;
+    state.report.write().expect("report").starting = false;
+    tracing::info!("ready");
 
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
     }
 
-    // Detach the probes, drain what they wrote, let plugins finish their queues and
-    // flush, then stop serving.
+    // Detach the probes, drain what they wrote, let plugins finish their queues (each
+    // within its shutdown time, all at once) and flush, then stop serving.
     if let Some((probe, reader)) = probe {
         drop(probe);
         stop_reader.cancel();
         let _ = tokio::task::spawn_blocking(move || reader.join()).await;
     }
+    handles.iter().for_each(PluginHandle::begin_shutdown);
     router.set(Vec::new());
     drop(router);
     tokio::task::spawn_blocking(move || handles.into_iter().for_each(PluginHandle::join)).await?;
@@ -65,25 +69,72 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens each tenant's scope; a tenant whose cgroup is unusable is reported, and its
+/// plugins are not started.
+fn tenant_budgets(tenants: &[TenantConfig]) -> Vec<(String, anyhow::Result<Arc<TenantBudget>>)> {
+    tenants
+        .iter()
+        .map(|t| {
+            let budget = CgroupScope::open(&t.cgroup)
+                .with_context(|| format!("tenant {}: cgroup {}", t.name, t.cgroup.display()))
+                .map(|scope| {
+                    let namespace = t.namespace.clone().unwrap_or_else(|| namespace_for(&t.name));
+                    Arc::new(TenantBudget::new(&t.name, namespace, Arc::new(scope), &t.quota))
+                });
+            (t.name.clone(), budget)
+        })
+        .collect()
+}
+
 /// Starts every configured plugin; one that fails is reported and skipped.
-fn start_plugins(config: &Config, sink: &Arc<MetricSink>, metrics: &SelfMetrics, report: &mut Report) -> anyhow::Result<Vec<PluginHandle>> {
+fn start_plugins(config: &Config, sink: &Arc<MetricSink>, metrics: &SelfMetrics, state: &AppState) -> anyhow::Result<Vec<PluginHandle>> {
     let cache_dir = config.cache_dir.clone().or_else(plugins::engine::default_cache_dir);
-    let engine = Arc::new(PluginEngine::new(cache_dir)?);
+    let exe = std::env::current_exe().context("locating wasmtap's own executable (it compiles plugins in a child process)")?;
+    let engine = Arc::new(PluginEngine::new(cache_dir, Compiler::Child(exe))?);
+    let tenants = tenant_budgets(&config.tenants);
+    for (name, tenant) in &tenants {
+        if let Ok(tenant) = tenant {
+            // The tenant's namespace is its own: no plugin outside it may nest there.
+            if let Err(e) = sink.claim(&tenant.namespace, &format!("tenant {name}"), None) {
+                tracing::error!("tenant {name}: {e}");
+            }
+            tracing::info!(tenant = %name, scope = %tenant.scope.dir().display(), "tenant scope");
+        }
+    }
     let mut handles = Vec::new();
     for plugin in &config.plugins {
-        match plugins::start(&engine, plugin, config.plugin_defaults, sink, metrics) {
+        let tenant = match &plugin.tenant {
+            None => Ok(None),
+            Some(name) => match tenants.iter().find(|(n, _)| n == name).map(|(_, t)| t) {
+                Some(Ok(t)) => Ok(Some(t.clone())),
+                Some(Err(e)) => Err(anyhow::anyhow!("{e:#}")),
+                None => Err(anyhow::anyhow!("no tenant {name:?}")),
+            },
+        };
+        match tenant.and_then(|tenant| plugins::start(&engine, plugin, tenant, sink, metrics)) {
             Ok(handle) => {
-                tracing::info!(plugin = %plugin.name, filters = ?handle.subscriber.filters, "plugin started");
-                report.plugins.push(handle.status.clone());
+                tracing::info!(plugin = %plugin.name, filters = handle.subscriber.filters.len(), "plugin started");
+                state.report.write().expect("report").plugins.push(handle.status.clone());
                 handles.push(handle);
             }
             Err(e) => {
-                tracing::error!("plugin {:?} not started: {e:#}", plugin.name);
-                report.failed_plugins.push((plugin.name.clone(), format!("{e:#}")));
+                let error = crate::sinks::logs::sanitize(&format!("{e:#}"), plugins::instance::MAX_ERROR_BYTES);
+                tracing::error!("plugin {:?} not started: {error}", plugin.name);
+                state.report.write().expect("report").failed_plugins.push((plugin.name.clone(), error));
             }
         }
     }
     Ok(handles)
+}
+
+/// What the kernel must record for one subscriber's filter: a tenant's plugin that
+/// names no cgroups gets its tenant's scope (the kernel matches a cgroup and every
+/// cgroup below it).
+fn kernel_filters(sub: &Subscriber) -> impl Iterator<Item = EventFilter> + '_ {
+    sub.filters.iter().map(|f| match &sub.scope {
+        Some(scope) if f.cgroups.is_empty() => EventFilter { cgroups: [scope.root_id()].into(), ..f.clone() },
+        _ => f.clone(),
+    })
 }
 
 /// Attaches the syscall probe with the union of the plugins' filters and starts its
@@ -93,9 +144,11 @@ fn start_syscall_probe(
     router: &Arc<Router>,
     metrics: &SelfMetrics,
     stop: &CancellationToken,
-    report: &mut Report,
+    state: &AppState,
 ) -> anyhow::Result<Option<(SyscallProbe, JoinHandle<()>)>> {
-    let Some(filter) = EventFilter::union(router.subscribers().iter().flat_map(|s| &s.filters)) else {
+    let subscribers = router.subscribers();
+    let filters: Vec<EventFilter> = subscribers.iter().flat_map(|s| kernel_filters(s)).collect();
+    let Some(filter) = EventFilter::union(&filters) else {
         tracing::warn!("no plugin subscribed to syscall events; the syscall probe stays detached");
         return Ok(None);
     };
@@ -103,18 +156,19 @@ fn start_syscall_probe(
         Ok(started) => started,
         Err(e) => {
             tracing::error!("syscall probe not attached: {e:#}");
-            report.probe_errors.push(("syscalls", format!("{e:#}")));
+            state.report.write().expect("report").probe_errors.push(("syscalls", format!("{e:#}")));
             return Ok(None);
         }
     };
-    tracing::info!(attach = ?probe.attach_kind(), ?filter, "syscall probe attached");
-    report.probes.push(ProbeStatus {
+    tracing::info!(attach = ?probe.attach_kind(), widened = ?probe.widened(), "syscall probe attached");
+    state.report.write().expect("report").probes.push(ProbeStatus {
         name: "syscalls",
         attach: match probe.attach_kind() {
             Attach::BtfTracepoint => "tp_btf",
             Attach::Tracepoint => "tracepoint",
         },
         program_ids: probe.program_ids(),
+        widened: probe.widened(),
     });
     let reader = Reader {
         stream,

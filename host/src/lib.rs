@@ -2,6 +2,7 @@
 //!
 //! The modules follow the pipeline: `probes` → `events` → `plugins` → `sinks` → `server`.
 
+pub mod budget;
 pub mod check;
 pub mod config;
 pub mod daemon;

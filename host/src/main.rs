@@ -31,6 +31,10 @@ enum Command {
     DefaultConfig,
     /// List the bundled plugins.
     Plugins,
+    /// Compile a plugin component (the daemon runs this in a child process, under
+    /// an address-space limit and a deadline).
+    #[command(hide = true)]
+    CompilePlugin { input: PathBuf, output: PathBuf, max_memory_bytes: u64 },
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
                 EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
             );
             if json_logs { logs.json().init() } else { logs.init() }
+            wasmtap::sinks::logs::use_json(json_logs);
             let result = Config::load(config.as_deref()).and_then(|mut config| {
                 if let Some(listen) = listen {
                     config.listen = listen;
@@ -67,6 +72,15 @@ fn main() -> ExitCode {
         Command::Plugins => {
             bundled::names().for_each(|n| println!("{n}"));
             ExitCode::SUCCESS
+        }
+        Command::CompilePlugin { input, output, max_memory_bytes } => {
+            match wasmtap::plugins::engine::compile_to_file(&input, &output, max_memory_bytes) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

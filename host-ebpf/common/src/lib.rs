@@ -15,6 +15,14 @@ pub const COMM_LEN: usize = 16;
 /// Highest syscall number (exclusive) the syscall filter map can hold.
 pub const MAX_SYSCALLS: u32 = 1024;
 
+/// Entries the pid and cgroup filter maps hold; a larger union is not pushed into the
+/// kernel (that dimension is left open there, and the host routes exactly).
+pub const MAX_FILTER_ENTRIES: u32 = 4096;
+
+/// cgroup levels below the root that the cgroup filter looks through: a task matches
+/// when its cgroup, or one of its ancestors up to this depth, is in the filter.
+pub const MAX_CGROUP_DEPTH: i32 = 8;
+
 /// One completed system call, written at `raw_syscalls:sys_exit`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -104,7 +112,8 @@ const _: () = assert!(size_of::<ProbeConfig>() == 16);
 
 /// `ProbeConfig::filters`: only pids present in `PID_FILTER` are recorded.
 pub const FILTER_PIDS: u32 = 1 << 0;
-/// `ProbeConfig::filters`: only cgroups present in `CGROUP_FILTER` are recorded.
+/// `ProbeConfig::filters`: only tasks whose cgroup (or an ancestor of it) is present in
+/// `CGROUP_FILTER` are recorded.
 pub const FILTER_CGROUPS: u32 = 1 << 1;
 /// `ProbeConfig::filters`: only syscalls whose `SYSCALL_FILTER` slot is 1 are recorded.
 pub const FILTER_SYSCALLS: u32 = 1 << 2;

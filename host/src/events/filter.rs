@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 
+use rustc_hash::FxHashMap;
 use wasmtap_events::SyscallRecord;
 
 /// A subscription's filter. An empty set means "all" for that dimension; a record must
@@ -60,6 +61,59 @@ impl EventFilter {
     }
 }
 
+/// A subscriber's filters compiled for routing: a record costs three lookups whatever
+/// the number of filters or entries. Bit `i` of a mask stands for filter `i`.
+#[derive(Debug, Clone, Default)]
+pub struct CompiledFilters {
+    pids: FxHashMap<u32, u64>,
+    any_pid: u64,
+    cgroups: FxHashMap<u64, u64>,
+    any_cgroup: u64,
+    /// Indexed by syscall number; numbers past the end match only `any_syscall`.
+    syscalls: Vec<u64>,
+    any_syscall: u64,
+    all: bool,
+}
+
+/// Filters a subscriber may have: one bit each in a mask.
+pub const MAX_FILTERS: usize = 64;
+
+impl CompiledFilters {
+    /// Compiles up to `MAX_FILTERS` filters (a record matches if any of them does).
+    pub fn new(filters: &[EventFilter]) -> Self {
+        assert!(filters.len() <= MAX_FILTERS, "at most {MAX_FILTERS} filters");
+        let mut c = Self { all: filters.iter().any(EventFilter::is_all), ..Default::default() };
+        for (i, f) in filters.iter().enumerate() {
+            let bit = 1u64 << i;
+            if f.pids.is_empty() { c.any_pid |= bit }
+            if f.cgroups.is_empty() { c.any_cgroup |= bit }
+            if f.syscalls.is_empty() { c.any_syscall |= bit }
+            f.pids.iter().for_each(|&p| *c.pids.entry(p).or_default() |= bit);
+            f.cgroups.iter().for_each(|&g| *c.cgroups.entry(g).or_default() |= bit);
+            for &nr in &f.syscalls {
+                if c.syscalls.len() <= nr as usize {
+                    c.syscalls.resize(nr as usize + 1, 0);
+                }
+                c.syscalls[nr as usize] |= bit;
+            }
+        }
+        c
+    }
+
+    /// Whether one of the filters passes every record.
+    pub fn is_all(&self) -> bool {
+        self.all
+    }
+
+    #[inline]
+    pub fn matches(&self, r: &SyscallRecord) -> bool {
+        let pid = self.pids.get(&r.pid).copied().unwrap_or(0) | self.any_pid;
+        let cgroup = self.cgroups.get(&r.cgroup_id).copied().unwrap_or(0) | self.any_cgroup;
+        let syscall = self.syscalls.get(r.syscall_nr as usize).copied().unwrap_or(0) | self.any_syscall;
+        pid & cgroup & syscall != 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +139,22 @@ mod tests {
         assert!(f(&[7], &[39]).matches(&r));
         assert!(!f(&[8], &[39]).matches(&r));
         assert!(!f(&[7], &[1]).matches(&r));
+    }
+
+    #[test]
+    fn compiled_filters_match_like_any_of_the_filters() {
+        let filters = [f(&[1, 2], &[5]), f(&[], &[6]), EventFilter { cgroups: [9].into(), ..f(&[3], &[]) }];
+        let compiled = CompiledFilters::new(&filters);
+        assert!(!compiled.is_all());
+        for pid in 0..5 {
+            for nr in [4, 5, 6, 2000] {
+                for cgroup_id in [1, 9] {
+                    let r = SyscallRecord { pid, syscall_nr: nr, cgroup_id, ..Default::default() };
+                    assert_eq!(compiled.matches(&r), filters.iter().any(|f| f.matches(&r)), "{r:?}");
+                }
+            }
+        }
+        assert!(CompiledFilters::new(&[f(&[1], &[]), f(&[], &[])]).is_all());
+        assert!(!CompiledFilters::new(&[]).matches(&SyscallRecord::default()));
     }
 }

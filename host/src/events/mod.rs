@@ -5,12 +5,14 @@ pub mod filter;
 pub mod reader;
 pub mod ring;
 pub mod route;
+pub mod scope;
 
 use std::sync::Arc;
 
-pub use filter::EventFilter;
+pub use filter::{CompiledFilters, EventFilter};
 pub use reader::Reader;
 pub use route::{Router, Subscriber};
+pub use scope::CgroupScope;
 
 /// Kinds of event; one ring buffer (probe family) each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

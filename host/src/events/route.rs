@@ -9,7 +9,7 @@ use std::sync::{
 
 use wasmtap_events::SyscallRecord;
 
-use super::{Batch, EventFilter, EventKind};
+use super::{Batch, CgroupScope, CompiledFilters, EventFilter, EventKind};
 use crate::sinks::self_metrics::PluginCounters;
 
 /// One plugin's subscription and its bounded queue.
@@ -19,6 +19,10 @@ pub struct Subscriber {
     pub kind: EventKind,
     /// A record goes to the plugin if any of these matches.
     pub filters: Vec<EventFilter>,
+    /// The same, compiled for routing.
+    pub compiled: CompiledFilters,
+    /// A tenant's plugin only ever gets records of cgroups in its tenant's scope.
+    pub scope: Option<Arc<CgroupScope>>,
     pub queue: SyncSender<Batch>,
     /// Records dropped since the plugin's last batch (reported to it, then reset).
     pub pending_dropped: Arc<AtomicU64>,
@@ -27,13 +31,14 @@ pub struct Subscriber {
 
 impl Subscriber {
     fn wants_all(&self) -> bool {
-        self.filters.iter().any(EventFilter::is_all)
+        self.compiled.is_all() && self.scope.is_none()
     }
 
     fn select(&self, records: &[u8]) -> Vec<u8> {
+        let in_scope = |r: &SyscallRecord| self.scope.as_ref().is_none_or(|s| s.contains(r.cgroup_id));
         records
             .chunks_exact(SyscallRecord::SIZE)
-            .filter(|raw| SyscallRecord::read(raw).is_some_and(|r| self.filters.iter().any(|f| f.matches(&r))))
+            .filter(|raw| SyscallRecord::read(raw).is_some_and(|r| self.compiled.matches(&r) && in_scope(&r)))
             .flatten()
             .copied()
             .collect()
@@ -103,10 +108,13 @@ mod tests {
         let (all_tx, all_rx) = sync_channel(1);
         let (one_tx, one_rx) = sync_channel(8);
         let sub = |name: &str, pids: &[u32], queue| {
+            let filters = vec![EventFilter { pids: pids.iter().copied().collect(), ..Default::default() }];
             Arc::new(Subscriber {
                 plugin: name.into(),
                 kind: EventKind::Syscall,
-                filters: vec![EventFilter { pids: pids.iter().copied().collect(), ..Default::default() }],
+                compiled: CompiledFilters::new(&filters),
+                filters,
+                scope: None,
                 queue,
                 pending_dropped: Arc::default(),
                 counters: metrics.plugin(name),

@@ -1,15 +1,17 @@
-//! The wasmtime engine shared by all plugins: epoch ticker for call deadlines, and an
-//! on-disk cache of precompiled components.
+//! The wasmtime engine shared by all plugins: epoch ticker for call deadlines, bounded
+//! compilation (in a child process), and an on-disk cache of precompiled components.
 
 use std::{
     hash::{DefaultHasher, Hash as _, Hasher as _},
-    path::PathBuf,
+    io::Read as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering::Relaxed},
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -19,22 +21,57 @@ use wasmtime::{
     component::{Component, Linker},
 };
 
-use super::host::{Plugin, PluginPre, PluginState};
+use super::{
+    host::{Plugin, PluginPre, PluginState},
+    wasi,
+};
+use crate::{
+    budget::{Reason, Refusal},
+    config::PluginLimits,
+    sinks::logs::sanitize,
+};
 
 /// Granularity of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// Where components are compiled.
+#[derive(Debug, Clone)]
+pub enum Compiler {
+    /// In a child process (this executable's `compile-plugin`) under an address-space
+    /// limit and a deadline, so a component built to be expensive to compile can cost
+    /// neither the daemon's memory nor its start-up: the daemon's choice.
+    Child(PathBuf),
+    /// In this process, without limits: for tests and benchmarks of trusted plugins.
+    InProcess,
+}
+
 pub struct PluginEngine {
     engine: Engine,
     cache_dir: Option<PathBuf>,
+    compiler: Compiler,
     stop: Arc<AtomicBool>,
 }
 
+/// The engine settings; the compiling child must use the very same ones.
+fn engine_config() -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true).epoch_interruption(true).cranelift_opt_level(wasmtime::OptLevel::Speed);
+    config
+}
+
+/// `wasmtap compile-plugin`: compiles `input` into `output` under `max_memory` bytes of
+/// address space. Runs in the child process.
+pub fn compile_to_file(input: &Path, output: &Path, max_memory: u64) -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, setrlimit};
+    setrlimit(Resource::RLIMIT_AS, max_memory, max_memory).context("setting the compile memory limit")?;
+    let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
+    let compiled = Engine::new(&engine_config())?.precompile_component(&bytes)?;
+    std::fs::write(output, compiled).with_context(|| format!("writing {}", output.display()))
+}
+
 impl PluginEngine {
-    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Self> {
-        let mut config = Config::new();
-        config.wasm_component_model(true).epoch_interruption(true).cranelift_opt_level(wasmtime::OptLevel::Speed);
-        let engine = Engine::new(&config)?;
+    pub fn new(cache_dir: Option<PathBuf>, compiler: Compiler) -> anyhow::Result<Self> {
+        let engine = Engine::new(&engine_config())?;
         let stop = Arc::new(AtomicBool::new(false));
         let (ticker, stop_ticker) = (engine.weak(), stop.clone());
         thread::Builder::new().name("wasmtap-epoch".into()).spawn(move || {
@@ -53,7 +90,7 @@ impl PluginEngine {
                 false
             }
         });
-        Ok(Self { engine, cache_dir, stop })
+        Ok(Self { engine, cache_dir, compiler, stop })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -65,42 +102,118 @@ impl PluginEngine {
         (deadline.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1
     }
 
-    /// Compiles `bytes`, or loads the precompiled artifact from the cache.
-    pub fn compile(&self, bytes: &[u8]) -> anyhow::Result<Component> {
-        let Some(dir) = &self.cache_dir else {
-            return Ok(Component::new(&self.engine, bytes)?);
-        };
+    /// Compiles `bytes` (or loads the precompiled artifact from the cache), within the
+    /// plugin's size, time and memory limits.
+    pub fn compile(&self, bytes: &[u8], limits: &PluginLimits) -> Result<Component, CompileError> {
+        if bytes.len() > limits.component_bytes {
+            return Err(CompileError::Refused(Refusal::new(
+                Reason::ComponentBytes,
+                format!("the component has {} bytes; the limit is {} (component_bytes)", bytes.len(), limits.component_bytes),
+            )));
+        }
         let mut compat = DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut compat);
         let key = format!("{:x}-{:016x}", Sha256::digest(bytes), compat.finish());
-        let path = dir.join(format!("{key}.cwasm"));
-        if path.is_file() {
-            // SAFETY: files in the cache dir are only ever written below, from
-            // `precompile_component` output of this engine configuration, and renamed
-            // into place whole; the key covers the source bytes and engine settings.
-            match unsafe { Component::deserialize_file(&self.engine, &path) } {
+        let cached = self.cache_dir.as_ref().map(|dir| dir.join(format!("{key}.cwasm")));
+        if let Some(path) = cached.as_ref().filter(|p| p.is_file()) {
+            // SAFETY: files in the cache dir are only ever written by `compile_to_file`
+            // (this engine configuration) and renamed into place whole; the key covers
+            // the source bytes and engine settings.
+            match unsafe { Component::deserialize_file(&self.engine, path) } {
                 Ok(component) => return Ok(component),
                 Err(e) => tracing::warn!("discarding cached {}: {e:#}", path.display()),
             }
         }
-        let compiled = self.engine.precompile_component(bytes)?;
-        let tmp = dir.join(format!("{key}.{}.tmp", std::process::id()));
-        if let Err(e) = std::fs::write(&tmp, &compiled).and_then(|()| std::fs::rename(&tmp, &path)) {
-            tracing::warn!("cannot cache a compiled plugin in {}: {e}", dir.display());
+        let Compiler::Child(exe) = &self.compiler else {
+            return Component::new(&self.engine, bytes).map_err(|e| CompileError::Invalid(e.into()));
+        };
+        let dir = self.cache_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let tmp = |ext: &str| dir.join(format!("{key}.{}.{ext}", std::process::id()));
+        let (input, output) = (tmp("wasm"), tmp("cwasm.tmp"));
+        let result = self.compile_in_child(exe, bytes, &input, &output, limits);
+        let _ = std::fs::remove_file(&input);
+        let loaded = result.and_then(|()| {
+            // SAFETY: `output` was just written by `compile_to_file` with this engine's
+            // configuration, in a file only this process names.
+            unsafe { Component::deserialize_file(&self.engine, &output) }.map_err(|e| CompileError::Invalid(e.into()))
+        });
+        match (&loaded, &cached) {
+            (Ok(_), Some(path)) => {
+                if let Err(e) = std::fs::rename(&output, path) {
+                    tracing::warn!("cannot cache a compiled plugin in {}: {e}", dir.display());
+                }
+            }
+            _ => drop(std::fs::remove_file(&output)),
         }
-        // SAFETY: `compiled` was produced by this engine just above.
-        Ok(unsafe { Component::deserialize(&self.engine, &compiled) }?)
+        loaded
     }
 
-    /// Links the host imports; every other import (the WASI interfaces a guest's std
-    /// pulls in) traps when called, so plugins get no filesystem, network, env or clock.
+    fn compile_in_child(&self, exe: &Path, bytes: &[u8], input: &Path, output: &Path, limits: &PluginLimits) -> Result<(), CompileError> {
+        let io = |what: &str, e: std::io::Error| CompileError::Invalid(anyhow::anyhow!("{what}: {e}"));
+        std::fs::write(input, bytes).map_err(|e| io("writing the component for the compiler", e))?;
+        let mut child = Command::new(exe)
+            .arg("compile-plugin")
+            .arg(input)
+            .arg(output)
+            .arg(limits.compile_memory_bytes.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| io("starting the compiler process", e))?;
+        let deadline = Instant::now() + Duration::from_millis(limits.compile_timeout_ms);
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(|e| io("waiting for the compiler", e))? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(CompileError::Refused(Refusal::new(
+                    Reason::CompileTime,
+                    format!("compiling took longer than {} ms (compile_timeout_ms)", limits.compile_timeout_ms),
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        if status.success() {
+            return Ok(());
+        }
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            let _ = std::io::Read::take(&mut pipe, 4096).read_to_string(&mut stderr);
+        }
+        Err(CompileError::Invalid(anyhow::anyhow!(
+            "compiling failed ({status}): {}{}",
+            sanitize(stderr.trim(), 1024),
+            if stderr.contains("memory allocation") || stderr.contains("out of memory") {
+                format!(" (compile_memory_bytes is {})", limits.compile_memory_bytes)
+            } else {
+                String::new()
+            }
+        )))
+    }
+
+    /// Links the host imports and the capability-free WASI subset (check the component
+    /// with `wasi::check_imports` first, for an error that names a refused import).
     pub fn prepare(&self, component: &Component) -> anyhow::Result<PluginPre<PluginState>> {
         let mut linker = Linker::new(&self.engine);
         Plugin::add_to_linker::<PluginState, wasmtime::component::HasSelf<PluginState>>(&mut linker, |s| s)?;
-        linker.define_unknown_imports_as_traps(component)?;
+        wasi::add_to_linker(&mut linker)?;
         let pre = linker.instantiate_pre(component).map_err(anyhow::Error::from).context("linking the plugin")?;
         Ok(PluginPre::new(pre)?)
     }
+}
+
+/// Why a component could not be compiled.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// Past a budget (size, time).
+    #[error(transparent)]
+    Refused(Refusal),
+    /// Not a valid component, or the compiler failed.
+    #[error("{0:#}")]
+    Invalid(anyhow::Error),
 }
 
 impl Drop for PluginEngine {

@@ -1,15 +1,25 @@
 //! The host side of the WIT contract: generated bindings, and the sink imports
 //! implemented on each plugin's Store state. Handles a plugin holds index only its own
-//! tables, so one plugin cannot reach another's series.
+//! tables, so one plugin cannot reach another's series; everything it makes the host
+//! hold is charged to its budget.
 
 use std::sync::Arc;
 
-use wasmtime::{ResourceLimiter, component::bindgen};
+use wasmtime::{
+    ResourceLimiter,
+    component::{ResourceTable, bindgen},
+};
+use wasmtime_wasi::WasiCtx;
 
-use crate::sinks::{
-    MetricFamily, MetricSink, Series,
-    logs::{Level, LogSink},
-    metrics::{FamilySpec, MetricKind},
+use super::wasi::{self, GuestOutput};
+
+use crate::{
+    budget::{Budget, Reason, Refusal},
+    sinks::{
+        MetricFamily, MetricSink, Series,
+        logs::{Level, LogSink},
+        metrics::{FamilySpec, MetricKind, SeriesError},
+    },
 };
 
 bindgen!({
@@ -26,46 +36,122 @@ use wasmtap::plugin::{logs, metrics, names};
 pub struct PluginState {
     namespace: String,
     sink: Arc<MetricSink>,
+    budget: Arc<Budget>,
     families: Vec<Arc<MetricFamily>>,
     series: Vec<(Arc<Series>, u32)>,
     logs: LogSink,
     pub limiter: MemoryLimiter,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    outputs: [GuestOutput; 2],
 }
 
 impl PluginState {
-    pub fn new(instance: &str, namespace: &str, sink: Arc<MetricSink>, memory_bytes: usize) -> Self {
+    pub fn new(namespace: &str, sink: Arc<MetricSink>, budget: Arc<Budget>) -> Self {
+        let logs = LogSink::new(budget.clone());
+        let (wasi, outputs) = wasi::context(&logs);
         Self {
             namespace: namespace.to_owned(),
             sink,
             families: Vec::new(),
             series: Vec::new(),
-            logs: LogSink::new(instance),
-            limiter: MemoryLimiter { max_bytes: memory_bytes, current_bytes: 0 },
+            logs,
+            limiter: MemoryLimiter { budget: budget.clone(), held: 0, refused: None },
+            budget,
+            wasi,
+            table: ResourceTable::new(),
+            outputs,
         }
+    }
+
+    /// The WASI context and the resource table its handles live in.
+    pub fn wasi(&mut self) -> (&mut WasiCtx, &mut ResourceTable) {
+        (&mut self.wasi, &mut self.table)
+    }
+
+    /// After a call: logs what the plugin left of a stdout/stderr line.
+    pub fn finish_output(&self) {
+        self.outputs.iter().for_each(GuestOutput::finish);
+    }
+
+    /// What the plugin last said was wrong (a panic message, say), or why its memory
+    /// could not grow: the reason shown for a fault.
+    pub fn fault_hint(&self) -> Option<String> {
+        self.limiter.refused.clone().or_else(|| self.logs.last_problem())
     }
 
     fn series(&self, handle: u32) -> wasmtime::Result<&(Arc<Series>, u32)> {
         self.series.get(handle as usize).ok_or_else(|| wasmtime::format_err!("plugin used unknown series handle {handle}"))
     }
+
+    /// A refused value is counted and the call returns normally; misuse traps.
+    fn apply(&self, result: Result<(), SeriesError>) -> wasmtime::Result<()> {
+        match result {
+            Ok(()) => Ok(()),
+            Err(SeriesError::Refused(reason)) => {
+                self.budget.refuse(Refusal::new(reason, format!("a metric value was refused ({})", reason.label())));
+                Ok(())
+            }
+            Err(e @ SeriesError::Misuse(_)) => Err(e.into()),
+        }
+    }
 }
 
-/// Caps linear memory per instance and remembers how much it holds.
+/// Charges every linear memory and table of an instance to the plugin's (and its
+/// tenant's) memory budget, so the cap holds for the whole instance, not each memory;
+/// released when the instance is dropped.
 pub struct MemoryLimiter {
-    max_bytes: usize,
-    pub current_bytes: usize,
+    budget: Arc<Budget>,
+    /// Bytes of memories and tables the instance holds.
+    pub held: usize,
+    /// Why the last growth was refused, for the fault report.
+    pub refused: Option<String>,
+}
+
+/// What a table element is charged (a pointer-sized slot).
+const TABLE_ELEMENT_BYTES: usize = 8;
+
+impl MemoryLimiter {
+    fn grow(&mut self, what: &str, current: usize, desired: usize) -> bool {
+        let delta = desired.saturating_sub(current);
+        match self.budget.charge(Reason::Memory, delta as u64) {
+            Ok(()) => {
+                self.held += delta;
+                true
+            }
+            Err(refusal) => {
+                self.refused = Some(format!("out of memory: growing a {what} from {current} to {desired} bytes was refused, {refusal}"));
+                false
+            }
+        }
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
-            return Ok(false);
-        }
-        self.current_bytes = self.current_bytes.max(desired);
-        Ok(true)
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(self.grow("linear memory", current, desired))
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+    fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(self.grow("table", current.saturating_mul(TABLE_ELEMENT_BYTES), desired.saturating_mul(TABLE_ELEMENT_BYTES)))
+    }
+
+    fn instances(&self) -> usize {
+        100
+    }
+
+    fn tables(&self) -> usize {
+        100
+    }
+
+    fn memories(&self) -> usize {
+        16
+    }
+}
+
+impl Drop for MemoryLimiter {
+    fn drop(&mut self) {
+        self.budget.release(Reason::Memory, self.held as u64);
     }
 }
 
@@ -79,7 +165,7 @@ impl metrics::Host for PluginState {
             metrics::MetricKind::Histogram => MetricKind::Histogram,
         };
         let spec = FamilySpec { name: desc.name, help: desc.help, kind, label_names: desc.label_names, buckets: desc.buckets };
-        Ok(self.sink.declare(&self.namespace, spec).map(|family| {
+        Ok(self.sink.declare(&self.namespace, spec, &self.budget).map_err(|r| r.to_string()).map(|family| {
             match self.families.iter().position(|f| Arc::ptr_eq(f, &family)) {
                 Some(i) => i as u32,
                 None => {
@@ -92,7 +178,7 @@ impl metrics::Host for PluginState {
 
     fn intern_series(&mut self, family: metrics::Family, label_values: Vec<String>) -> wasmtime::Result<Result<metrics::Series, String>> {
         let f = self.families.get(family as usize).ok_or_else(|| wasmtime::format_err!("plugin used unknown family handle {family}"))?;
-        Ok(f.series(&label_values).map(|series| {
+        Ok(f.series(&label_values, &self.budget).map_err(|r| r.to_string()).map(|series| {
             match self.series.iter().position(|(s, _)| Arc::ptr_eq(s, &series)) {
                 Some(i) => i as u32,
                 None => {
@@ -104,24 +190,24 @@ impl metrics::Host for PluginState {
     }
 
     fn counter_add(&mut self, series: metrics::Series, value: u64) -> wasmtime::Result<()> {
-        Ok(self.series(series)?.0.counter_add(value)?)
+        self.apply(self.series(series)?.0.counter_add(value))
     }
 
     fn gauge_set(&mut self, series: metrics::Series, value: f64) -> wasmtime::Result<()> {
-        Ok(self.series(series)?.0.gauge_set(value)?)
+        self.apply(self.series(series)?.0.gauge_set(value))
     }
 
     fn gauge_add(&mut self, series: metrics::Series, value: f64) -> wasmtime::Result<()> {
-        Ok(self.series(series)?.0.gauge_add(value)?)
+        self.apply(self.series(series)?.0.gauge_add(value))
     }
 
     fn histogram_observe(&mut self, series: metrics::Series, value: f64) -> wasmtime::Result<()> {
         let (s, family) = self.series(series)?;
-        Ok(s.histogram_observe(self.families[*family as usize].buckets(), value)?)
+        self.apply(s.histogram_observe(self.families[*family as usize].buckets(), value))
     }
 
     fn histogram_merge(&mut self, series: metrics::Series, bucket_counts: Vec<u64>, sum: f64) -> wasmtime::Result<()> {
-        Ok(self.series(series)?.0.histogram_merge(&bucket_counts, sum)?)
+        self.apply(self.series(series)?.0.histogram_merge(&bucket_counts, sum))
     }
 }
 

@@ -1,7 +1,7 @@
 //! One plugin instance: its Store and bindings, and the calls the host makes into it,
 //! each under an epoch deadline.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
 use wasmtime::Store;
@@ -11,46 +11,66 @@ use super::{
     host::{HostInfo, Manifest, Plugin, PluginState, WitEventKind},
     worker::PluginSpec,
 };
-use crate::sinks::MetricSink;
+use crate::sinks::logs::sanitize;
+
+/// Longest error text kept from a plugin (its `init` refusal, a trap): it ends up in
+/// logs and in `/status`.
+pub const MAX_ERROR_BYTES: usize = 1024;
 
 pub struct Instance {
     store: Store<PluginState>,
     bindings: Plugin,
 }
 
-/// Creates a fresh Store (memory limit, deadline trap), instantiates and runs `init`.
-pub fn instantiate(engine: &PluginEngine, spec: &PluginSpec, sink: &Arc<MetricSink>) -> anyhow::Result<(Instance, Manifest)> {
-    let state = PluginState::new(&spec.name, &spec.namespace, sink.clone(), spec.limits.memory_bytes);
-    let mut store = Store::new(engine.engine(), state);
+/// Creates a fresh Store (memory budget, deadline trap), instantiates and runs `init`.
+pub fn instantiate(spec: &PluginSpec) -> anyhow::Result<(Instance, Manifest)> {
+    let state = PluginState::new(&spec.namespace, spec.sink.clone(), spec.budget.clone());
+    let mut store = Store::new(spec.engine.engine(), state);
     store.limiter(|s| &mut s.limiter);
     store.epoch_deadline_trap();
-    let deadline = PluginEngine::ticks(Duration::from_millis(spec.limits.call_deadline_ms));
+    let deadline = PluginEngine::ticks(Duration::from_millis(spec.budget.limits.call_deadline_ms));
     store.set_epoch_deadline(deadline);
-    let bindings = spec.pre.instantiate(&mut store).map_err(anyhow::Error::from).context("instantiating")?;
-    let host = HostInfo {
-        version: env!("CARGO_PKG_VERSION").into(),
-        arch: std::env::consts::ARCH.into(),
-        instance: spec.name.clone(),
+    let bindings = match spec.pre.instantiate(&mut store) {
+        Ok(bindings) => bindings,
+        Err(e) => return Err(explain(store.data(), e).context("instantiating")),
     };
-    store.set_epoch_deadline(deadline);
-    let manifest = bindings
-        .wasmtap_plugin_handler()
-        .call_init(&mut store, &host, &spec.config)
-        .map_err(anyhow::Error::from)
-        .context("init trapped")?
-        .map_err(|e| anyhow!("init refused: {e}"))?;
-    Ok((Instance { store, bindings }, manifest))
+    let mut instance = Instance { store, bindings };
+    let host = HostInfo { version: env!("CARGO_PKG_VERSION").into(), arch: std::env::consts::ARCH.into(), instance: spec.name.clone() };
+    instance.store.set_epoch_deadline(deadline);
+    let result = instance.bindings.wasmtap_plugin_handler().call_init(&mut instance.store, &host, &spec.config);
+    let manifest = instance.finish(result).context("init trapped")?.map_err(|e| anyhow!("init refused: {}", sanitize(&e, MAX_ERROR_BYTES)))?;
+    Ok((instance, manifest))
+}
+
+/// A trap's error with what the plugin last said was wrong (a panic message) or why its
+/// memory could not grow, bounded and escaped.
+fn explain(state: &PluginState, error: wasmtime::Error) -> anyhow::Error {
+    let error = anyhow::Error::from(error);
+    let text = match state.fault_hint() {
+        Some(hint) => format!("{error:#} ({hint})"),
+        None => format!("{error:#}"),
+    };
+    anyhow!(sanitize(&text, MAX_ERROR_BYTES))
 }
 
 impl Instance {
+    /// After a call: flush the plugin's unfinished output lines; explain a trap.
+    fn finish<T>(&mut self, result: wasmtime::Result<T>) -> anyhow::Result<T> {
+        self.store.data().finish_output();
+        result.map_err(|e| explain(self.store.data(), e))
+    }
+
     /// Hands the plugin one batch of syscall records.
     pub fn on_batch(&mut self, deadline: Duration, records: &[u8], dropped: u64) -> anyhow::Result<()> {
         self.store.set_epoch_deadline(PluginEngine::ticks(deadline));
-        self.bindings
-            .wasmtap_plugin_handler()
-            .call_on_batch(&mut self.store, WitEventKind::Syscall, wasmtap_events::SyscallRecord::SIZE as u32, records, dropped)
-            .map_err(anyhow::Error::from)
-            .context("on-batch trapped")
+        let result = self.bindings.wasmtap_plugin_handler().call_on_batch(
+            &mut self.store,
+            WitEventKind::Syscall,
+            wasmtap_events::SyscallRecord::SIZE as u32,
+            records,
+            dropped,
+        );
+        self.finish(result).context("on-batch trapped")
     }
 
     /// Lets the plugin flush; `now` is the monotonic clock.
@@ -59,15 +79,12 @@ impl Instance {
             .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
             .unwrap_or_default();
         self.store.set_epoch_deadline(PluginEngine::ticks(deadline));
-        self.bindings
-            .wasmtap_plugin_handler()
-            .call_tick(&mut self.store, now)
-            .map_err(anyhow::Error::from)
-            .context("tick trapped")
+        let result = self.bindings.wasmtap_plugin_handler().call_tick(&mut self.store, now);
+        self.finish(result).context("tick trapped")
     }
 
-    /// Linear memory the instance has grown to.
+    /// Linear memory and tables the instance holds.
     pub fn memory_bytes(&self) -> usize {
-        self.store.data().limiter.current_bytes
+        self.store.data().limiter.held
     }
 }

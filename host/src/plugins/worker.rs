@@ -1,9 +1,12 @@
 //! One worker thread per plugin: owns its Store, takes batches from its bounded queue,
-//! calls the plugin with a deadline, and restarts it with backoff when it traps.
+//! calls the plugin with a deadline, and supervises it: a fault drops the instance and
+//! restarts it after a backoff that grows while faults keep coming and resets only after
+//! a quiet `fault_window_ms`; `max_faults` within that window quarantines the plugin.
 
 use std::{
+    collections::VecDeque,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering::Relaxed},
         mpsc::{Receiver, RecvTimeoutError, sync_channel},
     },
@@ -20,29 +23,37 @@ use super::{
     instance::{Instance, instantiate},
 };
 use crate::{
-    config::PluginLimits,
-    events::{Batch, EventFilter, EventKind, Subscriber},
+    budget::{Budget, Reason, Refusal},
+    events::{Batch, CgroupScope, CompiledFilters, EventFilter, EventKind, Subscriber, filter::MAX_FILTERS},
     names,
     sinks::{MetricSink, self_metrics::PluginCounters},
 };
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// At most one fault line per plugin this often (the rest are counted in it).
+const FAULT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Everything needed to (re)create a plugin instance.
 pub struct PluginSpec {
     pub name: String,
     pub namespace: String,
     pub config: Vec<(String, String)>,
-    pub limits: PluginLimits,
+    pub budget: Arc<Budget>,
     pub pre: PluginPre<PluginState>,
+    pub engine: Arc<PluginEngine>,
+    pub sink: Arc<MetricSink>,
 }
 
 /// What `/status` shows of a plugin.
 #[derive(Debug, Clone, Serialize)]
 pub struct PluginStatus {
     pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// running, restarting, quarantined, stopped (or failed: never started).
     pub state: &'static str,
+    pub faults: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
@@ -51,20 +62,44 @@ pub struct PluginStatus {
 pub struct PluginHandle {
     pub subscriber: Arc<Subscriber>,
     pub status: Arc<Mutex<PluginStatus>>,
+    shutdown: Arc<OnceLock<Instant>>,
     thread: thread::JoinHandle<()>,
 }
 
 impl PluginHandle {
-    /// Waits for the worker to finish its queue and its final tick. The queue closes
-    /// when the router lets go of the subscriber.
+    /// Starts the plugin's shutdown clock: from now it has `shutdown_ms` to finish its
+    /// queue; what is left then is counted as dropped.
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown.set(Instant::now());
+    }
+
+    /// Waits for the worker to finish its queue (within its shutdown time) and its final
+    /// tick. The queue closes when the router lets go of the subscriber.
     pub fn join(self) {
+        self.begin_shutdown();
         drop(self.subscriber);
         let _ = self.thread.join();
     }
 }
 
-/// The manifest's syscall subscriptions as host filters (syscall names resolved).
-fn syscall_filters(manifest: &Manifest) -> anyhow::Result<Vec<EventFilter>> {
+/// The manifest's syscall subscriptions as host filters (syscall names resolved),
+/// within the plugin's subscription and filter-entry budgets.
+fn syscall_filters(manifest: &Manifest, budget: &Budget) -> anyhow::Result<Vec<EventFilter>> {
+    let limits = &budget.limits;
+    let max = limits.subscriptions.min(MAX_FILTERS);
+    let subscriptions = manifest.subscriptions.len();
+    if subscriptions > max {
+        let refusal = Refusal::new(Reason::Subscriptions, format!("the manifest has {subscriptions} subscriptions; the limit is {max} (subscriptions)"));
+        return Err(budget.refuse(refusal).into());
+    }
+    let entries: usize = manifest.subscriptions.iter().map(|s| s.filter.pids.len() + s.filter.cgroups.len() + s.filter.syscalls.len()).sum();
+    if entries > limits.filter_entries {
+        let refusal = Refusal::new(
+            Reason::FilterEntries,
+            format!("the manifest's filters have {entries} entries; the limit is {} (filter_entries)", limits.filter_entries),
+        );
+        return Err(budget.refuse(refusal).into());
+    }
     manifest
         .subscriptions
         .iter()
@@ -74,54 +109,80 @@ fn syscall_filters(manifest: &Manifest) -> anyhow::Result<Vec<EventFilter>> {
                 .filter
                 .syscalls
                 .iter()
-                .map(|name| names::syscall_number(name).ok_or_else(|| anyhow!("unknown syscall name {name:?} in the manifest")))
+                .map(|name| names::syscall_number(name).ok_or_else(|| anyhow!("unknown syscall name {:?} in the manifest", crate::sinks::logs::sanitize(name, 64))))
                 .collect::<anyhow::Result<_>>()?;
-            Ok(EventFilter {
-                pids: s.filter.pids.iter().copied().collect(),
-                cgroups: s.filter.cgroups.iter().copied().collect(),
-                syscalls,
-            })
+            Ok(EventFilter { pids: s.filter.pids.iter().copied().collect(), cgroups: s.filter.cgroups.iter().copied().collect(), syscalls })
         })
         .collect()
 }
 
 /// Instantiates and initialises the plugin, then hands it to its own worker thread.
-pub fn start(engine: Arc<PluginEngine>, spec: PluginSpec, sink: Arc<MetricSink>, counters: PluginCounters) -> anyhow::Result<PluginHandle> {
-    let (instance, manifest) = instantiate(&engine, &spec, &sink)?;
-    let filters = syscall_filters(&manifest)?;
-    let (queue, rx) = sync_channel(spec.limits.queue_batches);
+pub fn start(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<CgroupScope>>) -> anyhow::Result<PluginHandle> {
+    let (instance, manifest) = instantiate(&spec)?;
+    let filters = syscall_filters(&manifest, &spec.budget)?;
+    let (queue, rx) = sync_channel(spec.budget.limits.queue_batches);
     let subscriber = Arc::new(Subscriber {
         plugin: spec.name.clone(),
         kind: EventKind::Syscall,
+        compiled: CompiledFilters::new(&filters),
         filters,
+        scope,
         queue,
         pending_dropped: Arc::default(),
         counters: counters.clone(),
     });
-    let status = Arc::new(Mutex::new(PluginStatus { name: spec.name.clone(), state: "running", last_error: None }));
+    let status = Arc::new(Mutex::new(PluginStatus {
+        name: spec.name.clone(),
+        tenant: spec.budget.tenant.as_ref().map(|t| t.name.clone()),
+        state: "running",
+        faults: 0,
+        last_error: None,
+    }));
     let tick = (manifest.tick_interval_ms > 0).then(|| Duration::from_millis(manifest.tick_interval_ms.into()));
+    let shutdown = Arc::new(OnceLock::new());
     let worker = Worker {
-        engine,
-        sink,
         spec,
         instance: Some(instance),
         counters,
         pending_dropped: subscriber.pending_dropped.clone(),
         status: status.clone(),
         tick,
-        backoff: FIRST_BACKOFF,
-        restart_at: Instant::now(),
+        shutdown: shutdown.clone(),
+        supervisor: Supervisor::default(),
     };
     let thread = thread::Builder::new()
         .name(format!("plugin-{}", worker.spec.name))
         .spawn(move || worker.run(rx))
         .context("spawning the plugin worker")?;
-    Ok(PluginHandle { subscriber, status, thread })
+    Ok(PluginHandle { subscriber, status, shutdown, thread })
+}
+
+/// Fault history of one plugin.
+struct Supervisor {
+    recent: VecDeque<Instant>,
+    backoff: Duration,
+    last_fault: Option<Instant>,
+    restart_at: Instant,
+    quarantined: bool,
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Default for Supervisor {
+    fn default() -> Self {
+        Self {
+            recent: VecDeque::new(),
+            backoff: FIRST_BACKOFF,
+            last_fault: None,
+            restart_at: Instant::now(),
+            quarantined: false,
+            last_logged: None,
+            unlogged: 0,
+        }
+    }
 }
 
 struct Worker {
-    engine: Arc<PluginEngine>,
-    sink: Arc<MetricSink>,
     spec: PluginSpec,
     /// `None` while the plugin is down after a fault.
     instance: Option<Instance>,
@@ -129,57 +190,87 @@ struct Worker {
     pending_dropped: Arc<AtomicU64>,
     status: Arc<Mutex<PluginStatus>>,
     tick: Option<Duration>,
-    backoff: Duration,
-    restart_at: Instant,
+    shutdown: Arc<OnceLock<Instant>>,
+    supervisor: Supervisor,
 }
 
 impl Worker {
     fn run(mut self, rx: Receiver<Batch>) {
+        let mut next_tick = self.tick.map(|every| Instant::now() + every);
+        let mut unprocessed = 0u64;
         loop {
-            let next = match self.tick {
-                Some(every) => rx.recv_timeout(every),
+            let next = match next_tick {
+                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match next {
-                Ok(batch) => self.deliver(&batch),
-                Err(RecvTimeoutError::Timeout) => self.call_tick(),
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.call_tick();
-                    self.set_status("stopped", None);
-                    return;
+                Ok(batch) if self.out_of_shutdown_time() => {
+                    unprocessed += batch.len() as u64;
+                    self.drop_batch(batch.len() as u64);
                 }
+                Ok(batch) => self.deliver(&batch),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            // On schedule even while batches keep coming.
+            if let (Some(at), Some(every)) = (next_tick, self.tick)
+                && Instant::now() >= at
+            {
+                self.call_tick();
+                next_tick = Some((at + every).max(Instant::now()));
             }
         }
+        self.call_tick();
+        if unprocessed > 0 {
+            tracing::warn!(plugin = %self.spec.name, unprocessed, "plugin ran out of shutdown time (shutdown_ms); its last events were dropped");
+        }
+        if !self.supervisor.quarantined {
+            self.set_status("stopped", None);
+        }
+    }
+
+    fn out_of_shutdown_time(&self) -> bool {
+        self.shutdown.get().is_some_and(|at| at.elapsed() >= Duration::from_millis(self.spec.budget.limits.shutdown_ms))
+    }
+
+    fn drop_batch(&self, n: u64) {
+        self.pending_dropped.fetch_add(n, Relaxed);
+        self.counters.dropped.inc_by(n);
     }
 
     fn deliver(&mut self, batch: &Batch) {
         let n = batch.len() as u64;
+        if self.spec.budget.cpu_exhausted() {
+            return self.drop_batch(n);
+        }
         let deadline = self.deadline();
-        let counters = self.counters.clone();
-        let pending_dropped = self.pending_dropped.clone();
-        let Some(instance) = self.live_instance() else {
-            pending_dropped.fetch_add(n, Relaxed);
-            counters.dropped.inc_by(n);
-            return;
-        };
-        let dropped = pending_dropped.swap(0, Relaxed);
+        // Reset only once the plugin has seen it: a trap must not lose the count.
+        let dropped = self.pending_dropped.load(Relaxed);
+        let Some(instance) = self.live_instance() else { return self.drop_batch(n) };
         let started = Instant::now();
         let result = instance.on_batch(deadline, &batch.records, dropped);
-        counters.busy_seconds.inc_by(started.elapsed().as_secs_f64());
+        let memory = instance.memory_bytes();
+        self.spent(started.elapsed());
         match result {
             Ok(()) => {
-                counters.events.inc_by(n);
-                counters.batches.inc();
-                counters.memory_bytes.set(instance.memory_bytes() as i64);
-                self.backoff = FIRST_BACKOFF;
+                self.pending_dropped.fetch_sub(dropped, Relaxed);
+                self.counters.events.inc_by(n);
+                self.counters.batches.inc();
+                self.counters.memory_bytes.set(memory as i64);
+                self.counters.metric_bytes.set(self.spec.budget.used(Reason::MetricBytes) as i64);
+                self.counters.series.set(self.spec.budget.used(Reason::Series) as i64);
             }
             Err(e) => {
                 // The batch died with the instance: count it, and tell the next one.
-                pending_dropped.fetch_add(n, Relaxed);
-                counters.dropped.inc_by(n);
+                self.drop_batch(n);
                 self.fault(e);
             }
         }
+    }
+
+    fn spent(&self, time: Duration) {
+        self.counters.busy_seconds.inc_by(time.as_secs_f64());
+        self.spec.budget.spend_cpu(time);
     }
 
     fn call_tick(&mut self) {
@@ -187,20 +278,20 @@ impl Worker {
         let Some(instance) = self.live_instance() else { return };
         let started = Instant::now();
         let result = instance.tick(deadline);
-        self.counters.busy_seconds.inc_by(started.elapsed().as_secs_f64());
+        self.spent(started.elapsed());
         if let Err(e) = result {
             self.fault(e);
         }
     }
 
     fn deadline(&self) -> Duration {
-        Duration::from_millis(self.spec.limits.call_deadline_ms)
+        Duration::from_millis(self.spec.budget.limits.call_deadline_ms)
     }
 
     /// The running instance, restarting a faulted one once its backoff has passed.
     fn live_instance(&mut self) -> Option<&mut Instance> {
-        if self.instance.is_none() && Instant::now() >= self.restart_at {
-            match instantiate(&self.engine, &self.spec, &self.sink) {
+        if self.instance.is_none() && !self.supervisor.quarantined && Instant::now() >= self.supervisor.restart_at {
+            match instantiate(&self.spec) {
                 Ok((instance, _manifest)) => {
                     self.counters.restarts.inc();
                     tracing::info!(plugin = %self.spec.name, "plugin restarted");
@@ -213,20 +304,51 @@ impl Worker {
         self.instance.as_mut()
     }
 
-    /// Quarantines the instance: it is dropped, and recreated after a growing backoff.
+    /// Drops the faulted instance; restarts it after a backoff, or quarantines it.
     fn fault(&mut self, error: anyhow::Error) {
+        let now = Instant::now();
+        let limits = &self.spec.budget.limits;
+        let window = Duration::from_millis(limits.fault_window_ms);
+        let s = &mut self.supervisor;
         self.counters.traps.inc();
         self.instance = None;
-        self.restart_at = Instant::now() + self.backoff;
-        tracing::error!(plugin = %self.spec.name, "plugin faulted: {error:#}; restarting in {:?}", self.backoff);
-        self.set_status("restarting", Some(format!("{error:#}")));
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        if s.last_fault.is_some_and(|at| now.duration_since(at) >= window) {
+            s.backoff = FIRST_BACKOFF; // quiet for a whole window: start over
+        }
+        s.last_fault = Some(now);
+        s.recent.push_back(now);
+        while s.recent.front().is_some_and(|&at| now.duration_since(at) > window) {
+            s.recent.pop_front();
+        }
+        let error = format!("{error:#}");
+        if s.recent.len() >= limits.max_faults as usize {
+            s.quarantined = true;
+            self.counters.quarantined.set(1);
+            tracing::error!(
+                plugin = %self.spec.name,
+                "plugin quarantined after {} faults within {window:?}; it stays down until the daemon restarts. Last fault: {error}",
+                s.recent.len()
+            );
+            self.set_status("quarantined", Some(error));
+            return;
+        }
+        s.restart_at = now + s.backoff;
+        if s.last_logged.is_none_or(|at| now.duration_since(at) >= FAULT_LOG_INTERVAL) {
+            let suppressed = std::mem::take(&mut s.unlogged);
+            tracing::error!(plugin = %self.spec.name, suppressed, "plugin faulted: {error}; restarting in {:?}", s.backoff);
+            s.last_logged = Some(now);
+        } else {
+            s.unlogged += 1;
+        }
+        s.backoff = (s.backoff * 2).min(MAX_BACKOFF);
+        self.set_status("restarting", Some(error));
     }
 
     fn set_status(&self, state: &'static str, error: Option<String>) {
         let mut status = self.status.lock().expect("status lock");
         status.state = state;
         if error.is_some() {
+            status.faults += 1;
             status.last_error = error;
         }
     }

@@ -8,7 +8,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{BtfTracePoint, TracePoint},
 };
-use wasmtap_events::{FILTER_CGROUPS, FILTER_PIDS, FILTER_SYSCALLS, MAX_SYSCALLS, ProbeConfig, maps};
+use wasmtap_events::{FILTER_CGROUPS, FILTER_PIDS, FILTER_SYSCALLS, MAX_FILTER_ENTRIES, MAX_SYSCALLS, ProbeConfig, maps};
 
 use super::{EBPF_OBJECT, explain, system};
 use crate::{
@@ -32,6 +32,7 @@ pub struct SyscallProbe {
     attach: Attach,
     config: ProbeConfig,
     installed: EventFilter,
+    widened: Vec<&'static str>,
 }
 
 /// What the reader owns: the ring buffer and the kernel drop counters.
@@ -56,7 +57,7 @@ impl SyscallProbe {
             ignore_pid: std::process::id(),
             wakeup_bytes: u64::from(settings.ring_buffer_bytes) * u64::from(settings.wakeup_percent) / 100,
         };
-        let mut probe = Self { ebpf, attach: Attach::Tracepoint, config, installed: EventFilter::default() };
+        let mut probe = Self { ebpf, attach: Attach::Tracepoint, config, installed: EventFilter::default(), widened: Vec::new() };
         probe.set_filter(filter)?;
         probe.attach = match &btf {
             Some(btf) => match probe.attach_btf(btf) {
@@ -105,12 +106,38 @@ impl SyscallProbe {
         self.ebpf.programs().filter_map(|(_, p)| p.info().ok()).map(|i| i.id()).collect()
     }
 
+    /// Filter dimensions left open in the kernel because the union did not fit.
+    pub fn widened(&self) -> Vec<&'static str> {
+        self.widened.clone()
+    }
+
     /// Programs the kernel filter maps. Entries are added before the switch bits are set
-    /// and removed after, so a change never briefly narrows what is recorded.
+    /// and removed after, so a change never briefly narrows what is recorded. A pid or
+    /// cgroup set larger than its map is not pushed: that dimension stays open in the
+    /// kernel (the host's routing still delivers each plugin exactly its records), rather
+    /// than the probe recording for nobody.
     pub fn set_filter(&mut self, filter: &EventFilter) -> anyhow::Result<()> {
         if let Some(&nr) = filter.syscalls.iter().find(|&&nr| nr >= MAX_SYSCALLS) {
             anyhow::bail!("syscall number {nr} is beyond the probe's table of {MAX_SYSCALLS}");
         }
+        let mut filter = filter.clone();
+        self.widened.clear();
+        for (dimension, len) in [("pids", filter.pids.len()), ("cgroups", filter.cgroups.len())] {
+            if len > MAX_FILTER_ENTRIES as usize {
+                tracing::warn!(
+                    "the plugins' {dimension} filters hold {len} entries, more than the kernel map's {MAX_FILTER_ENTRIES}: \
+                     {dimension} are not filtered in the kernel, only in the host"
+                );
+                self.widened.push(dimension);
+            }
+        }
+        if self.widened.contains(&"pids") {
+            filter.pids.clear();
+        }
+        if self.widened.contains(&"cgroups") {
+            filter.cgroups.clear();
+        }
+        let filter = &filter;
         let old = std::mem::take(&mut self.installed);
         sync_set(&mut self.ebpf, maps::PID_FILTER, &old.pids, &filter.pids, Stage::Add)?;
         sync_set(&mut self.ebpf, maps::CGROUP_FILTER, &old.cgroups, &filter.cgroups, Stage::Add)?;

@@ -1,9 +1,19 @@
-//! HTTP: `/metrics` (Prometheus text 0.0.4, or OpenMetrics when asked), `/healthz`,
-//! `/status`.
+//! HTTP: `/metrics` (Prometheus text 0.0.4, or OpenMetrics when asked), `/healthz`
+//! (liveness of the daemon itself), `/readyz` (start-up done, probes attached), `/status`
+//! (JSON, every probe and plugin).
+//!
+//! Bounded: at most `MAX_CONNECTIONS` connections (more wait in the listen backlog),
+//! each must send its request head within `HEADER_TIMEOUT`, and at most `MAX_SCRAPES`
+//! scrapes render at once, so concurrent scrapes cannot multiply the exposition's size
+//! in memory (which the plugins' metric budgets bound).
 
 pub mod status;
 
-use std::{convert::Infallible, sync::Arc};
+use std::{
+    convert::Infallible,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use http_body_util::Full;
 use hyper::{
@@ -13,18 +23,29 @@ use hyper::{
     server::conn::http1,
     service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     encoding::{prometheus_text, text},
     registry::Registry,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
+
+const MAX_CONNECTIONS: usize = 64;
+const MAX_SCRAPES: usize = 2;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the endpoints read.
 pub struct AppState {
     pub registry: Registry,
-    pub report: status::Report,
+    pub report: RwLock<status::Report>,
+    scrapes: Semaphore,
+}
+
+impl AppState {
+    pub fn new(registry: Registry) -> Self {
+        Self { registry, report: RwLock::default(), scrapes: Semaphore::new(MAX_SCRAPES) }
+    }
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -32,7 +53,12 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Serves until `stop`; in-flight requests finish on their own tasks.
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => return,
+            permit = connections.clone().acquire_owned() => permit.expect("never closed"),
+        };
         let (stream, _) = tokio::select! {
             () = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -47,11 +73,16 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&req, &state)) }
+                async move { Ok::<_, Infallible>(handle(&req, &state).await) }
             });
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
                 tracing::debug!("connection ended: {e}");
             }
+            drop(permit);
         });
     }
 }
@@ -64,7 +95,7 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
         .expect("static response parts are valid")
 }
 
-fn handle(req: &Request<Incoming>, state: &AppState) -> Response<Full<Bytes>> {
+async fn handle(req: &Request<Incoming>, state: &AppState) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => {
             let wants_openmetrics = req
@@ -72,6 +103,9 @@ fn handle(req: &Request<Incoming>, state: &AppState) -> Response<Full<Bytes>> {
                 .get(header::ACCEPT)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.contains("application/openmetrics-text"));
+            let Ok(_permit) = state.scrapes.acquire().await else {
+                return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n");
+            };
             let mut body = String::new();
             let (encoded, content_type) = if wants_openmetrics {
                 (text::encode(&mut body, &state.registry), OPENMETRICS)
@@ -83,15 +117,18 @@ fn handle(req: &Request<Incoming>, state: &AppState) -> Response<Full<Bytes>> {
                 Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "encoding metrics failed\n"),
             }
         }
-        "/healthz" => {
-            let problems = state.report.problems();
-            if problems.is_empty() {
-                reply(StatusCode::OK, "text/plain", "ok\n")
-            } else {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", problems.join("\n") + "\n")
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" => {
+            let report = state.report.read().expect("report");
+            let not_ready = report.not_ready();
+            let mut body = if not_ready.is_empty() { "ready\n".to_owned() } else { not_ready.join("\n") + "\n" };
+            for problem in report.plugin_problems() {
+                body.push_str(&format!("(does not affect readiness) {problem}\n"));
             }
+            let code = if not_ready.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            reply(code, "text/plain", body)
         }
-        "/status" => reply(StatusCode::OK, "application/json", state.report.to_json().to_string()),
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /healthz or /status\n"),
+        "/status" => reply(StatusCode::OK, "application/json", state.report.read().expect("report").to_json().to_string()),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /healthz, /readyz or /status\n"),
     }
 }

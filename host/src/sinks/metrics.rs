@@ -3,18 +3,23 @@
 //! Plugins declare families and intern label sets into series once, then flush
 //! pre-aggregated deltas. Because the host owns the series, a restarted or swapped
 //! plugin that declares the same family keeps adding to the same counters.
-//! Each plugin's families live under its namespace (`<namespace>_<name>`), and the
-//! quotas below keep one plugin from exhausting the scrape for everyone.
+//! Each plugin's families live under a namespace it owns (`<namespace>_<name>`), and
+//! every family and series is charged to the plugin's budget, so one plugin can neither
+//! write into another's metrics, nor make the scrape invalid, nor grow it without bound.
 
 use std::{
     collections::HashMap,
     fmt,
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
 };
 
+use crate::{
+    budget::{Budget, Reason, Refusal},
+    sinks::logs::sanitize,
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, NoLabelSet},
@@ -39,24 +44,21 @@ pub struct FamilySpec {
     pub buckets: Vec<f64>,
 }
 
-/// Per-namespace quotas.
-#[derive(Debug, Clone, Copy)]
-pub struct SinkLimits {
-    pub families_per_namespace: usize,
-    pub series_per_family: usize,
-}
-
-impl Default for SinkLimits {
-    fn default() -> Self {
-        Self { families_per_namespace: 64, series_per_family: 10_000 }
-    }
-}
-
-/// All plugin families; registered once as a prometheus-client collector.
+/// All plugin families and the namespaces that own them; registered once as a
+/// prometheus-client collector.
 #[derive(Debug, Default)]
 pub struct MetricSink {
     families: RwLock<Vec<Arc<MetricFamily>>>,
-    limits: SinkLimits,
+    claims: Mutex<Vec<Claim>>,
+}
+
+/// A namespace and who owns it. Namespaces are prefix-free (neither is the other plus
+/// `_…`), so no family of one can ever render a sample name of another; a tenant's
+/// claim is the one exception, for its own plugins' namespaces below it.
+#[derive(Debug)]
+struct Claim {
+    namespace: String,
+    owner: String,
 }
 
 #[derive(Debug)]
@@ -64,8 +66,9 @@ pub struct MetricFamily {
     namespace: String,
     name: String,
     spec: FamilySpec,
+    /// Every name this family's exposition uses (family name and sample names).
+    sample_names: Vec<String>,
     series: RwLock<SeriesTable>,
-    max_series: usize,
 }
 
 #[derive(Debug, Default)]
@@ -89,14 +92,22 @@ enum SeriesValue {
     Histogram {
         /// Non-cumulative counts per bucket, the last one for `+Inf`.
         buckets: Box<[AtomicU64]>,
+        /// Observations so far; kept so that adding can refuse before any bucket (or
+        /// the cumulative count the exposition sums) would pass `u64::MAX`.
+        count: AtomicU64,
         /// f64 bits.
         sum: AtomicU64,
     },
 }
 
+/// The reserved namespace of the daemon's own metrics.
+pub const RESERVED_NAMESPACE: &str = "wasmtap";
+const MAX_NAME_BYTES: usize = 128;
+
 fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+    name.len() <= MAX_NAME_BYTES
+        && matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
@@ -106,72 +117,155 @@ pub fn namespace_for(instance: &str) -> String {
     if ns.starts_with(|c: char| c.is_ascii_digit()) { format!("_{ns}") } else { ns }
 }
 
-fn add_f64(cell: &AtomicU64, delta: f64) {
-    let _ = cell.fetch_update(Relaxed, Relaxed, |bits| Some((f64::from_bits(bits) + delta).to_bits()));
+/// Whether `ns` may be a namespace at all (valid name prefix, not the reserved one).
+pub fn check_namespace(ns: &str) -> Result<(), String> {
+    if !valid_name(ns) || ns.len() > 64 || ns.ends_with('_') {
+        return Err(format!("namespace {ns:?} is invalid: use [a-zA-Z_][a-zA-Z0-9_]*, at most 64 bytes, not ending in _"));
+    }
+    if clashes(ns, RESERVED_NAMESPACE) {
+        return Err(format!("namespace {ns:?} is reserved for the daemon's own metrics (wasmtap_*)"));
+    }
+    Ok(())
+}
+
+/// Whether two namespaces could produce the same metric name.
+fn clashes(a: &str, b: &str) -> bool {
+    let nested = |outer: &str, inner: &str| inner.strip_prefix(outer).is_some_and(|rest| rest.is_empty() || rest.starts_with('_'));
+    nested(a, b) || nested(b, a)
+}
+
+/// Adds `delta` to an f64 cell unless the result would not be finite.
+fn add_f64(cell: &AtomicU64, delta: f64) -> Result<(), Reason> {
+    cell.fetch_update(Relaxed, Relaxed, |bits| Some((f64::from_bits(bits) + delta).to_bits()).filter(|b| f64::from_bits(*b).is_finite()))
+        .map(drop)
+        .map_err(|_| Reason::NonFinite)
+}
+
+fn add_u64(cell: &AtomicU64, n: u64) -> Result<(), Reason> {
+    cell.fetch_update(Relaxed, Relaxed, |v| v.checked_add(n)).map(drop).map_err(|_| Reason::Overflow)
+}
+
+/// Approximate bytes a family's descriptor takes (held and per scrape).
+fn family_cost(name: &str, spec: &FamilySpec) -> u64 {
+    (2 * (name.len() + spec.help.len()) + 64 + 8 * spec.buckets.len() + spec.label_names.iter().map(|l| l.len() + 24).sum::<usize>()) as u64
+}
+
+/// Approximate bytes a series takes: the lines it adds to every scrape (each repeats the
+/// labels) plus what the host holds for it.
+fn series_cost(name: &str, spec: &FamilySpec, values: &[String]) -> u64 {
+    let labels: usize = spec.label_names.iter().zip(values).map(|(k, v)| k.len() + v.len() + 4).sum();
+    let lines = match spec.kind {
+        MetricKind::Counter | MetricKind::Gauge => 1,
+        MetricKind::Histogram => spec.buckets.len() + 3,
+    };
+    (lines * (name.len() + labels + 48) + 2 * labels + 96 + 8 * lines) as u64
+}
+
+/// Why a series operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum SeriesError {
+    /// The plugin used a series wrongly (a bug in it): the call traps.
+    #[error("{0}")]
+    Misuse(&'static str),
+    /// The value was refused (it would overflow, or is not finite); counted, not a trap.
+    #[error("refused: {}", .0.label())]
+    Refused(Reason),
 }
 
 impl MetricSink {
-    pub fn new(limits: SinkLimits) -> Self {
-        Self { families: RwLock::default(), limits }
+    /// Gives `namespace` to `owner`, unless another owner's namespace clashes with it.
+    /// `parent` is the owner's tenant namespace, the one claim it may nest in.
+    pub fn claim(&self, namespace: &str, owner: &str, parent: Option<&str>) -> Result<(), String> {
+        check_namespace(namespace)?;
+        let mut claims = self.claims.lock().expect("claims");
+        if let Some(other) = claims.iter().find(|c| c.owner != owner && Some(c.namespace.as_str()) != parent && clashes(&c.namespace, namespace)) {
+            return Err(format!(
+                "namespace {namespace:?} clashes with {:?}, owned by {}: metric names of one could be those of the other",
+                other.namespace, other.owner
+            ));
+        }
+        if !claims.iter().any(|c| c.owner == owner && c.namespace == namespace) {
+            claims.push(Claim { namespace: namespace.to_owned(), owner: owner.to_owned() });
+        }
+        Ok(())
     }
 
-    /// Declares (or finds the identical existing) family `<namespace>_<spec.name>`.
-    pub fn declare(&self, namespace: &str, spec: FamilySpec) -> Result<Arc<MetricFamily>, String> {
+    /// Declares (or finds the identical existing) family `<namespace>_<spec.name>`,
+    /// charging the plugin's budget for it.
+    pub fn declare(&self, namespace: &str, spec: FamilySpec, budget: &Budget) -> Result<Arc<MetricFamily>, Refusal> {
+        let refuse = |reason, message: String| Err(budget.refuse(Refusal::new(reason, message)));
+        let limits = &budget.limits;
         if !valid_name(&spec.name) {
-            return Err(format!("invalid metric name {:?}: use [a-zA-Z_][a-zA-Z0-9_]*", spec.name));
+            return refuse(Reason::InvalidMetric, format!("invalid metric name {:?}: use [a-zA-Z_][a-zA-Z0-9_]*, at most 128 bytes", sanitize(&spec.name, 64)));
         }
         if spec.kind == MetricKind::Counter && spec.name.ends_with("_total") {
-            return Err(format!("counter {:?}: leave off `_total`, the host adds it", spec.name));
+            return refuse(Reason::InvalidMetric, format!("counter {:?}: leave off `_total`, the host adds it", spec.name));
         }
-        for label in &spec.label_names {
-            if !valid_name(label) || label.starts_with("__") {
-                return Err(format!("invalid label name {label:?}"));
+        if spec.help.len() > limits.help_bytes {
+            return refuse(Reason::Help, format!("help text of {} bytes; the limit is {} (help_bytes)", spec.help.len(), limits.help_bytes));
+        }
+        // Both exposition formats escape help differently (and prometheus-client writes
+        // it as given), so accept only text that needs no escaping in either.
+        if spec.help.chars().any(|c| c.is_control() || c == '\\' || c == '"') {
+            return refuse(Reason::Help, "help text may not contain control characters, `\\` or `\"`".into());
+        }
+        if spec.label_names.len() > limits.labels {
+            return refuse(Reason::Labels, format!("{} label names; the limit is {} (labels)", spec.label_names.len(), limits.labels));
+        }
+        for (i, label) in spec.label_names.iter().enumerate() {
+            if !valid_name(label) || label.len() > 64 || label.starts_with("__") {
+                return refuse(Reason::InvalidMetric, format!("invalid label name {:?}", sanitize(label, 64)));
+            }
+            if spec.label_names[..i].contains(label) {
+                return refuse(Reason::InvalidMetric, format!("label name {label:?} appears twice"));
             }
             if spec.kind == MetricKind::Histogram && label == "le" {
-                return Err("histograms cannot use the label name \"le\"".into());
+                return refuse(Reason::InvalidMetric, "histograms cannot use the label name \"le\"".into());
             }
         }
-        if spec.kind == MetricKind::Histogram
-            && (spec.buckets.is_empty()
-                || spec.buckets.iter().any(|b| !b.is_finite())
-                || spec.buckets.windows(2).any(|w| w[0] >= w[1]))
-        {
-            return Err("histogram buckets must be finite, non-empty and strictly increasing".into());
+        if spec.kind == MetricKind::Histogram {
+            if spec.buckets.len() > limits.buckets {
+                return refuse(Reason::Buckets, format!("{} buckets; the limit is {} (buckets)", spec.buckets.len(), limits.buckets));
+            }
+            if spec.buckets.is_empty() || spec.buckets.iter().any(|b| !b.is_finite()) || spec.buckets.windows(2).any(|w| w[0] >= w[1]) {
+                return refuse(Reason::InvalidMetric, "histogram buckets must be finite, non-empty and strictly increasing".into());
+            }
         }
         let name = format!("{namespace}_{}", spec.name);
+        let sample_names = match spec.kind {
+            MetricKind::Counter => vec![name.clone(), format!("{name}_total")],
+            MetricKind::Gauge => vec![name.clone()],
+            MetricKind::Histogram => ["", "_bucket", "_count", "_sum"].iter().map(|s| format!("{name}{s}")).collect(),
+        };
         let mut families = self.families.write().expect("metric sink lock");
         if let Some(existing) = families.iter().find(|f| f.name == name) {
             return if existing.namespace == namespace && existing.spec == spec {
                 Ok(existing.clone())
             } else {
-                Err(format!("metric {name} is already declared differently"))
+                refuse(Reason::InvalidMetric, format!("metric {name} is already declared differently"))
             };
         }
-        if families.iter().filter(|f| f.namespace == namespace).count() >= self.limits.families_per_namespace {
-            return Err(format!("namespace {namespace} is at its limit of {} families", self.limits.families_per_namespace));
+        if let Some(other) = families.iter().find(|f| f.sample_names.iter().any(|n| sample_names.contains(n))) {
+            return refuse(Reason::InvalidMetric, format!("metric {name}'s sample names clash with those of {}", other.name));
         }
-        let family = Arc::new(MetricFamily {
-            namespace: namespace.to_owned(),
-            name,
-            spec,
-            series: RwLock::default(),
-            max_series: self.limits.series_per_family,
-        });
+        budget.charge(Reason::Families, 1)?;
+        let cost = family_cost(&name, &spec);
+        if let Err(e) = budget.charge(Reason::MetricBytes, cost) {
+            budget.release(Reason::Families, 1);
+            return Err(e);
+        }
+        let family = Arc::new(MetricFamily { namespace: namespace.to_owned(), name, spec, sample_names, series: RwLock::default() });
         families.push(family.clone());
         Ok(family)
     }
 }
 
 impl MetricFamily {
-    /// Interns one label set.
-    pub fn series(&self, values: &[String]) -> Result<Arc<Series>, String> {
+    /// Interns one label set, charging the plugin's budget for a new one.
+    pub fn series(&self, values: &[String], budget: &Budget) -> Result<Arc<Series>, Refusal> {
         if values.len() != self.spec.label_names.len() {
-            return Err(format!(
-                "{}: {} label values for {} labels",
-                self.name,
-                values.len(),
-                self.spec.label_names.len()
-            ));
+            let message = format!("{}: {} label values for {} labels", self.name, values.len(), self.spec.label_names.len());
+            return Err(budget.refuse(Refusal::new(Reason::InvalidMetric, message)));
         }
         {
             let table = self.series.read().expect("series lock");
@@ -179,18 +273,25 @@ impl MetricFamily {
                 return Ok(table.list[i].clone());
             }
         }
+        if let Some(v) = values.iter().find(|v| v.len() > budget.limits.label_value_bytes) {
+            let message = format!("{}: a label value of {} bytes; the limit is {} (label_value_bytes)", self.name, v.len(), budget.limits.label_value_bytes);
+            return Err(budget.refuse(Refusal::new(Reason::LabelBytes, message)));
+        }
         let mut table = self.series.write().expect("series lock");
         if let Some(&i) = table.index.get(values) {
             return Ok(table.list[i].clone());
         }
-        if table.list.len() >= self.max_series {
-            return Err(format!("{} is at its limit of {} series", self.name, self.max_series));
+        budget.charge(Reason::Series, 1)?;
+        if let Err(e) = budget.charge(Reason::MetricBytes, series_cost(&self.name, &self.spec, values)) {
+            budget.release(Reason::Series, 1);
+            return Err(e);
         }
         let value = match self.spec.kind {
             MetricKind::Counter => SeriesValue::Counter(AtomicU64::new(0)),
             MetricKind::Gauge => SeriesValue::Gauge(AtomicU64::new(0f64.to_bits())),
             MetricKind::Histogram => SeriesValue::Histogram {
                 buckets: (0..=self.spec.buckets.len()).map(|_| AtomicU64::new(0)).collect(),
+                count: AtomicU64::new(0),
                 sum: AtomicU64::new(0f64.to_bits()),
             },
         };
@@ -203,66 +304,66 @@ impl MetricFamily {
     }
 }
 
-/// A series operation that does not fit the series' kind or shape.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct MisuseError(&'static str);
-
 impl Series {
-    pub fn counter_add(&self, n: u64) -> Result<(), MisuseError> {
+    /// Adds to a counter; refused (value unchanged) if it would pass `u64::MAX`.
+    pub fn counter_add(&self, n: u64) -> Result<(), SeriesError> {
         match &self.value {
-            SeriesValue::Counter(c) => {
-                c.fetch_add(n, Relaxed);
-                Ok(())
-            }
-            _ => Err(MisuseError("counter-add on a series that is not a counter")),
+            SeriesValue::Counter(c) => add_u64(c, n).map_err(SeriesError::Refused),
+            _ => Err(SeriesError::Misuse("counter-add on a series that is not a counter")),
         }
     }
 
-    pub fn gauge_set(&self, v: f64) -> Result<(), MisuseError> {
+    pub fn gauge_set(&self, v: f64) -> Result<(), SeriesError> {
         match &self.value {
+            SeriesValue::Gauge(_) if !v.is_finite() => Err(SeriesError::Refused(Reason::NonFinite)),
             SeriesValue::Gauge(g) => {
                 g.store(v.to_bits(), Relaxed);
                 Ok(())
             }
-            _ => Err(MisuseError("gauge-set on a series that is not a gauge")),
+            _ => Err(SeriesError::Misuse("gauge-set on a series that is not a gauge")),
         }
     }
 
-    pub fn gauge_add(&self, v: f64) -> Result<(), MisuseError> {
+    pub fn gauge_add(&self, v: f64) -> Result<(), SeriesError> {
         match &self.value {
-            SeriesValue::Gauge(g) => {
-                add_f64(g, v);
-                Ok(())
-            }
-            _ => Err(MisuseError("gauge-add on a series that is not a gauge")),
+            SeriesValue::Gauge(g) => add_f64(g, v).map_err(SeriesError::Refused),
+            _ => Err(SeriesError::Misuse("gauge-add on a series that is not a gauge")),
         }
     }
 
     /// Adds one observation; `bounds` are the family's buckets.
-    pub fn histogram_observe(&self, bounds: &[f64], v: f64) -> Result<(), MisuseError> {
-        let SeriesValue::Histogram { buckets, sum } = &self.value else {
-            return Err(MisuseError("histogram-observe on a series that is not a histogram"));
+    pub fn histogram_observe(&self, bounds: &[f64], v: f64) -> Result<(), SeriesError> {
+        let SeriesValue::Histogram { buckets, count, sum } = &self.value else {
+            return Err(SeriesError::Misuse("histogram-observe on a series that is not a histogram"));
         };
+        if v.is_nan() {
+            return Err(SeriesError::Refused(Reason::NonFinite));
+        }
+        add_f64(sum, v).map_err(SeriesError::Refused)?;
+        add_u64(count, 1).map_err(SeriesError::Refused)?;
         buckets[bounds.partition_point(|&b| b < v)].fetch_add(1, Relaxed);
-        add_f64(sum, v);
         Ok(())
     }
 
     /// Merges pre-aggregated, non-cumulative bucket counts (one extra for `+Inf`).
-    pub fn histogram_merge(&self, counts: &[u64], delta_sum: f64) -> Result<(), MisuseError> {
-        let SeriesValue::Histogram { buckets, sum } = &self.value else {
-            return Err(MisuseError("histogram-merge on a series that is not a histogram"));
+    pub fn histogram_merge(&self, counts: &[u64], delta_sum: f64) -> Result<(), SeriesError> {
+        let SeriesValue::Histogram { buckets, count, sum } = &self.value else {
+            return Err(SeriesError::Misuse("histogram-merge on a series that is not a histogram"));
         };
         if counts.len() != buckets.len() {
-            return Err(MisuseError("histogram-merge needs one count per bucket plus one for +Inf"));
+            return Err(SeriesError::Misuse("histogram-merge needs one count per bucket plus one for +Inf"));
+        }
+        let total = counts.iter().try_fold(0u64, |acc, &n| acc.checked_add(n)).ok_or(SeriesError::Refused(Reason::Overflow))?;
+        add_f64(sum, delta_sum).map_err(SeriesError::Refused)?;
+        if let Err(reason) = add_u64(count, total) {
+            add_f64(sum, -delta_sum).ok();
+            return Err(SeriesError::Refused(reason));
         }
         for (cell, &n) in buckets.iter().zip(counts) {
             if n != 0 {
                 cell.fetch_add(n, Relaxed);
             }
         }
-        add_f64(sum, delta_sum);
         Ok(())
     }
 }
@@ -287,7 +388,7 @@ impl MetricFamily {
                     metric.encode_counter::<NoLabelSet, u64, u64>(&c.load(Relaxed), None)?
                 }
                 SeriesValue::Gauge(g) => metric.encode_gauge(&f64::from_bits(g.load(Relaxed)))?,
-                SeriesValue::Histogram { buckets, sum } => {
+                SeriesValue::Histogram { buckets, sum, .. } => {
                     let counts: Vec<(f64, u64)> = self
                         .spec
                         .buckets
@@ -296,6 +397,8 @@ impl MetricFamily {
                         .chain([f64::INFINITY])
                         .zip(buckets.iter().map(|b| b.load(Relaxed)))
                         .collect();
+                    // Never past u64::MAX: the adds that feed the buckets keep their
+                    // total (`count`) within it.
                     let count = counts.iter().map(|(_, n)| n).sum();
                     metric.encode_histogram::<NoLabelSet>(f64::from_bits(sum.load(Relaxed)), count, &counts, None)?
                 }
@@ -314,25 +417,39 @@ impl Collector for MetricSink {
 
 #[cfg(test)]
 mod tests {
-    use prometheus_client::{encoding::prometheus_text, registry::Registry};
+    use prometheus_client::{
+        encoding::{prometheus_text, text},
+        registry::Registry,
+    };
 
     use super::*;
+    use crate::config::PluginLimits;
 
     fn spec(name: &str, kind: MetricKind, buckets: Vec<f64>) -> FamilySpec {
         FamilySpec { name: name.into(), help: "h".into(), kind, label_names: vec!["a".into()], buckets }
     }
 
+    fn budget() -> Budget {
+        Budget::unmetered("p", PluginLimits::default())
+    }
+
+    fn scrape(sink: &Arc<MetricSink>, openmetrics: bool) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(sink.clone()));
+        let mut out = String::new();
+        if openmetrics { text::encode(&mut out, &registry) } else { prometheus_text::encode(&mut out, &registry) }.unwrap();
+        out
+    }
+
     #[test]
     fn merged_histogram_encodes_exact_cumulative_counts() {
         let sink = Arc::new(MetricSink::default());
-        let h = sink.declare("ns", spec("lat_seconds", MetricKind::Histogram, vec![0.1, 1.0])).unwrap();
-        let s = h.series(&["x".into()]).unwrap();
+        let b = budget();
+        let h = sink.declare("ns", spec("lat_seconds", MetricKind::Histogram, vec![0.1, 1.0]), &b).unwrap();
+        let s = h.series(&["x".into()], &b).unwrap();
         s.histogram_merge(&[3, 0, 2], 7.5).unwrap();
         s.histogram_merge(&[1, 1, 0], 0.5).unwrap();
-        let mut registry = Registry::default();
-        registry.register_collector(Box::new(sink.clone()));
-        let mut text = String::new();
-        prometheus_text::encode(&mut text, &registry).unwrap();
+        let text = scrape(&sink, false);
         assert!(text.contains("ns_lat_seconds_bucket{a=\"x\",le=\"0.1\"} 4\n"), "{text}");
         assert!(text.contains("ns_lat_seconds_bucket{a=\"x\",le=\"1\"} 5\n"), "{text}");
         assert!(text.contains("ns_lat_seconds_bucket{a=\"x\",le=\"+Inf\"} 7\n"), "{text}");
@@ -343,29 +460,100 @@ mod tests {
     #[test]
     fn same_declaration_shares_series_and_conflicts_fail() {
         let sink = MetricSink::default();
-        let a = sink.declare("ns", spec("errors", MetricKind::Counter, vec![])).unwrap();
-        let b = sink.declare("ns", spec("errors", MetricKind::Counter, vec![])).unwrap();
-        a.series(&["x".into()]).unwrap().counter_add(2).unwrap();
-        b.series(&["x".into()]).unwrap().counter_add(3).unwrap();
-        let SeriesValue::Counter(c) = &a.series(&["x".into()]).unwrap().value else { panic!() };
+        let bu = budget();
+        let a = sink.declare("ns", spec("errors", MetricKind::Counter, vec![]), &bu).unwrap();
+        let b = sink.declare("ns", spec("errors", MetricKind::Counter, vec![]), &bu).unwrap();
+        a.series(&["x".into()], &bu).unwrap().counter_add(2).unwrap();
+        b.series(&["x".into()], &bu).unwrap().counter_add(3).unwrap();
+        let SeriesValue::Counter(c) = &a.series(&["x".into()], &bu).unwrap().value else { panic!() };
         assert_eq!(c.load(Relaxed), 5);
-        assert!(sink.declare("ns", spec("errors", MetricKind::Gauge, vec![])).is_err());
-        assert!(sink.declare("ns", spec("errors_total", MetricKind::Counter, vec![])).is_err());
-        assert!(sink.declare("ns", spec("bad-name", MetricKind::Gauge, vec![])).is_err());
-        assert!(sink.declare("ns", spec("h", MetricKind::Histogram, vec![1.0, 1.0])).is_err());
-        assert!(a.series(&[]).is_err());
-        assert!(a.series(&["x".into()]).unwrap().gauge_set(1.0).is_err());
+        let reason = |r: Result<Arc<MetricFamily>, Refusal>| r.unwrap_err().reason;
+        assert_eq!(reason(sink.declare("ns", spec("errors", MetricKind::Gauge, vec![]), &bu)), Reason::InvalidMetric);
+        assert_eq!(reason(sink.declare("ns", spec("errors_total", MetricKind::Counter, vec![]), &bu)), Reason::InvalidMetric);
+        // A gauge named like the counter's sample would render a second `ns_errors_total`.
+        assert_eq!(reason(sink.declare("ns", spec("errors_total", MetricKind::Gauge, vec![]), &bu)), Reason::InvalidMetric);
+        let h = sink.declare("ns", spec("lat", MetricKind::Histogram, vec![1.0]), &bu).unwrap();
+        assert_eq!(reason(sink.declare("ns", spec("lat_count", MetricKind::Gauge, vec![]), &bu)), Reason::InvalidMetric);
+        assert_eq!(reason(sink.declare("ns", spec("bad-name", MetricKind::Gauge, vec![]), &bu)), Reason::InvalidMetric);
+        assert_eq!(reason(sink.declare("ns", spec("h", MetricKind::Histogram, vec![1.0, 1.0]), &bu)), Reason::InvalidMetric);
+        let dup = FamilySpec { label_names: vec!["a".into(), "a".into()], ..spec("d", MetricKind::Gauge, vec![]) };
+        assert_eq!(reason(sink.declare("ns", dup, &bu)), Reason::InvalidMetric);
+        assert!(a.series(&[], &bu).is_err());
+        assert!(matches!(a.series(&["x".into()], &bu).unwrap().gauge_set(1.0), Err(SeriesError::Misuse(_))));
+        assert!(matches!(h.series(&["x".into()], &bu).unwrap().counter_add(1), Err(SeriesError::Misuse(_))));
     }
 
     #[test]
-    fn quotas_hold() {
-        let sink = MetricSink::new(SinkLimits { families_per_namespace: 1, series_per_family: 2 });
-        let f = sink.declare("ns", spec("a", MetricKind::Gauge, vec![])).unwrap();
-        assert!(sink.declare("ns", spec("b", MetricKind::Gauge, vec![])).unwrap_err().contains("limit"));
-        assert!(sink.declare("other", spec("b", MetricKind::Gauge, vec![])).is_ok());
-        f.series(&["1".into()]).unwrap();
-        f.series(&["2".into()]).unwrap();
-        f.series(&["1".into()]).unwrap();
-        assert!(f.series(&["3".into()]).unwrap_err().contains("limit"));
+    fn budgets_hold() {
+        let sink = MetricSink::default();
+        let limits = PluginLimits { families: 2, series: 2, buckets: 4, help_bytes: 10, label_value_bytes: 8, ..Default::default() };
+        let b = Budget::unmetered("p", limits);
+        let f = sink.declare("ns", spec("a", MetricKind::Gauge, vec![]), &b).unwrap();
+        let many = (1..=5).map(f64::from).collect();
+        assert_eq!(sink.declare("ns", spec("h", MetricKind::Histogram, many), &b).unwrap_err().reason, Reason::Buckets);
+        let long_help = FamilySpec { help: "x".repeat(11), ..spec("b", MetricKind::Gauge, vec![]) };
+        assert_eq!(sink.declare("ns", long_help, &b).unwrap_err().reason, Reason::Help);
+        sink.declare("ns", spec("b", MetricKind::Gauge, vec![]), &b).unwrap();
+        assert_eq!(sink.declare("ns", spec("c", MetricKind::Gauge, vec![]), &b).unwrap_err().reason, Reason::Families);
+        assert_eq!(f.series(&["123456789".into()], &b).unwrap_err().reason, Reason::LabelBytes);
+        f.series(&["1".into()], &b).unwrap();
+        f.series(&["2".into()], &b).unwrap();
+        f.series(&["1".into()], &b).unwrap();
+        assert_eq!(f.series(&["3".into()], &b).unwrap_err().reason, Reason::Series);
+
+        let small = Budget::unmetered("q", PluginLimits { metric_bytes: 1000, ..Default::default() });
+        let g = sink.declare("q", spec("g", MetricKind::Gauge, vec![]), &small).unwrap();
+        let refused = (0..100).map(|i| g.series(&[format!("{i:0>100}")], &small)).find_map(Result::err).unwrap();
+        assert_eq!(refused.reason, Reason::MetricBytes);
+        assert!(small.used(Reason::MetricBytes) <= 1000);
+    }
+
+    #[test]
+    fn help_that_would_need_escaping_is_refused() {
+        let sink = MetricSink::default();
+        let b = budget();
+        for help in ["x\n# EOF", "a\\b", "say \"hi\"", "nul\0"] {
+            let bad = FamilySpec { help: help.into(), ..spec("g", MetricKind::Gauge, vec![]) };
+            assert_eq!(sink.declare("ns", bad, &b).unwrap_err().reason, Reason::Help, "{help:?}");
+        }
+    }
+
+    #[test]
+    fn values_never_overflow_or_render_non_finite() {
+        let sink = Arc::new(MetricSink::default());
+        let b = budget();
+        let c = sink.declare("ns", spec("c", MetricKind::Counter, vec![]), &b).unwrap().series(&["x".into()], &b).unwrap();
+        c.counter_add(u64::MAX).unwrap();
+        assert!(matches!(c.counter_add(1), Err(SeriesError::Refused(Reason::Overflow))));
+        let g = sink.declare("ns", spec("g", MetricKind::Gauge, vec![]), &b).unwrap().series(&["x".into()], &b).unwrap();
+        assert!(matches!(g.gauge_set(f64::INFINITY), Err(SeriesError::Refused(Reason::NonFinite))));
+        assert!(matches!(g.gauge_set(f64::NAN), Err(SeriesError::Refused(Reason::NonFinite))));
+        g.gauge_set(f64::MAX).unwrap();
+        assert!(matches!(g.gauge_add(f64::MAX), Err(SeriesError::Refused(Reason::NonFinite))));
+        let h = sink.declare("ns", spec("h", MetricKind::Histogram, vec![1.0]), &b).unwrap().series(&["x".into()], &b).unwrap();
+        h.histogram_merge(&[u64::MAX - 1, 0], 1.0).unwrap();
+        assert!(matches!(h.histogram_merge(&[1, 1], 1.0), Err(SeriesError::Refused(Reason::Overflow))));
+        h.histogram_merge(&[0, 1], 1.0).unwrap();
+        for openmetrics in [false, true] {
+            let text = scrape(&sink, openmetrics);
+            assert!(!text.contains("inf") && !text.contains("NaN"), "{text}");
+            assert!(text.contains(&format!("ns_h_count{{a=\"x\"}} {}", u64::MAX)), "{text}");
+        }
+    }
+
+    #[test]
+    fn namespaces_are_owned() {
+        let sink = MetricSink::default();
+        sink.claim("syscall_latency", "syscall-latency", None).unwrap();
+        sink.claim("syscall_latency", "syscall-latency", None).unwrap();
+        assert!(sink.claim("syscall_latency", "syscall_latency", None).unwrap_err().contains("clashes"));
+        assert!(sink.claim("syscall", "syscall", None).unwrap_err().contains("clashes"));
+        assert!(sink.claim("syscall_latency_x", "x", None).unwrap_err().contains("clashes"));
+        sink.claim("syscalls", "syscalls", None).unwrap();
+        assert!(sink.claim("wasmtap", "w", None).unwrap_err().contains("reserved"));
+        assert!(sink.claim("wasmtap_x", "w", None).unwrap_err().contains("reserved"));
+        sink.claim("team_a", "tenant team-a", None).unwrap();
+        sink.claim("team_a_calls", "calls", Some("team_a")).unwrap();
+        assert!(sink.claim("team_a_other", "other", None).unwrap_err().contains("clashes"));
     }
 }

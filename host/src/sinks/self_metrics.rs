@@ -18,8 +18,14 @@ struct PluginLabels {
     plugin: String,
 }
 
-/// Families registered once; handles are taken per probe / plugin.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    plugin: String,
+    reason: &'static str,
+}
+
+/// Families registered once; handles are taken per probe / plugin. Clones share them.
+#[derive(Debug, Default, Clone)]
 pub struct SelfMetrics {
     probe_records: Family<ProbeLabels, Counter>,
     probe_kernel_drops: Family<ProbeLabels, Counter>,
@@ -30,6 +36,10 @@ pub struct SelfMetrics {
     plugin_traps: Family<PluginLabels, Counter>,
     plugin_restarts: Family<PluginLabels, Counter>,
     plugin_memory: Family<PluginLabels, Gauge>,
+    plugin_metric_bytes: Family<PluginLabels, Gauge>,
+    plugin_series: Family<PluginLabels, Gauge>,
+    plugin_quarantined: Family<PluginLabels, Gauge>,
+    plugin_refusals: Family<RefusalLabels, Counter>,
 }
 
 /// One probe's counters.
@@ -51,6 +61,9 @@ pub struct PluginCounters {
     pub traps: Counter,
     pub restarts: Counter,
     pub memory_bytes: Gauge,
+    pub metric_bytes: Gauge,
+    pub series: Gauge,
+    pub quarantined: Gauge,
 }
 
 impl SelfMetrics {
@@ -74,7 +87,15 @@ impl SelfMetrics {
         r.register("plugin_busy_seconds", "Time spent inside a plugin's calls.", m.plugin_busy.clone());
         r.register("plugin_traps", "Calls into a plugin that trapped.", m.plugin_traps.clone());
         r.register("plugin_restarts", "Times a plugin was re-instantiated after a fault.", m.plugin_restarts.clone());
-        r.register("plugin_memory_bytes", "Linear memory a plugin's instance holds.", m.plugin_memory.clone());
+        r.register("plugin_memory_bytes", "Linear memory and tables a plugin's instance holds.", m.plugin_memory.clone());
+        r.register("plugin_metric_bytes", "Host bytes a plugin's metric families and series take.", m.plugin_metric_bytes.clone());
+        r.register("plugin_series", "Series in a plugin's metric families.", m.plugin_series.clone());
+        r.register("plugin_quarantined", "1 when a plugin faulted too often and is no longer restarted.", m.plugin_quarantined.clone());
+        r.register(
+            "plugin_refusals",
+            "Requests of a plugin the host refused, by reason (a budget, or an invalid or overflowing value).",
+            m.plugin_refusals.clone(),
+        );
         m
     }
 
@@ -96,6 +117,14 @@ impl SelfMetrics {
             traps: self.plugin_traps.get_or_create(&l).clone(),
             restarts: self.plugin_restarts.get_or_create(&l).clone(),
             memory_bytes: self.plugin_memory.get_or_create(&l).clone(),
+            metric_bytes: self.plugin_metric_bytes.get_or_create(&l).clone(),
+            series: self.plugin_series.get_or_create(&l).clone(),
+            quarantined: self.plugin_quarantined.get_or_create(&l).clone(),
         }
+    }
+
+    /// The refusal counter of one plugin and reason.
+    pub fn refusals(&self, plugin: &str, reason: &'static str) -> Counter {
+        self.plugin_refusals.get_or_create(&RefusalLabels { plugin: plugin.to_owned(), reason }).clone()
     }
 }

@@ -1,0 +1,375 @@
+//! Budgets: what one plugin, and the tenant it belongs to, may make the host hold or do.
+//!
+//! A plugin's `Budget` lives as long as the plugin (not one instance of it), so a
+//! restart refills nothing. Every charge goes to the plugin and then to its tenant;
+//! past either limit the call is refused, counted in
+//! `wasmtap_plugin_refusals_total{plugin,reason}`, and said once in the log per reason.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use crate::{
+    config::{PluginLimits, TenantQuota},
+    events::CgroupScope,
+    sinks::{SelfMetrics, logs::sanitize},
+};
+
+/// Why the host refused something a plugin asked for (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    MetricBytes,
+    Series,
+    Families,
+    Buckets,
+    Labels,
+    LabelBytes,
+    Help,
+    InvalidMetric,
+    Namespace,
+    Overflow,
+    NonFinite,
+    LogBytes,
+    Memory,
+    Cpu,
+    Subscriptions,
+    FilterEntries,
+    ComponentBytes,
+    CompileTime,
+    Import,
+}
+
+impl Reason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::MetricBytes => "metric_bytes",
+            Reason::Series => "series",
+            Reason::Families => "families",
+            Reason::Buckets => "buckets",
+            Reason::Labels => "labels",
+            Reason::LabelBytes => "label_bytes",
+            Reason::Help => "help",
+            Reason::InvalidMetric => "invalid_metric",
+            Reason::Namespace => "namespace",
+            Reason::Overflow => "overflow",
+            Reason::NonFinite => "non_finite",
+            Reason::LogBytes => "log_bytes",
+            Reason::Memory => "memory",
+            Reason::Cpu => "cpu",
+            Reason::Subscriptions => "subscriptions",
+            Reason::FilterEntries => "filter_entries",
+            Reason::ComponentBytes => "component_bytes",
+            Reason::CompileTime => "compile_time",
+            Reason::Import => "import",
+        }
+    }
+}
+
+/// A refused request: why, and a message for the plugin (or the operator).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self { reason, message: message.into() }
+    }
+}
+
+/// A limit on an amount held (bytes, series), charged and released atomically.
+#[derive(Debug)]
+pub struct Quota {
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl Quota {
+    pub fn new(limit: u64) -> Self {
+        Self { limit, used: AtomicU64::new(0) }
+    }
+
+    /// Takes `n` if it fits.
+    pub fn try_charge(&self, n: u64) -> bool {
+        self.used.fetch_update(Relaxed, Relaxed, |used| used.checked_add(n).filter(|&v| v <= self.limit)).is_ok()
+    }
+
+    pub fn release(&self, n: u64) {
+        let _ = self.used.fetch_update(Relaxed, Relaxed, |used| Some(used.saturating_sub(n)));
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Relaxed)
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+}
+
+/// Bytes per second with a burst of four seconds' worth.
+#[derive(Debug)]
+pub struct TokenBucket {
+    tokens: f64,
+    burst: f64,
+    per_second: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(per_second: u64) -> Self {
+        let burst = per_second as f64 * 4.0;
+        Self { tokens: burst, burst, per_second: per_second as f64, last: Instant::now() }
+    }
+
+    pub fn try_take(&mut self, n: usize) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * self.per_second).min(self.burst);
+        self.last = now;
+        if self.tokens < n as f64 {
+            return false;
+        }
+        self.tokens -= n as f64;
+        true
+    }
+
+    /// The largest single record that can ever pass.
+    pub fn burst(&self) -> usize {
+        self.burst as usize
+    }
+}
+
+/// CPU time spent per period, against a share.
+#[derive(Debug)]
+struct CpuWindow {
+    allowed: Duration,
+    period: Duration,
+    started: Instant,
+    spent: Duration,
+}
+
+/// One tenant: its cgroup scope and the quotas all its plugins share.
+#[derive(Debug)]
+pub struct TenantBudget {
+    pub name: String,
+    pub namespace: String,
+    pub scope: Arc<CgroupScope>,
+    memory: Quota,
+    series: Quota,
+    metric_bytes: Quota,
+    log: Mutex<TokenBucket>,
+    cpu: Mutex<CpuWindow>,
+}
+
+impl TenantBudget {
+    pub fn new(name: &str, namespace: String, scope: Arc<CgroupScope>, quota: &TenantQuota) -> Self {
+        let period = Duration::from_millis(quota.cpu_period_ms);
+        Self {
+            name: name.to_owned(),
+            namespace,
+            scope,
+            memory: Quota::new(quota.memory_bytes as u64),
+            series: Quota::new(quota.series as u64),
+            metric_bytes: Quota::new(quota.metric_bytes as u64),
+            log: Mutex::new(TokenBucket::new(quota.log_bytes_per_second)),
+            cpu: Mutex::new(CpuWindow {
+                allowed: period * quota.cpu_percent / 100,
+                period,
+                started: Instant::now(),
+                spent: Duration::ZERO,
+            }),
+        }
+    }
+
+    fn quota(&self, reason: Reason) -> Option<&Quota> {
+        match reason {
+            Reason::Memory => Some(&self.memory),
+            Reason::Series => Some(&self.series),
+            Reason::MetricBytes => Some(&self.metric_bytes),
+            _ => None,
+        }
+    }
+}
+
+/// One plugin's budget; shared by every instance of it and by its sinks.
+#[derive(Debug)]
+pub struct Budget {
+    pub plugin: String,
+    pub limits: PluginLimits,
+    pub tenant: Option<Arc<TenantBudget>>,
+    memory: Quota,
+    series: Quota,
+    families: Quota,
+    metric_bytes: Quota,
+    log: Mutex<TokenBucket>,
+    metrics: SelfMetrics,
+    /// Reasons already said in the log (each is said once).
+    said: Mutex<HashSet<Reason>>,
+}
+
+impl Budget {
+    pub fn new(plugin: &str, limits: PluginLimits, tenant: Option<Arc<TenantBudget>>, metrics: &SelfMetrics) -> Self {
+        Self {
+            plugin: plugin.to_owned(),
+            limits,
+            tenant,
+            memory: Quota::new(limits.memory_bytes as u64),
+            series: Quota::new(limits.series as u64),
+            families: Quota::new(limits.families as u64),
+            metric_bytes: Quota::new(limits.metric_bytes as u64),
+            log: Mutex::new(TokenBucket::new(limits.log_bytes_per_second)),
+            metrics: metrics.clone(),
+            said: Mutex::default(),
+        }
+    }
+
+    /// A budget with the given limits and no self-metrics (tests, benches).
+    pub fn unmetered(plugin: &str, limits: PluginLimits) -> Self {
+        Self::new(plugin, limits, None, &SelfMetrics::default())
+    }
+
+    fn quota(&self, reason: Reason) -> Option<&Quota> {
+        match reason {
+            Reason::Memory => Some(&self.memory),
+            Reason::Series => Some(&self.series),
+            Reason::Families => Some(&self.families),
+            Reason::MetricBytes => Some(&self.metric_bytes),
+            _ => None,
+        }
+    }
+
+    /// Charges `n` of `reason`'s quota to the plugin and its tenant, or refuses (and
+    /// counts the refusal).
+    pub fn charge(&self, reason: Reason, n: u64) -> Result<(), Refusal> {
+        let mine = self.quota(reason).expect("a quota kind");
+        if !mine.try_charge(n) {
+            return Err(self.refuse(Refusal::new(
+                reason,
+                format!("over the plugin's {} budget ({} of {} used)", reason.label(), mine.used(), mine.limit()),
+            )));
+        }
+        if let Some(tenant) = &self.tenant
+            && let Some(theirs) = tenant.quota(reason)
+            && !theirs.try_charge(n)
+        {
+            mine.release(n);
+            return Err(self.refuse(Refusal::new(
+                reason,
+                format!("over tenant {}'s {} quota ({} of {} used)", tenant.name, reason.label(), theirs.used(), theirs.limit()),
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn release(&self, reason: Reason, n: u64) {
+        if let Some(q) = self.quota(reason) {
+            q.release(n);
+        }
+        if let Some(q) = self.tenant.as_ref().and_then(|t| t.quota(reason)) {
+            q.release(n);
+        }
+    }
+
+    pub fn used(&self, reason: Reason) -> u64 {
+        self.quota(reason).map_or(0, Quota::used)
+    }
+
+    /// Takes `n` log bytes from the plugin's and its tenant's allowance.
+    pub fn take_log_bytes(&self, n: usize) -> Result<(), Refusal> {
+        if !self.log.lock().expect("log budget").try_take(n) {
+            return Err(self.refuse(Refusal::new(Reason::LogBytes, "over the plugin's log_bytes_per_second budget")));
+        }
+        if let Some(tenant) = &self.tenant
+            && !tenant.log.lock().expect("log budget").try_take(n)
+        {
+            return Err(self.refuse(Refusal::new(Reason::LogBytes, format!("over tenant {}'s log quota", tenant.name))));
+        }
+        Ok(())
+    }
+
+    /// The largest log record that can pass at all.
+    pub fn log_burst(&self) -> usize {
+        self.log.lock().expect("log budget").burst()
+    }
+
+    /// Whether the tenant's CPU share for the current period is spent (refusal counted).
+    pub fn cpu_exhausted(&self) -> bool {
+        let Some(tenant) = &self.tenant else { return false };
+        let exhausted = {
+            let mut cpu = tenant.cpu.lock().expect("cpu window");
+            if cpu.started.elapsed() >= cpu.period {
+                cpu.started = Instant::now();
+                cpu.spent = Duration::ZERO;
+            }
+            cpu.spent >= cpu.allowed
+        };
+        if exhausted {
+            self.refuse(Refusal::new(Reason::Cpu, format!("tenant {}'s CPU share for this period is spent", tenant.name)));
+        }
+        exhausted
+    }
+
+    /// Adds time spent in the plugin's calls to its tenant's period.
+    pub fn spend_cpu(&self, spent: Duration) {
+        if let Some(tenant) = &self.tenant {
+            tenant.cpu.lock().expect("cpu window").spent += spent;
+        }
+    }
+
+    /// Counts a refusal, says it once per reason in the log, and hands it back.
+    pub fn refuse(&self, refusal: Refusal) -> Refusal {
+        self.metrics.refusals(&self.plugin, refusal.reason.label()).inc();
+        if self.said.lock().expect("said").insert(refusal.reason) {
+            tracing::warn!(
+                plugin = %self.plugin,
+                reason = refusal.reason.label(),
+                "plugin refused: {} (said once per reason; wasmtap_plugin_refusals_total counts every one)",
+                sanitize(&refusal.message, 512)
+            );
+        }
+        refusal
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotas_refuse_past_the_limit_and_release() {
+        let q = Quota::new(10);
+        assert!(q.try_charge(6));
+        assert!(!q.try_charge(5));
+        q.release(6);
+        assert!(q.try_charge(10));
+        assert!(!q.try_charge(1));
+    }
+
+    #[test]
+    fn token_bucket_allows_a_burst_then_the_rate() {
+        let mut b = TokenBucket::new(100);
+        assert!(b.try_take(400));
+        assert!(!b.try_take(10));
+    }
+
+    #[test]
+    fn tenant_quota_is_shared_and_rolled_back() {
+        let metrics = SelfMetrics::default();
+        let quota = TenantQuota { series: 3, ..Default::default() };
+        let tenant = Arc::new(TenantBudget::new("t", "t".into(), Arc::new(CgroupScope::root_for_tests()), &quota));
+        let a = Budget::new("a", PluginLimits::default(), Some(tenant.clone()), &metrics);
+        let b = Budget::new("b", PluginLimits { series: 2, ..Default::default() }, Some(tenant), &metrics);
+        a.charge(Reason::Series, 2).unwrap();
+        assert!(b.charge(Reason::Series, 2).unwrap_err().message.contains("tenant t"));
+        assert_eq!(b.used(Reason::Series), 0, "the plugin's charge is rolled back");
+        b.charge(Reason::Series, 1).unwrap();
+        assert!(b.charge(Reason::Series, 1).is_err());
+    }
+}

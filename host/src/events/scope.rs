@@ -1,0 +1,112 @@
+//! A tenant's cgroup scope: a cgroup v2 directory and everything below it.
+//!
+//! Records carry the task's cgroup v2 id, which is the inode number of the cgroup's
+//! directory on the cgroup2 filesystem; the scope knows the ids of its subtree by walking
+//! it, and walks again (at most every `RESCAN`) when it meets an id it has not seen, so
+//! cgroups created later are found. Ids are never reused and cgroups never change parent,
+//! so an id found outside the scope stays outside.
+
+use std::{
+    collections::HashSet,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::{Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+const RESCAN: Duration = Duration::from_millis(50);
+/// Bound on remembered outside ids; the set is cleared when it fills.
+const MAX_OUTSIDE: usize = 65_536;
+
+#[derive(Debug)]
+pub struct CgroupScope {
+    dir: PathBuf,
+    root_id: u64,
+    inside: RwLock<HashSet<u64>>,
+    outside: Mutex<(HashSet<u64>, Instant)>,
+}
+
+/// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on unified systems,
+/// `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace().skip(1);
+        let (path, fstype) = (f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+impl CgroupScope {
+    /// Opens `dir` (absolute, or relative to the cgroup v2 mount).
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        let dir = if dir.is_absolute() {
+            dir.to_path_buf()
+        } else {
+            cgroup2_mount().context("no cgroup2 filesystem is mounted\n  fix: mount -t cgroup2 none /sys/fs/cgroup/unified")?.join(dir)
+        };
+        if !dir.join("cgroup.procs").is_file() {
+            bail!("{} is not a cgroup v2 directory (no cgroup.procs)\n  fix: mkdir it under the cgroup2 mount", dir.display());
+        }
+        let root_id = std::fs::metadata(&dir).with_context(|| format!("cannot stat {}", dir.display()))?.ino();
+        let scope = Self { dir, root_id, inside: RwLock::default(), outside: Mutex::new((HashSet::new(), Instant::now())) };
+        scope.rescan();
+        Ok(scope)
+    }
+
+    #[cfg(test)]
+    pub fn root_for_tests() -> Self {
+        Self { dir: PathBuf::from("/nonexistent"), root_id: 1, inside: RwLock::new([1].into()), outside: Mutex::new((HashSet::new(), Instant::now())) }
+    }
+
+    /// The id of the scope's own cgroup.
+    pub fn root_id(&self) -> u64 {
+        self.root_id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether cgroup `id` is the scope's cgroup or below it.
+    pub fn contains(&self, id: u64) -> bool {
+        if self.inside.read().expect("scope").contains(&id) {
+            return true;
+        }
+        let mut outside = self.outside.lock().expect("scope");
+        if outside.0.contains(&id) {
+            return false;
+        }
+        if outside.1.elapsed() >= RESCAN {
+            outside.1 = Instant::now();
+            self.rescan();
+            if self.inside.read().expect("scope").contains(&id) {
+                return true;
+            }
+            if outside.0.len() >= MAX_OUTSIDE {
+                outside.0.clear();
+            }
+            outside.0.insert(id);
+        }
+        false
+    }
+
+    fn rescan(&self) {
+        let mut ids = HashSet::from([self.root_id]);
+        let mut dirs = vec![self.dir.clone()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for entry in entries.filter_map(Result::ok) {
+                if let Ok(meta) = entry.metadata()
+                    && meta.is_dir()
+                {
+                    ids.insert(meta.ino());
+                    dirs.push(entry.path());
+                }
+            }
+        }
+        *self.inside.write().expect("scope") = ids;
+    }
+}
