@@ -67,31 +67,8 @@ fn promtool_accepts_the_scrape() {
         let m = daemon.metrics();
         latency_count(&m, &comm, "openat").map(|_| m)
     });
-    let promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .output_with_stdin(text.as_bytes());
-    assert!(
-        promtool.status.success() && promtool.stdout.is_empty() && promtool.stderr.is_empty(),
-        "promtool check metrics reported problems:\n{}{}",
-        String::from_utf8_lossy(&promtool.stdout),
-        String::from_utf8_lossy(&promtool.stderr)
-    );
-}
-
-trait OutputWithStdin {
-    fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output;
-}
-
-impl OutputWithStdin for Command {
-    fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output {
-        let mut child = self
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("promtool is installed (./dev setup installs it)");
-        child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
-        child.wait_with_output().expect("wait")
+    if let Some(problems) = wasmtap_tests::promtool_problems(&text) {
+        panic!("promtool check metrics reported problems:\n{problems}");
     }
 }
 
@@ -162,9 +139,11 @@ fn a_broken_plugin_is_reported_and_the_rest_runs_on() {
         "[[plugin]]\nname = \"broken\"\npath = \"{}\"\n\n[[plugin]]\nname = \"good\"\nbundled = \"syscall-latency\"\n",
         garbage.display()
     );
-    let daemon = Daemon::start_until(Some(&config), 503);
-    let (_, health) = daemon.get("/healthz", None).unwrap();
-    assert!(health.contains("plugin broken:") && health.contains("not a valid wasmtap plugin component"), "{health}");
+    // One bad plugin neither kills liveness nor readiness; it is reported.
+    let daemon = Daemon::start(Some(&config));
+    assert_eq!(daemon.get("/healthz", None).unwrap(), (200, "ok\n".to_owned()));
+    let (_, ready) = daemon.get("/readyz", None).unwrap();
+    assert!(ready.contains("plugin broken:") && ready.contains("not a valid wasmtap plugin component"), "{ready}");
     assert_eq!(daemon.status()["plugins"].as_array().unwrap().len(), 2);
 
     let comm = unique_comm("b");
@@ -233,8 +212,9 @@ fn without_privileges_the_daemon_says_how_to_fix_it_and_serves_on() {
         return;
     }
     let daemon = Daemon::spawn(None, 503, Some(65534));
-    let (_, health) = daemon.get("/healthz", None).unwrap();
-    assert!(health.contains("probe syscalls:") && health.contains("fix: run wasmtap as root"), "{health}");
+    let (_, ready) = daemon.get("/readyz", None).unwrap();
+    assert!(ready.contains("probe syscalls:") && ready.contains("fix: run wasmtap as root"), "{ready}");
+    assert_eq!(daemon.get("/healthz", None).unwrap().0, 200, "alive though not ready");
     let metrics = daemon.metrics();
     assert!(metrics.contains("wasmtap_plugin_events_total{plugin=\"syscall-latency\"} 0"), "{metrics}");
     assert_eq!(daemon.status()["plugins"][0]["state"], "running");

@@ -141,6 +141,7 @@ pub struct PluginConfig {
     #[serde(default)]
     pub path: Option<PathBuf>,
     /// Metric namespace the plugin owns: every family it declares is `<namespace>_<name>`.
+    /// Claimed at load; one that clashes with another's (or `wasmtap`) fails the plugin.
     #[serde(default)]
     pub namespace: Option<String>,
     /// The `[[tenant]]` this plugin belongs to.
@@ -289,9 +290,6 @@ impl Config {
             if !tenants.insert(tenant.name.as_str()) {
                 bail!("tenant name {:?} is used twice", tenant.name);
             }
-            if let Some(ns) = &tenant.namespace {
-                check_namespace(&format!("tenant {:?}", tenant.name), ns)?;
-            }
             let q = &tenant.quota;
             if q.cpu_period_ms == 0 || !(1..=100 * 1024).contains(&q.cpu_percent) {
                 bail!("tenant {:?}: quota.cpu_period_ms must be > 0 and quota.cpu_percent within 1..=102400", tenant.name);
@@ -305,9 +303,6 @@ impl Config {
             }
             if plugin.bundled.is_some() == plugin.path.is_some() {
                 bail!("plugin {:?}: set exactly one of `bundled` or `path`", plugin.name);
-            }
-            if let Some(ns) = &plugin.namespace {
-                check_namespace(&format!("plugin {:?}", plugin.name), ns)?;
             }
             if let Some(tenant) = &plugin.tenant
                 && !tenants.contains(tenant.as_str())
@@ -324,11 +319,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-/// A namespace given in the config: a metric name prefix of its own.
-fn check_namespace(owner: &str, ns: &str) -> anyhow::Result<()> {
-    crate::sinks::metrics::check_namespace(ns).map_err(|e| anyhow::anyhow!("{owner}: {e}"))
 }
 
 #[cfg(test)]
@@ -352,8 +342,6 @@ mod tests {
         assert!(err("[[plugin]]\nname=\"a\"\nbundled=\"x\"\n[[plugin]]\nname=\"a\"\nbundled=\"x\"").contains("used twice"));
         assert!(err("[[plugin]]\nname=\"a\\u0000b\"\nbundled=\"x\"").contains("is not allowed"));
         assert!(err("[[plugin]]\nname=\"\"\nbundled=\"x\"").contains("is not allowed"));
-        assert!(err("[[plugin]]\nname=\"a\"\nbundled=\"x\"\nnamespace=\"wasmtap\"").contains("reserved"));
-        assert!(err("[[plugin]]\nname=\"a\"\nbundled=\"x\"\nnamespace=\"a-b\"").contains("namespace"));
         assert!(err("[[plugin]]\nname=\"a\"\nbundled=\"x\"\nmemory_byte=1").contains("unknown field `memory_byte`"));
         assert!(err("[[plugin]]\nname=\"a\"\nbundled=\"x\"\ntenant=\"t\"").contains("no [[tenant]]"));
     }

@@ -75,6 +75,13 @@ pub fn log(level: logs::Level, message: &str) {
     logs::log(level, message, &[]);
 }
 
+/// Sends panic messages to the host's log sink (at error level), where the operator
+/// sees them and the host shows the last one as the reason for the fault. Installed by
+/// [`export_plugin!`] before `init`.
+pub fn report_panics() {
+    std::panic::set_hook(Box::new(|info| logs::log(logs::Level::Error, &format!("panic: {info}"), &[])));
+}
+
 /// Exports a [`Plugin`] implementation as the component's `handler`.
 #[macro_export]
 macro_rules! export_plugin {
@@ -95,6 +102,7 @@ macro_rules! export_plugin {
                     host: $crate::HostInfo,
                     config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
                 ) -> Result<$crate::Manifest, ::std::string::String> {
+                    $crate::report_panics();
                     let config = $crate::Config::new(config);
                     let (plugin, manifest) = <$plugin as $crate::Plugin>::init(&host, &config)?;
                     STATE.with(|s| *s.borrow_mut() = Some(plugin));

@@ -58,19 +58,19 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts the daemon with `config` (None: the embedded default) and waits until it
-    /// reports healthy.
+    /// reports ready.
     pub fn start(config: Option<&str>) -> Self {
         Self::start_until(config, 200)
     }
 
-    /// Starts the daemon and waits until `/healthz` answers with `health` (e.g. 503 for
-    /// a daemon that runs on with a broken part).
-    pub fn start_until(config: Option<&str>, health: u16) -> Self {
-        Self::spawn(config, health, None)
+    /// Starts the daemon and waits until `/readyz` answers with `ready` (e.g. 503 for
+    /// a daemon whose probe could not attach).
+    pub fn start_until(config: Option<&str>, ready: u16) -> Self {
+        Self::spawn(config, ready, None)
     }
 
     /// Starts the daemon, optionally as user `uid` (to test it without privileges).
-    pub fn spawn(config: Option<&str>, health: u16, uid: Option<u32>) -> Self {
+    pub fn spawn(config: Option<&str>, ready: u16, uid: Option<u32>) -> Self {
         let dir = TempDir::new();
         let addr = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
         let mut binary = built("wasmtap");
@@ -98,13 +98,30 @@ impl Daemon {
         let log = std::fs::File::create(dir.0.join("daemon.log")).expect("log file");
         let child = cmd.stdout(log.try_clone().expect("log")).stderr(log).spawn().expect("spawn wasmtap");
         let mut daemon = Self { child, addr, _dir: dir };
-        wait_for(Duration::from_secs(60), "the daemon's /healthz", || {
+        wait_for(Duration::from_secs(120), "the daemon's /readyz", || {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!("wasmtap exited early ({status}):\n{}", daemon.log());
             }
-            daemon.get("/healthz", None).filter(|(code, _)| *code == health)
+            daemon.get("/readyz", None).filter(|(code, body)| *code == ready && !body.contains("starting"))
         });
         daemon
+    }
+
+    /// Resident memory of the daemon, in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("daemon status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
+    }
+
+    /// The `/status` entry of plugin `name`.
+    pub fn plugin_status(&self, name: &str) -> serde_json::Value {
+        let status = self.status();
+        status["plugins"].as_array().expect("plugins").iter().find(|p| p["name"] == name).cloned().unwrap_or_else(|| panic!("no plugin {name} in {status}"))
     }
 
     pub fn log(&self) -> String {
@@ -161,6 +178,21 @@ pub fn unique_comm(tag: &str) -> String {
     let mut comm = format!("wt{tag}{:x}{nanos:x}", std::process::id());
     comm.truncate(15);
     comm
+}
+
+/// promtool's verdict on a scrape: None when it finds nothing wrong.
+pub fn promtool_problems(text: &str) -> Option<String> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (./dev setup installs it)");
+    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    let ok = out.status.success() && out.stdout.is_empty() && out.stderr.is_empty();
+    (!ok).then(|| format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// Spawns the workload helper.

@@ -42,13 +42,14 @@ pub fn instantiate(spec: &PluginSpec) -> anyhow::Result<(Instance, Manifest)> {
     Ok((instance, manifest))
 }
 
-/// A trap's error with what the plugin last said was wrong (a panic message) or why its
-/// memory could not grow, bounded and escaped.
+/// A trap's cause (without the wasm backtrace), after what the plugin last said was
+/// wrong (a panic message) or why its memory could not grow; bounded and escaped.
 fn explain(state: &PluginState, error: wasmtime::Error) -> anyhow::Error {
     let error = anyhow::Error::from(error);
+    let cause = error.root_cause();
     let text = match state.fault_hint() {
-        Some(hint) => format!("{error:#} ({hint})"),
-        None => format!("{error:#}"),
+        Some(hint) => format!("{hint} ({cause})"),
+        None => cause.to_string(),
     };
     anyhow!(sanitize(&text, MAX_ERROR_BYTES))
 }

@@ -1,0 +1,150 @@
+//! A hostile plugin for the isolation tests: `mode` (from the plugin's config) picks the
+//! attack. Every mode subscribes to all syscalls, so it runs under load beside the
+//! healthy plugin. Built by `tests/build.rs`; never bundled.
+
+use std::collections::HashMap;
+
+use wasmtap_sdk::{
+    Config, EventKind, Filter, HostInfo, Manifest, Plugin, Subscription, SyscallBatch, export_plugin,
+    logs::{self, Level},
+    metrics::{self, FamilyDesc, MetricKind},
+};
+
+struct Hostile {
+    mode: String,
+    batches: u64,
+    series: Option<u32>,
+    family: Option<u32>,
+    token: String,
+}
+
+fn desc(name: &str, help: String, kind: MetricKind, labels: &[&str], buckets: Vec<f64>) -> FamilyDesc {
+    FamilyDesc { name: name.into(), help, kind, label_names: labels.iter().map(|s| s.to_string()).collect(), buckets }
+}
+
+fn all() -> Subscription {
+    Subscription { kind: EventKind::Syscall, filter: Filter { pids: vec![], cgroups: vec![], syscalls: vec![] } }
+}
+
+impl Plugin for Hostile {
+    fn init(_: &HostInfo, config: &Config) -> Result<(Self, Manifest), String> {
+        let mode = config.get("mode").unwrap_or("").to_owned();
+        let token = config.get("token").unwrap_or("").to_owned();
+        let mut subscriptions = vec![all()];
+        let mut tick_interval_ms = 0;
+        let mut family = None;
+        let mut series = None;
+        match mode.as_str() {
+            "bucket-bomb" => {
+                let buckets = (0..100_000).map(f64::from).collect();
+                let refused = metrics::declare_family(&desc("bomb", "h".into(), MetricKind::Histogram, &["a"], buckets)).unwrap_err();
+                logs::log(Level::Info, "bucket bomb refused", &[("error".into(), refused)]);
+            }
+            "help-bomb" => {
+                metrics::declare_family(&desc("bomb", "h".repeat(20 << 20), MetricKind::Gauge, &[], vec![])).unwrap_err();
+            }
+            "help-injection" => {
+                let help = "x\n# EOF\nforged_total 424242".to_owned();
+                metrics::declare_family(&desc("inject", help, MetricKind::Counter, &[], vec![])).unwrap_err();
+            }
+            "dup-labels" => {
+                metrics::declare_family(&desc("dup", "h".into(), MetricKind::Counter, &["a", "a"], vec![])).unwrap_err();
+            }
+            "derived-names" => {
+                metrics::declare_family(&desc("lat", "h".into(), MetricKind::Histogram, &[], vec![1.0])).unwrap();
+                metrics::declare_family(&desc("lat_count", "h".into(), MetricKind::Gauge, &[], vec![])).unwrap_err();
+            }
+            "wide-labels" | "series-bomb" => {
+                family = Some(metrics::declare_family(&desc("wide", "h".into(), MetricKind::Counter, &["v"], vec![]))?);
+            }
+            "counter-overflow" => {
+                let f = metrics::declare_family(&desc("big", "h".into(), MetricKind::Counter, &[], vec![]))?;
+                series = Some(metrics::intern_series(f, &[])?);
+            }
+            "non-finite" => {
+                let f = metrics::declare_family(&desc("level", "h".into(), MetricKind::Gauge, &[], vec![]))?;
+                series = Some(metrics::intern_series(f, &[])?);
+            }
+            "ticks" => {
+                let f = metrics::declare_family(&desc("ticks", "h".into(), MetricKind::Counter, &[], vec![]))?;
+                series = Some(metrics::intern_series(f, &[])?);
+                tick_interval_ms = 100;
+            }
+            "std" => {
+                // Ordinary std: a randomly seeded HashMap, clocks, stdout.
+                let mut seen = HashMap::new();
+                seen.insert("now", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?.as_secs());
+                println!("std works: {} entries, env {:?}", seen.len(), std::env::vars().count());
+                let f = metrics::declare_family(&desc("std_ok", "h".into(), MetricKind::Gauge, &[], vec![]))?;
+                series = Some(metrics::intern_series(f, &[])?);
+                metrics::gauge_set(series.unwrap(), std::env::vars().count() as f64 + 1.0);
+            }
+            #[cfg(feature = "fs")]
+            "fs" => {
+                let _ = std::fs::read_to_string("/etc/passwd");
+            }
+            "filter-bomb" => subscriptions = (0..20_000).map(|_| all()).collect(),
+            "pids" => {
+                let n: u32 = config.get("count").and_then(|c| c.parse().ok()).unwrap_or(5000);
+                let pids = (0..n).map(|i| 3_000_000 + i).collect();
+                subscriptions = vec![Subscription { kind: EventKind::Syscall, filter: Filter { pids, cgroups: vec![], syscalls: vec![] } }];
+            }
+            "huge-error" => return Err("E".repeat(20 << 20)),
+            _ => {}
+        }
+        let state = Self { mode, batches: 0, series, family, token };
+        Ok((state, Manifest { subscriptions, tick_interval_ms }))
+    }
+
+    fn on_syscalls(&mut self, _batch: SyscallBatch<'_>) {
+        self.batches += 1;
+        match self.mode.as_str() {
+            "wide-labels" => {
+                let _ = metrics::intern_series(self.family.unwrap(), &["w".repeat(4096)]);
+            }
+            "series-bomb" => {
+                for i in 0..1000 {
+                    let value = format!("{:0>200}", self.batches * 1000 + i);
+                    if metrics::intern_series(self.family.unwrap(), &[value]).is_err() {
+                        break;
+                    }
+                }
+            }
+            "counter-overflow" => metrics::counter_add(self.series.unwrap(), u64::MAX),
+            "non-finite" => metrics::gauge_set(self.series.unwrap(), f64::INFINITY),
+            "log-flood" => {
+                let big = "f".repeat(4000);
+                for _ in 0..100 {
+                    logs::log(Level::Info, &big, &[("k".into(), "v".repeat(1000))]);
+                }
+            }
+            "log-injection" => {
+                logs::log(Level::Warn, "hello\nFORGED-LINE wasmtap: all good", &[("x\ny".into(), "a\nFORGED-FIELD".into())]);
+                println!("stdout\n\nFORGED-STDOUT");
+            }
+            "trap-storm" if self.batches % 2 == 0 => panic!("storm {}", self.token),
+            "panic" => panic!("hostile panic {}", self.token),
+            "slow" => {
+                let start = std::time::Instant::now();
+                while start.elapsed() < std::time::Duration::from_millis(400) {
+                    std::hint::spin_loop();
+                }
+            }
+            "memory-bomb" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn tick(&mut self, _now_ns: u64) {
+        if self.mode == "ticks" {
+            metrics::counter_add(self.series.unwrap(), 1);
+        }
+    }
+}
+
+export_plugin!(Hostile);
