@@ -1,8 +1,54 @@
-//! Builds the hostile test plugin (tests/hostile-plugin) for wasm32-wasip2, twice: as is,
-//! and with its `fs` feature (a component that imports wasi:filesystem). The tests find
-//! them through `HOSTILE_WASM` and `HOSTILE_FS_WASM`.
+//! Builds the hostile test plugins:
+//! - tests/hostile-plugin for wasm32-wasip2, twice: as is, and with its `fs` feature (a
+//!   component that imports wasi:filesystem): `HOSTILE_WASM`, `HOSTILE_FS_WASM`;
+//! - a component with 17 linear memories (no Rust target emits one), assembled here from
+//!   a core module and the WIT world: `MULTI_MEMORY_WASM`.
 
 use std::{env, fs, path::PathBuf, process::Command};
+
+/// A core module that implements the handler world (every call traps) and has 16 extra
+/// memories of 4 MiB each, turned into a component against `wit/`.
+fn multi_memory_component(root: &std::path::Path) -> Vec<u8> {
+    use wasm_encoder::{CodeSection, ExportKind, ExportSection, Function, FunctionSection, MemorySection, MemoryType, Module, TypeSection, ValType::*};
+    let mut types = TypeSection::new();
+    types.ty().function([I32; 4], [I32]); // cabi_realloc
+    types.ty().function([I32; 8], [I32]); // init
+    types.ty().function([I32, I32, I32, I32, I64], []); // on-batch
+    types.ty().function([I64], []); // tick
+    let mut functions = FunctionSection::new();
+    for t in 0..4 {
+        functions.function(t);
+    }
+    let mut memories = MemorySection::new();
+    let memory = |pages| MemoryType { minimum: pages, maximum: None, memory64: false, shared: false, page_size_log2: None };
+    memories.memory(memory(1));
+    for _ in 0..16 {
+        memories.memory(memory(64));
+    }
+    let mut exports = ExportSection::new();
+    exports.export("memory", ExportKind::Memory, 0).export("cabi_realloc", ExportKind::Func, 0);
+    for (i, name) in ["init", "on-batch", "tick"].iter().enumerate() {
+        exports.export(&format!("wasmtap:plugin/handler@0.1.0#{name}"), ExportKind::Func, i as u32 + 1);
+    }
+    let mut code = CodeSection::new();
+    let mut realloc = Function::new([]);
+    realloc.instructions().i32_const(8).end();
+    code.function(&realloc);
+    for _ in 0..3 {
+        let mut trap = Function::new([]);
+        trap.instructions().unreachable().end();
+        code.function(&trap);
+    }
+    let mut module = Module::new();
+    module.section(&types).section(&functions).section(&memories).section(&exports).section(&code);
+    let mut module = module.finish();
+
+    let mut resolve = wit_parser::Resolve::default();
+    let (package, _) = resolve.push_dir(root.join("wit")).expect("wit/ parses");
+    let world = resolve.select_world(&[package], Some("plugin")).expect("the plugin world");
+    wit_component::embed_component_metadata(&mut module, &resolve, world, wit_component::StringEncoding::UTF8, false).expect("embed");
+    wit_component::ComponentEncoder::default().module(&module).expect("module").validate(true).encode().expect("encode")
+}
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -31,4 +77,7 @@ fn main() {
         fs::copy(&built, &dest).expect("copy the hostile plugin");
         println!("cargo:rustc-env={var}={}", dest.display());
     }
+    let dest = out_dir.join("multi-memory.wasm");
+    fs::write(&dest, multi_memory_component(&root)).expect("write the multi-memory component");
+    println!("cargo:rustc-env=MULTI_MEMORY_WASM={}", dest.display());
 }

@@ -15,6 +15,7 @@ use wasmtap_tests::{Daemon, Prometheus, TempDir, privileged_or_skip, promtool_pr
 
 const HOSTILE: &str = env!("HOSTILE_WASM");
 const HOSTILE_FS: &str = env!("HOSTILE_FS_WASM");
+const MULTI_MEMORY: &str = env!("MULTI_MEMORY_WASM");
 const GETPPID_CALLS: u64 = 20_000;
 const OPENAT_CALLS: u64 = 357;
 
@@ -65,6 +66,8 @@ fn hostile_plugins_hurt_neither_the_healthy_one_nor_the_scrape() {
     config += &hostile("wasmtap", "", "");
     config += &hostile("h-derived-ns", "", "namespace = \"wasmtap_plugin\"");
     config += &hostile_from(HOSTILE_FS, "h-fs", "fs", "");
+    // 1 + 16 memories of 4 MiB: each fits the 32 MiB cap alone, together they do not.
+    config += &hostile_from(MULTI_MEMORY, "h-multi-memory", "", "");
 
     let started = Instant::now();
     let daemon = Daemon::start(Some(&config));
@@ -136,6 +139,9 @@ fn hostile_plugins_hurt_neither_the_healthy_one_nor_the_scrape() {
     assert!(refusals(&m, "h-memory-bomb", "memory") >= 1.0);
     let memory = sample(&m, "wasmtap_plugin_memory_bytes", &[("plugin", "h-memory-bomb")]).unwrap_or(0.0);
     assert!(memory <= 33_554_432.0, "memory gauge {memory}");
+    assert_eq!(failed("h-multi-memory")["state"], "failed");
+    assert!(last_error("h-multi-memory").contains("out of memory"), "{}", last_error("h-multi-memory"));
+    assert!(refusals(&m, "h-multi-memory", "memory") >= 1.0);
     let storm = failed("h-trap-storm");
     assert!(last_error("h-trap-storm").contains("storm tok-h-trap-storm"), "{storm}");
     let restarts = sample(&m, "wasmtap_plugin_restarts_total", &[("plugin", "h-trap-storm")]).unwrap();
