@@ -250,6 +250,13 @@ impl Cgroup {
         Self(dir)
     }
 
+    /// A cgroup below this one.
+    fn child(&self, name: &str) -> Self {
+        let dir = self.0.join(name);
+        std::fs::create_dir(&dir).expect("mkdir child cgroup");
+        Self(dir)
+    }
+
     /// Runs the workload inside this cgroup.
     fn run(&self, comm: &str, getppid: u64) {
         let mut child = workload(comm, getppid, 0, true);
@@ -261,7 +268,18 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
+        // Its workloads have exited; the kernel may take a moment to let go of them.
+        let _ = wait_for_removal(&self.0);
+    }
+}
+
+fn wait_for_removal(dir: &Path) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(16) && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            other => return other,
+        }
     }
 }
 
@@ -276,42 +294,53 @@ fn tenants_see_only_their_cgroups_and_one_at_quota_does_not_touch_the_other() {
     }
     let (a, b) = (Cgroup::new("a"), Cgroup::new("b"));
     let mut config = tenant("alpha", &a.0, "series = 1000");
-    config += &tenant("beta", &b.0, "series = 3");
+    config += &tenant("beta", &b.0, "series = 3, cpu_percent = 5");
     config += "[[plugin]]\nname = \"a-calls\"\nnamespace = \"calls\"\nbundled = \"syscall-latency\"\ntenant = \"alpha\"\n\n";
     config += "[[plugin]]\nname = \"b-calls\"\nnamespace = \"calls\"\nbundled = \"syscall-latency\"\ntenant = \"beta\"\n\n";
     config += "[[plugin]]\nname = \"b-bomb\"\nnamespace = \"bomb\"\npath = \"HOSTILE\"\ntenant = \"beta\"\nconfig = { mode = \"series-bomb\" }\n\n";
-    config += "[[plugin]]\nname = \"everyone\"\nbundled = \"syscall-latency\"\n";
+    // 400 ms per batch against beta's 50 ms of CPU per second.
+    config += "[[plugin]]\nname = \"b-slow\"\nnamespace = \"slow\"\npath = \"HOSTILE\"\ntenant = \"beta\"\nconfig = { mode = \"slow\" }\n\n";
     let config = config.replace("HOSTILE", HOSTILE);
     let daemon = Daemon::start(Some(&config));
+    // Made after the daemon started: the scope takes in new cgroups below it, in the
+    // kernel (ancestor match) and in the host.
+    let inner = a.child("inner");
     let (comm_a, comm_b, outside) = (unique_comm("ta"), unique_comm("tb"), unique_comm("to"));
-    a.run(&comm_a, 3_000);
+    let records = |d: &Daemon| sample(&d.metrics(), "wasmtap_probe_records_total", &[("probe", "syscalls")]).unwrap_or(0.0);
+    let before = records(&daemon);
+    inner.run(&comm_a, 3_000);
     b.run(&comm_b, 2_000);
     run_workload(&outside, 1_000, 0);
+    // A second burst in beta, a few drains later, finds beta's CPU share spent.
+    std::thread::sleep(Duration::from_millis(50));
+    b.run(&unique_comm("tc"), 100);
 
-    let m = wait_for(Duration::from_secs(20), "every workload counted", || {
-        let m = daemon.metrics();
-        (latency_count(&m, "alpha_calls", &comm_a) == Some(3_000.0) && latency_count(&m, "everyone", &outside) == Some(1_000.0)).then_some(m)
+    wait_for(Duration::from_secs(20), "tenant alpha's workload counted", || {
+        (latency_count(&daemon.metrics(), "alpha_calls", &comm_a) >= Some(3_000.0)).then_some(())
     });
     std::thread::sleep(Duration::from_millis(100));
-    let m2 = daemon.metrics();
-    assert_eq!(latency_count(&m2, "alpha_calls", &comm_a), Some(3_000.0), "tenant a: its own workload, exactly");
-    assert_eq!(latency_count(&m, "alpha_calls", &comm_b), None, "tenant a sees nothing of b");
-    assert_eq!(latency_count(&m, "alpha_calls", &outside), None, "tenant a sees nothing outside its cgroup");
-    assert_eq!(latency_count(&m, "everyone", &comm_a), Some(3_000.0), "an untenanted plugin sees all");
-    // Tenant b is at its series quota: refusals counted, its plugins' series bounded,
-    // and a's counts untouched (above).
-    let b_series: f64 = ["b-calls", "b-bomb"].iter().filter_map(|p| sample(&m, "wasmtap_plugin_series", &[("plugin", p)])).sum();
-    assert!(b_series <= 3.0, "tenant b holds {b_series} series, over its quota of 3");
-    let b_refused: f64 = m
-        .lines()
-        .filter(|l| l.starts_with("wasmtap_plugin_refusals_total") && l.contains("reason=\"series\""))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum();
-    assert!(b_refused >= 1.0, "tenant b's quota refused series");
+    let m = daemon.metrics();
+    assert_eq!(latency_count(&m, "alpha_calls", &comm_a), Some(3_000.0), "tenant alpha: its own workload, exactly");
+    assert_eq!(latency_count(&m, "alpha_calls", &comm_b), None, "tenant alpha sees nothing of beta");
+    assert_eq!(latency_count(&m, "alpha_calls", &outside), None, "tenant alpha sees nothing outside its cgroup");
+    // Only the tenants' cgroups reach the ring buffer: the outside workload's 1 000
+    // calls were filtered in the kernel.
+    let added = records(&daemon) - before;
+    assert!((5_000.0..5_500.0).contains(&added), "probe recorded {added} records");
+    // Tenant beta is at its series quota: refusals counted, its plugins' series bounded,
+    // and alpha's counts untouched (above).
+    let b_series: f64 = ["b-calls", "b-bomb", "b-slow"].iter().filter_map(|p| sample(&m, "wasmtap_plugin_series", &[("plugin", p)])).sum();
+    assert!(b_series <= 3.0, "tenant beta holds {b_series} series, over its quota of 3");
+    let b_refused: f64 = ["b-calls", "b-bomb"].iter().map(|p| refusals(&m, p, "series")).sum();
+    assert!(b_refused >= 1.0, "tenant beta's quota refused series");
     assert!(latency_count(&m, "beta_calls", &comm_a).is_none() && latency_count(&m, "beta_calls", &outside).is_none());
+    wait_for(Duration::from_secs(10), "beta's CPU share to refuse a batch", || {
+        let m = daemon.metrics();
+        (["b-calls", "b-bomb", "b-slow"].iter().map(|p| refusals(&m, p, "cpu")).sum::<f64>() >= 1.0).then_some(())
+    });
     // Every family of a tenant's plugin is in the tenant's namespace.
-    for line in m.lines().filter(|l| l.starts_with("# TYPE alpha_")) {
-        assert!(line.starts_with("# TYPE alpha_calls_") || line.starts_with("# TYPE beta_calls_") || line.starts_with("# TYPE beta_bomb_"), "{line}");
+    for line in m.lines().filter(|l| l.starts_with("# TYPE ") && !l.starts_with("# TYPE wasmtap_")) {
+        assert!(line.starts_with("# TYPE alpha_calls_") || line.starts_with("# TYPE beta_"), "{line}");
     }
     if let Some(problems) = promtool_problems(&m) {
         panic!("promtool: {problems}");
