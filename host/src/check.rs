@@ -63,6 +63,11 @@ pub fn run() -> bool {
         }
     }
 
+    match crate::events::scope::cgroup2_mount() {
+        Some(path) => r.ok("cgroup v2", &format!("mounted at {}", path.display())),
+        None => r.unavailable("cgroup v2", "not mounted; [[tenant]] scopes need it (mount -t cgroup2 none /sys/fs/cgroup/unified)"),
+    }
+
     match is_map_supported(MapType::RingBuf) {
         Ok(true) => r.ok("ring buffers", "supported"),
         Ok(false) => r.fail("ring buffers", "BPF_MAP_TYPE_RINGBUF not supported", "use a kernel >= 5.8"),

@@ -53,7 +53,7 @@ impl Default for ProbeSettings {
 /// any key may be repeated in a `[[plugin]]` section to override it for that plugin.
 /// Past a limit the host refuses the call and counts it in
 /// `wasmtap_plugin_refusals_total{plugin,reason}`; the plugin and everyone else go on.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginLimits {
     /// All linear memories and tables of an instance together (tables count 8 bytes per
@@ -331,6 +331,9 @@ mod tests {
         assert_eq!(c.plugins.len(), 1);
         assert_eq!(c.plugins[0].bundled.as_deref(), Some("syscall-latency"));
         assert_eq!(c.probes.drain_interval_ms, 10);
+        // default.toml documents every limit with its default value.
+        assert_eq!(c.plugin_defaults, PluginLimits::default());
+        assert_eq!(c.plugins[0].limits, PluginLimits::default());
     }
 
     #[test]
