@@ -1,6 +1,8 @@
 //! A hostile plugin for the isolation tests: `mode` (from the plugin's config) picks the
 //! attack. Every mode subscribes to all syscalls, so it runs under load beside the
 //! healthy plugin. Built by `tests/build.rs`; never bundled.
+// Only the Wasm build exports (and so uses) the plugin; natively it is all dead code.
+#![cfg_attr(not(target_family = "wasm"), allow(dead_code))]
 
 use std::collections::HashMap;
 
@@ -122,7 +124,7 @@ impl Plugin for Hostile {
                 logs::log(Level::Warn, "hello\nFORGED-LINE wasmtap: all good", &[("x\ny".into(), "a\nFORGED-FIELD".into())]);
                 println!("stdout\n\nFORGED-STDOUT");
             }
-            "trap-storm" if self.batches % 2 == 0 => panic!("storm {}", self.token),
+            "trap-storm" if self.batches.is_multiple_of(2) => panic!("storm {}", self.token),
             "panic" => panic!("hostile panic {}", self.token),
             "slow" => {
                 let start = std::time::Instant::now();
