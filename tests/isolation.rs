@@ -52,7 +52,7 @@ fn hostile_plugins_hurt_neither_the_healthy_one_nor_the_scrape() {
     config += &hostile("h-compile-size", "", "component_bytes = 10000");
     for mode in [
         "bucket-bomb", "help-bomb", "help-injection", "dup-labels", "derived-names", "wide-labels",
-        "counter-overflow", "non-finite", "log-injection", "panic", "memory-bomb", "std", "filter-bomb", "ticks",
+        "counter-overflow", "non-finite", "log-injection", "panic", "memory-bomb", "std", "filter-bomb", "ticks", "sleep",
     ] {
         config += &hostile(&format!("h-{mode}"), mode, "");
     }
@@ -128,6 +128,9 @@ fn hostile_plugins_hurt_neither_the_healthy_one_nor_the_scrape() {
     assert!(last_error("h-compile-time").contains("compile_timeout_ms"), "{}", last_error("h-compile-time"));
     assert!(last_error("h-fs").contains("wasi:filesystem"), "{}", last_error("h-fs"));
     assert!(refusals(&m, "h-fs", "import") >= 1.0);
+    // A plugin that sleeps for an hour per batch cannot block its worker.
+    assert_eq!(failed("h-sleep")["state"], "running");
+    assert!(sample(&m, "wasmtap_plugin_batches_total", &[("plugin", "h-sleep")]).unwrap_or(0.0) >= 2.0, "h-sleep's batches");
     // Ordinary std runs (empty environment: the gauge is 0 variables + 1).
     assert_eq!(failed("h-std")["state"], "running");
     assert_eq!(sample(&m, "h_std_std_ok", &[]), Some(1.0));

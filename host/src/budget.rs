@@ -129,6 +129,10 @@ impl TokenBucket {
         Self { tokens: burst, burst, per_second: per_second as f64, last: Instant::now() }
     }
 
+    pub fn give_back(&mut self, n: usize) {
+        self.tokens = (self.tokens + n as f64).min(self.burst);
+    }
+
     pub fn try_take(&mut self, n: usize) -> bool {
         let now = Instant::now();
         self.tokens = (self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * self.per_second).min(self.burst);
@@ -195,6 +199,11 @@ impl TenantBudget {
             Reason::MetricBytes => Some(&self.metric_bytes),
             _ => None,
         }
+    }
+
+    /// Who owns the tenant's namespace claim.
+    pub fn owner(&self) -> String {
+        format!("tenant {}", self.name)
     }
 }
 
@@ -289,6 +298,7 @@ impl Budget {
         if let Some(tenant) = &self.tenant
             && !tenant.log.lock().expect("log budget").try_take(n)
         {
+            self.log.lock().expect("log budget").give_back(n);
             return Err(self.refuse(Refusal::new(Reason::LogBytes, format!("over tenant {}'s log quota", tenant.name))));
         }
         Ok(())
@@ -299,14 +309,19 @@ impl Budget {
         self.log.lock().expect("log budget").burst()
     }
 
-    /// Whether the tenant's CPU share for the current period is spent (refusal counted).
+    /// Whether the tenant's CPU share is spent (refusal counted): checked before every
+    /// call into one of its plugins.
     pub fn cpu_exhausted(&self) -> bool {
         let Some(tenant) = &self.tenant else { return false };
         let exhausted = {
             let mut cpu = tenant.cpu.lock().expect("cpu window");
-            if cpu.started.elapsed() >= cpu.period {
-                cpu.started = Instant::now();
-                cpu.spent = Duration::ZERO;
+            let periods = (cpu.started.elapsed().as_nanos() / cpu.period.as_nanos().max(1)) as u32;
+            if periods > 0 {
+                // A call that ran past the share is paid off in the periods after it,
+                // so the share holds on average, not just per period.
+                let (period, allowed) = (cpu.period, cpu.allowed);
+                cpu.started += period * periods;
+                cpu.spent = cpu.spent.saturating_sub(allowed.saturating_mul(periods));
             }
             cpu.spent >= cpu.allowed
         };

@@ -177,7 +177,7 @@ pub struct TenantConfig {
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantQuota {
-    /// Linear memory of all its plugin instances.
+    /// Linear memories and tables of all its plugin instances.
     pub memory_bytes: usize,
     /// Series in all its plugins' families.
     pub series: usize,
@@ -291,8 +291,8 @@ impl Config {
                 bail!("tenant name {:?} is used twice", tenant.name);
             }
             let q = &tenant.quota;
-            if q.cpu_period_ms == 0 || !(1..=100 * 1024).contains(&q.cpu_percent) {
-                bail!("tenant {:?}: quota.cpu_period_ms must be > 0 and quota.cpu_percent within 1..=102400", tenant.name);
+            if !(1..=60_000).contains(&q.cpu_period_ms) || !(1..=100 * 1024).contains(&q.cpu_percent) {
+                bail!("tenant {:?}: quota.cpu_period_ms must be within 1..=60000 and quota.cpu_percent within 1..=102400", tenant.name);
             }
         }
         let mut seen = HashSet::new();

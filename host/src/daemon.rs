@@ -91,16 +91,22 @@ fn start_plugins(config: &Config, sink: &Arc<MetricSink>, metrics: &SelfMetrics,
     let cache_dir = config.cache_dir.clone().or_else(plugins::engine::default_cache_dir);
     let exe = std::env::current_exe().context("locating wasmtap's own executable (it compiles plugins in a child process)")?;
     let engine = Arc::new(PluginEngine::new(cache_dir, Compiler::Child(exe))?);
-    let tenants = tenant_budgets(&config.tenants);
-    for (name, tenant) in &tenants {
-        if let Ok(tenant) = tenant {
-            // The tenant's namespace is its own: no plugin outside it may nest there.
-            if let Err(e) = sink.claim(&tenant.namespace, &format!("tenant {name}"), None) {
-                tracing::error!("tenant {name}: {e}");
+    // A tenant's namespace is its own: no plugin outside it may nest there. A tenant
+    // whose scope or namespace is unusable does not start its plugins.
+    let tenants: Vec<_> = tenant_budgets(&config.tenants)
+        .into_iter()
+        .map(|(name, tenant)| {
+            let tenant = tenant.and_then(|t| {
+                sink.claim(&t.namespace, &t.owner(), None).map_err(|e| anyhow::anyhow!("tenant {name}: {e}"))?;
+                tracing::info!(tenant = %name, scope = %t.scope.dir().display(), "tenant scope");
+                Ok(t)
+            });
+            if let Err(e) = &tenant {
+                tracing::error!("{e:#}");
             }
-            tracing::info!(tenant = %name, scope = %tenant.scope.dir().display(), "tenant scope");
-        }
-    }
+            (name, tenant)
+        })
+        .collect();
     let mut handles = Vec::new();
     for plugin in &config.plugins {
         let tenant = match &plugin.tenant {
@@ -127,13 +133,17 @@ fn start_plugins(config: &Config, sink: &Arc<MetricSink>, metrics: &SelfMetrics,
     Ok(handles)
 }
 
-/// What the kernel must record for one subscriber's filter: a tenant's plugin that
-/// names no cgroups gets its tenant's scope (the kernel matches a cgroup and every
-/// cgroup below it).
+/// What the kernel must record for one subscriber's filter: a tenant's plugin records
+/// only cgroups in its scope, and one that names none gets its whole scope (the kernel
+/// matches a cgroup and every cgroup below it).
 fn kernel_filters(sub: &Subscriber) -> impl Iterator<Item = EventFilter> + '_ {
     sub.filters.iter().map(|f| match &sub.scope {
-        Some(scope) if f.cgroups.is_empty() => EventFilter { cgroups: [scope.root_id()].into(), ..f.clone() },
-        _ => f.clone(),
+        Some(scope) => {
+            let cgroups: std::collections::BTreeSet<u64> = f.cgroups.iter().copied().filter(|&id| scope.contains(id)).collect();
+            let cgroups = if cgroups.is_empty() { [scope.root_id()].into() } else { cgroups };
+            EventFilter { cgroups, ..f.clone() }
+        }
+        None => f.clone(),
     })
 }
 

@@ -41,7 +41,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config, listen, json_logs } => {
-            let logs = tracing_subscriber::fmt().with_env_filter(
+            // stderr, like plugin records in JSON mode (written by the log sink).
+            let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
                 EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
             );
             if json_logs { logs.json().init() } else { logs.init() }

@@ -15,6 +15,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use wasmtap_events::MAX_CGROUP_DEPTH;
 
 const RESCAN: Duration = Duration::from_millis(50);
 /// Bound on remembered outside ids; the set is cleared when it fills.
@@ -42,13 +43,19 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 impl CgroupScope {
     /// Opens `dir` (absolute, or relative to the cgroup v2 mount).
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        let dir = if dir.is_absolute() {
-            dir.to_path_buf()
-        } else {
-            cgroup2_mount().context("no cgroup2 filesystem is mounted\n  fix: mount -t cgroup2 none /sys/fs/cgroup/unified")?.join(dir)
-        };
+        let mount = cgroup2_mount().context("no cgroup2 filesystem is mounted\n  fix: mount -t cgroup2 none /sys/fs/cgroup/unified")?;
+        let dir = if dir.is_absolute() { dir.to_path_buf() } else { mount.join(dir) };
         if !dir.join("cgroup.procs").is_file() {
             bail!("{} is not a cgroup v2 directory (no cgroup.procs)\n  fix: mkdir it under the cgroup2 mount", dir.display());
+        }
+        // The kernel looks for a scope among a task's first MAX_CGROUP_DEPTH ancestors.
+        let depth = dir.strip_prefix(&mount).map(|rel| rel.components().count()).unwrap_or(usize::MAX);
+        if depth == 0 || depth > MAX_CGROUP_DEPTH as usize {
+            bail!(
+                "{} is {depth} levels below the cgroup2 mount {}; a scope must be 1 to {MAX_CGROUP_DEPTH} levels below it",
+                dir.display(),
+                mount.display()
+            );
         }
         let root_id = std::fs::metadata(&dir).with_context(|| format!("cannot stat {}", dir.display()))?.ino();
         let scope = Self { dir, root_id, inside: RwLock::default(), outside: Mutex::new((HashSet::new(), Instant::now())) };

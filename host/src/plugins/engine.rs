@@ -127,7 +127,13 @@ impl PluginEngine {
         let Compiler::Child(exe) = &self.compiler else {
             return Component::new(&self.engine, bytes).map_err(|e| CompileError::Invalid(e.into()));
         };
-        let dir = self.cache_dir.clone().unwrap_or_else(std::env::temp_dir);
+        // The cache dir is the daemon's own; without one, a fresh directory only this
+        // user can enter, so nobody can swap the artifact before it is loaded.
+        let private = match &self.cache_dir {
+            Some(_) => None,
+            None => Some(private_dir().map_err(|e| CompileError::Invalid(anyhow::anyhow!("making a private compile directory: {e}")))?),
+        };
+        let dir = self.cache_dir.clone().or_else(|| private.clone()).expect("one of them");
         let tmp = |ext: &str| dir.join(format!("{key}.{}.{ext}", std::process::id()));
         let (input, output) = (tmp("wasm"), tmp("cwasm.tmp"));
         let result = self.compile_in_child(exe, bytes, &input, &output, limits);
@@ -145,6 +151,9 @@ impl PluginEngine {
             }
             _ => drop(std::fs::remove_file(&output)),
         }
+        if let Some(private) = private {
+            let _ = std::fs::remove_dir_all(private);
+        }
         loaded
     }
 
@@ -161,6 +170,16 @@ impl PluginEngine {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| io("starting the compiler process", e))?;
+        // Read stderr as it comes (the child would block on a full pipe), keeping 4 KiB.
+        let stderr = child.stderr.take().map(|pipe| {
+            thread::spawn(move || {
+                let mut kept = String::new();
+                let mut pipe = pipe;
+                let _ = (&mut pipe).take(4096).read_to_string(&mut kept);
+                let _ = std::io::copy(&mut pipe, &mut std::io::sink());
+                kept
+            })
+        });
         let deadline = Instant::now() + Duration::from_millis(limits.compile_timeout_ms);
         let status = loop {
             if let Some(status) = child.try_wait().map_err(|e| io("waiting for the compiler", e))? {
@@ -179,10 +198,7 @@ impl PluginEngine {
         if status.success() {
             return Ok(());
         }
-        let mut stderr = String::new();
-        if let Some(mut pipe) = child.stderr.take() {
-            let _ = std::io::Read::take(&mut pipe, 4096).read_to_string(&mut stderr);
-        }
+        let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
         Err(CompileError::Invalid(anyhow::anyhow!(
             "compiling failed ({status}): {}{}",
             sanitize(stderr.trim(), 1024),
@@ -220,6 +236,16 @@ impl Drop for PluginEngine {
     fn drop(&mut self) {
         self.stop.store(true, Relaxed);
     }
+}
+
+/// A new directory under the temp dir that only this user can enter.
+fn private_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let dir = std::env::temp_dir().join(format!("wasmtap-compile-{}-{nanos}", std::process::id()));
+    // `create` fails if it exists: a directory someone made in advance is never used.
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
 }
 
 /// Default cache location: /var/cache/wasmtap for root, the XDG cache otherwise.

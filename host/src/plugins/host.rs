@@ -56,10 +56,14 @@ impl PluginState {
             families: Vec::new(),
             series: Vec::new(),
             logs,
-            limiter: MemoryLimiter { budget: budget.clone(), held: 0, refused: None },
+            limiter: MemoryLimiter { budget: budget.clone(), held: 0, pending: 0, refused: None },
             budget,
             wasi,
-            table: ResourceTable::new(),
+            table: {
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(wasi::MAX_WASI_HANDLES);
+                table
+            },
             outputs,
         }
     }
@@ -74,10 +78,16 @@ impl PluginState {
         self.outputs.iter().for_each(GuestOutput::finish);
     }
 
-    /// What the plugin last said was wrong (a panic message, say), or why its memory
-    /// could not grow: the reason shown for a fault.
+    /// Before a call: forget the previous call's hints.
+    pub fn begin_call(&mut self) {
+        self.limiter.refused = None;
+        self.logs.clear_last_problem();
+    }
+
+    /// Why the memory could not grow, or what the plugin said was wrong during the call
+    /// (a panic message, say): shown with a fault.
     pub fn fault_hint(&self) -> Option<String> {
-        self.limiter.refused.clone().or_else(|| self.logs.last_problem())
+        self.limiter.refused.clone().or_else(|| self.logs.last_problem().map(|said| format!("the plugin said: {said}")))
     }
 
     fn series(&self, handle: u32) -> wasmtime::Result<&(Arc<Series>, u32)> {
@@ -104,6 +114,9 @@ pub struct MemoryLimiter {
     budget: Arc<Budget>,
     /// Bytes of memories and tables the instance holds.
     pub held: usize,
+    /// Charged for a growth wasmtime may still fail (past a declared maximum); refunded
+    /// by `*_grow_failed`.
+    pending: usize,
     /// Why the last growth was refused, for the fault report.
     pub refused: Option<String>,
 }
@@ -117,6 +130,7 @@ impl MemoryLimiter {
         match self.budget.charge(Reason::Memory, delta as u64) {
             Ok(()) => {
                 self.held += delta;
+                self.pending = delta;
                 true
             }
             Err(refusal) => {
@@ -127,17 +141,37 @@ impl MemoryLimiter {
     }
 }
 
+impl MemoryLimiter {
+    fn refund(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        self.held -= pending;
+        self.budget.release(Reason::Memory, pending as u64);
+    }
+}
+
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(self.grow("linear memory", current, desired))
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.refund();
+        Ok(())
     }
 
     fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(self.grow("table", current.saturating_mul(TABLE_ELEMENT_BYTES), desired.saturating_mul(TABLE_ELEMENT_BYTES)))
     }
 
+    fn table_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.refund();
+        Ok(())
+    }
+
+    /// Instance metadata is not charged, so keep the number of core instances small
+    /// (a Rust component has a handful).
     fn instances(&self) -> usize {
-        100
+        32
     }
 
     fn tables(&self) -> usize {

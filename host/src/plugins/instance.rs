@@ -35,6 +35,7 @@ pub fn instantiate(spec: &PluginSpec) -> anyhow::Result<(Instance, Manifest)> {
         Err(e) => return Err(explain(store.data(), e).context("instantiating")),
     };
     let mut instance = Instance { store, bindings };
+    instance.store.data_mut().begin_call();
     let host = HostInfo { version: env!("CARGO_PKG_VERSION").into(), arch: std::env::consts::ARCH.into(), instance: spec.name.clone() };
     instance.store.set_epoch_deadline(deadline);
     let result = instance.bindings.wasmtap_plugin_handler().call_init(&mut instance.store, &host, &spec.config);
@@ -64,6 +65,7 @@ impl Instance {
     /// Hands the plugin one batch of syscall records.
     pub fn on_batch(&mut self, deadline: Duration, records: &[u8], dropped: u64) -> anyhow::Result<()> {
         self.store.set_epoch_deadline(PluginEngine::ticks(deadline));
+        self.store.data_mut().begin_call();
         let result = self.bindings.wasmtap_plugin_handler().call_on_batch(
             &mut self.store,
             WitEventKind::Syscall,
@@ -80,6 +82,7 @@ impl Instance {
             .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
             .unwrap_or_default();
         self.store.set_epoch_deadline(PluginEngine::ticks(deadline));
+        self.store.data_mut().begin_call();
         let result = self.bindings.wasmtap_plugin_handler().call_tick(&mut self.store, now);
         self.finish(result).context("tick trapped")
     }

@@ -44,11 +44,11 @@ pub fn prepare(
     metrics: &SelfMetrics,
 ) -> anyhow::Result<PluginSpec> {
     let own = config.namespace.clone().unwrap_or_else(|| namespace_for(&config.name));
-    let parent = tenant.as_ref().map(|t| t.namespace.clone());
-    let namespace = match &parent {
-        Some(parent) => format!("{parent}_{own}"),
+    let namespace = match &tenant {
+        Some(tenant) => format!("{}_{own}", tenant.namespace),
         None => own,
     };
+    let parent = tenant.as_ref().map(|t| t.owner());
     let budget = Arc::new(Budget::new(&config.name, config.limits, tenant, metrics));
     if let Err(e) = sink.claim(&namespace, &config.name, parent.as_deref()) {
         return Err(budget.refuse(Refusal::new(Reason::Namespace, e)).into());

@@ -2,7 +2,8 @@
 //! `HashMap::new()`, panics) and components from other languages run unchanged.
 //!
 //! The rule: a plugin gets an empty environment and argument list, a closed stdin,
-//! clocks, randomness, and stdout/stderr that go to its log sink (under its log budget).
+//! clocks (waiting on one returns at once), randomness (64 KiB per call), and
+//! stdout/stderr that go to its log sink (under its log budget).
 //! It gets no filesystem, sockets or any other authority: a component that imports
 //! anything outside `ALLOWED` (or the `wasmtap:plugin` imports) is refused at load with
 //! an error naming the import.
@@ -12,15 +13,20 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use wasmtime::{
     Engine,
-    component::{Component, HasSelf, Linker, ResourceTable, types::ComponentItem},
+    component::{Component, HasData, HasSelf, Linker, Resource, ResourceTable, types::ComponentItem},
 };
 use wasmtime_wasi::{
     WasiCtx, WasiCtxBuilder,
     cli::{IsTerminal, StdoutStream, WasiCli, WasiCliCtxView},
     clocks::{WasiClocks, WasiClocksCtxView},
     p2::{
-        OutputStream, Pollable, StreamResult,
-        bindings::{cli, clocks, random, sync::io},
+        DynPollable, OutputStream, Pollable, StreamResult,
+        bindings::{
+            cli,
+            clocks::{self, monotonic_clock},
+            random,
+            sync::io,
+        },
     },
     random::{WasiRandom, WasiRandomCtx},
 };
@@ -96,7 +102,7 @@ pub fn add_to_linker(linker: &mut Linker<PluginState>) -> anyhow::Result<()> {
     io::poll::add_to_linker::<S, Io>(linker, table)?;
     io::streams::add_to_linker::<S, Io>(linker, table)?;
     clocks::wall_clock::add_to_linker::<S, WasiClocks>(linker, clocks_view)?;
-    clocks::monotonic_clock::add_to_linker::<S, WasiClocks>(linker, clocks_view)?;
+    clocks::monotonic_clock::add_to_linker::<S, Immediate>(linker, |s| ImmediateClock(clocks_view(s)))?;
     random::random::add_to_linker::<S, WasiRandom>(linker, random_view)?;
     random::insecure::add_to_linker::<S, WasiRandom>(linker, random_view)?;
     random::insecure_seed::add_to_linker::<S, WasiRandom>(linker, random_view)?;
@@ -113,6 +119,40 @@ pub fn add_to_linker(linker: &mut Linker<PluginState>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The monotonic clock, except that waiting on it returns at once: a plugin's call is
+/// bounded by its epoch deadline, which does not run while the host blocks for it, so a
+/// `sleep` must not block the worker.
+struct ImmediateClock<'a>(WasiClocksCtxView<'a>);
+
+struct Immediate;
+
+impl HasData for Immediate {
+    type Data<'a> = ImmediateClock<'a>;
+}
+
+impl monotonic_clock::Host for ImmediateClock<'_> {
+    fn now(&mut self) -> wasmtime::Result<monotonic_clock::Instant> {
+        self.0.now()
+    }
+
+    fn resolution(&mut self) -> wasmtime::Result<monotonic_clock::Duration> {
+        self.0.resolution()
+    }
+
+    fn subscribe_instant(&mut self, _when: monotonic_clock::Instant) -> wasmtime::Result<Resource<DynPollable>> {
+        self.0.subscribe_duration(0)
+    }
+
+    fn subscribe_duration(&mut self, _duration: monotonic_clock::Duration) -> wasmtime::Result<Resource<DynPollable>> {
+        self.0.subscribe_duration(0)
+    }
+}
+
+/// Handles (streams, pollables) one instance may hold in its WASI table.
+pub const MAX_WASI_HANDLES: usize = 256;
+/// Bytes one `wasi:random` call may ask for.
+const MAX_RANDOM_BYTES: u64 = 64 << 10;
+
 /// A WASI context with no authority, and its stdout and stderr (which go to `logs`).
 pub fn context(logs: &LogSink) -> (WasiCtx, [GuestOutput; 2]) {
     let outputs = [GuestOutput::new(logs.clone(), Level::Info), GuestOutput::new(logs.clone(), Level::Warn)];
@@ -122,6 +162,7 @@ pub fn context(logs: &LogSink) -> (WasiCtx, [GuestOutput; 2]) {
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
+        .max_random_size(MAX_RANDOM_BYTES)
         .build();
     (ctx, outputs)
 }

@@ -31,6 +31,8 @@ use crate::{
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The shortest tick interval a manifest gets.
+const MIN_TICK: Duration = Duration::from_millis(10);
 /// At most one fault line per plugin this often (the rest are counted in it).
 const FAULT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -138,7 +140,7 @@ pub fn start(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<Cgrou
         faults: 0,
         last_error: None,
     }));
-    let tick = (manifest.tick_interval_ms > 0).then(|| Duration::from_millis(manifest.tick_interval_ms.into()));
+    let tick = (manifest.tick_interval_ms > 0).then(|| Duration::from_millis(manifest.tick_interval_ms.into()).max(MIN_TICK));
     let shutdown = Arc::new(OnceLock::new());
     let worker = Worker {
         spec,
@@ -274,6 +276,9 @@ impl Worker {
     }
 
     fn call_tick(&mut self) {
+        if self.spec.budget.cpu_exhausted() {
+            return;
+        }
         let deadline = self.deadline();
         let Some(instance) = self.live_instance() else { return };
         let started = Instant::now();

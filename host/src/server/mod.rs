@@ -3,9 +3,10 @@
 //! (JSON, every probe and plugin).
 //!
 //! Bounded: at most `MAX_CONNECTIONS` connections (more wait in the listen backlog),
-//! each must send its request head within `HEADER_TIMEOUT`, and at most `MAX_SCRAPES`
-//! scrapes render at once, so concurrent scrapes cannot multiply the exposition's size
-//! in memory (which the plugins' metric budgets bound).
+//! each must send its request head within `HEADER_TIMEOUT`, and one scrape renders at a
+//! time (off the async workers, so `/healthz` answers meanwhile): concurrent scrapes
+//! cannot multiply the exposition's size in memory (which the plugins' metric budgets
+//! bound).
 
 pub mod status;
 
@@ -32,19 +33,19 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 
 const MAX_CONNECTIONS: usize = 64;
-const MAX_SCRAPES: usize = 2;
+const MAX_SCRAPES: usize = 1;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the endpoints read.
 pub struct AppState {
     pub registry: Registry,
     pub report: RwLock<status::Report>,
-    scrapes: Semaphore,
+    scrapes: Arc<Semaphore>,
 }
 
 impl AppState {
     pub fn new(registry: Registry) -> Self {
-        Self { registry, report: RwLock::default(), scrapes: Semaphore::new(MAX_SCRAPES) }
+        Self { registry, report: RwLock::default(), scrapes: Arc::new(Semaphore::new(MAX_SCRAPES)) }
     }
 }
 
@@ -73,7 +74,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&req, &state).await) }
+                async move { Ok::<_, Infallible>(handle(&req, state).await) }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -95,7 +96,7 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
         .expect("static response parts are valid")
 }
 
-async fn handle(req: &Request<Incoming>, state: &AppState) -> Response<Full<Bytes>> {
+async fn handle(req: &Request<Incoming>, state: Arc<AppState>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => {
             let wants_openmetrics = req
@@ -103,18 +104,24 @@ async fn handle(req: &Request<Incoming>, state: &AppState) -> Response<Full<Byte
                 .get(header::ACCEPT)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.contains("application/openmetrics-text"));
-            let Ok(_permit) = state.scrapes.acquire().await else {
+            let Ok(permit) = state.scrapes.clone().acquire_owned().await else {
                 return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n");
             };
-            let mut body = String::new();
-            let (encoded, content_type) = if wants_openmetrics {
-                (text::encode(&mut body, &state.registry), OPENMETRICS)
-            } else {
-                (prometheus_text::encode(&mut body, &state.registry), PROMETHEUS_TEXT)
-            };
+            let encoded = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let mut body = String::new();
+                let encoded = if wants_openmetrics {
+                    text::encode(&mut body, &state.registry)
+                } else {
+                    prometheus_text::encode(&mut body, &state.registry)
+                };
+                encoded.map(|()| body)
+            })
+            .await;
+            let content_type = if wants_openmetrics { OPENMETRICS } else { PROMETHEUS_TEXT };
             match encoded {
-                Ok(()) => reply(StatusCode::OK, content_type, body),
-                Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "encoding metrics failed\n"),
+                Ok(Ok(body)) => reply(StatusCode::OK, content_type, body),
+                _ => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "encoding metrics failed\n"),
             }
         }
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),

@@ -77,6 +77,10 @@ impl LogSink {
         Self { budget, last_problem: Arc::default() }
     }
 
+    pub fn clear_last_problem(&self) {
+        *self.last_problem.lock().expect("last problem") = None;
+    }
+
     /// The last warning or error the plugin wrote, if any.
     pub fn last_problem(&self) -> Option<String> {
         self.last_problem.lock().expect("last problem").clone()
@@ -87,6 +91,16 @@ impl LogSink {
     pub fn log(&self, level: Level, message: &str, fields: &[(String, String)]) -> bool {
         if level >= Level::Warn {
             *self.last_problem.lock().expect("last problem") = Some(sanitize(message, MAX_PROBLEM_BYTES));
+        }
+        let shown = match level {
+            Level::Trace => tracing::enabled!(tracing::Level::TRACE),
+            Level::Debug => tracing::enabled!(tracing::Level::DEBUG),
+            Level::Info => tracing::enabled!(tracing::Level::INFO),
+            Level::Warn => tracing::enabled!(tracing::Level::WARN),
+            Level::Error => tracing::enabled!(tracing::Level::ERROR),
+        };
+        if !shown {
+            return false; // filtered out: costs no budget
         }
         let max = MAX_MESSAGE_BYTES.min(self.budget.log_burst());
         let message = sanitize(message, max);
@@ -135,12 +149,17 @@ mod tests {
 
     #[test]
     fn byte_budget_limits_bursts_and_is_not_refilled_by_a_new_sink() {
-        let budget = Arc::new(Budget::unmetered("p", PluginLimits { log_bytes_per_second: 1000, ..Default::default() }));
-        let sink = LogSink::new(budget.clone());
-        let written = (0..100).filter(|_| sink.log(Level::Info, &"m".repeat(100), &[])).count();
-        assert!((39..=41).contains(&written), "burst of 4 s at 1000 B/s: {written}");
-        // A restarted instance gets a new sink over the same budget.
-        assert!(!LogSink::new(budget).log(Level::Info, &"m".repeat(100), &[]));
+        let subscriber = tracing_subscriber::fmt().with_test_writer().finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let budget = Arc::new(Budget::unmetered("p", PluginLimits { log_bytes_per_second: 1000, ..Default::default() }));
+            let sink = LogSink::new(budget.clone());
+            // Below the level shown: costs nothing.
+            assert!(!sink.log(Level::Trace, &"m".repeat(4000), &[]));
+            let written = (0..100).filter(|_| sink.log(Level::Info, &"m".repeat(100), &[])).count();
+            assert!((39..=41).contains(&written), "burst of 4 s at 1000 B/s: {written}");
+            // A restarted instance gets a new sink over the same budget.
+            assert!(!LogSink::new(budget).log(Level::Info, &"m".repeat(100), &[]));
+        });
     }
 
     #[test]

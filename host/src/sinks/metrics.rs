@@ -174,11 +174,11 @@ pub enum SeriesError {
 
 impl MetricSink {
     /// Gives `namespace` to `owner`, unless another owner's namespace clashes with it.
-    /// `parent` is the owner's tenant namespace, the one claim it may nest in.
+    /// `parent` is the owner of the one claim it may nest in (its tenant's).
     pub fn claim(&self, namespace: &str, owner: &str, parent: Option<&str>) -> Result<(), String> {
         check_namespace(namespace)?;
         let mut claims = self.claims.lock().expect("claims");
-        if let Some(other) = claims.iter().find(|c| c.owner != owner && Some(c.namespace.as_str()) != parent && clashes(&c.namespace, namespace)) {
+        if let Some(other) = claims.iter().find(|c| c.owner != owner && Some(c.owner.as_str()) != parent && clashes(&c.namespace, namespace)) {
             return Err(format!(
                 "namespace {namespace:?} clashes with {:?}, owned by {}: metric names of one could be those of the other",
                 other.namespace, other.owner
@@ -340,7 +340,10 @@ impl Series {
             return Err(SeriesError::Refused(Reason::NonFinite));
         }
         add_f64(sum, v).map_err(SeriesError::Refused)?;
-        add_u64(count, 1).map_err(SeriesError::Refused)?;
+        if let Err(reason) = add_u64(count, 1) {
+            add_f64(sum, -v).ok();
+            return Err(SeriesError::Refused(reason));
+        }
         buckets[bounds.partition_point(|&b| b < v)].fetch_add(1, Relaxed);
         Ok(())
     }
@@ -553,7 +556,9 @@ mod tests {
         assert!(sink.claim("wasmtap", "w", None).unwrap_err().contains("reserved"));
         assert!(sink.claim("wasmtap_x", "w", None).unwrap_err().contains("reserved"));
         sink.claim("team_a", "tenant team-a", None).unwrap();
-        sink.claim("team_a_calls", "calls", Some("team_a")).unwrap();
+        sink.claim("team_a_calls", "calls", Some("tenant team-a")).unwrap();
         assert!(sink.claim("team_a_other", "other", None).unwrap_err().contains("clashes"));
+        // Nesting is allowed by owner, not by a namespace that happens to be equal.
+        assert!(sink.claim("team_a_x", "x", Some("tenant team_a")).unwrap_err().contains("clashes"));
     }
 }

@@ -132,6 +132,8 @@ impl Plugin for Hostile {
                     std::hint::spin_loop();
                 }
             }
+            // Blocking in the host would escape the call deadline: the clock returns at once.
+            "sleep" => std::thread::sleep(std::time::Duration::from_secs(3600)),
             "memory-bomb" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
