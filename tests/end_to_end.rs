@@ -175,14 +175,7 @@ fn real_prometheus_scrapes_exact_counts() {
     let prometheus = wasmtap_tests::Prometheus::start(daemon.addr);
     let comm = unique_comm("q");
     run_workload(&comm, GETPPID_CALLS, OPENAT_CALLS);
-    let count = format!("syscall_latency_seconds_count{{comm=\"{comm}\",syscall=\"getppid\"}}");
-    let got = wait_for(Duration::from_secs(60), "Prometheus to scrape the workload", || {
-        prometheus.query(&count).filter(|v| *v >= GETPPID_CALLS as f64)
-    });
-    assert_eq!(got, GETPPID_CALLS as f64);
-    let errors = format!("syscall_latency_errors_total{{comm=\"{comm}\",syscall=\"openat\",errno=\"ENOENT\"}}");
-    assert_eq!(prometheus.query(&errors), Some(OPENAT_CALLS as f64));
-    assert_eq!(prometheus.query("up{job=\"wasmtap\"}"), Some(1.0));
+    prometheus.assert_exact_workload(&comm, GETPPID_CALLS, OPENAT_CALLS);
 }
 
 #[test]

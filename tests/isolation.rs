@@ -76,14 +76,7 @@ fn hostile_plugins_hurt_neither_the_healthy_one_nor_the_scrape() {
     run_workload(&comm, GETPPID_CALLS, OPENAT_CALLS);
 
     // The healthy plugin: exact, through a real Prometheus, with the target up.
-    let count = format!("syscall_latency_seconds_count{{comm=\"{comm}\",syscall=\"getppid\"}}");
-    let got = wait_for(Duration::from_secs(60), "Prometheus to scrape the healthy plugin", || {
-        prometheus.query(&count).filter(|v| *v >= GETPPID_CALLS as f64)
-    });
-    assert_eq!(got, GETPPID_CALLS as f64);
-    let errors = format!("syscall_latency_errors_total{{comm=\"{comm}\",syscall=\"openat\",errno=\"ENOENT\"}}");
-    assert_eq!(prometheus.query(&errors), Some(OPENAT_CALLS as f64));
-    assert_eq!(prometheus.query("up{job=\"wasmtap\"}"), Some(1.0));
+    prometheus.assert_exact_workload(&comm, GETPPID_CALLS, OPENAT_CALLS);
     assert_eq!(prometheus.query("sum(wasmtap_probe_records_total)").map(|v| v > 0.0), Some(true), "self-metrics ingested");
 
     // Let the storm, the panics and the ticks run under load for a while.
@@ -192,6 +185,7 @@ fn a_pid_union_too_big_for_the_kernel_map_widens_it_and_routes_in_the_host() {
     let mut config = format!("[[plugin]]\nname = \"one-pid\"\nbundled = \"syscall-latency\"\nconfig = {{ pids = [{}] }}\n\n", target.id());
     config += &hostile("h-pids", "pids", "filter_entries = 8192");
     let daemon = Daemon::start(Some(&config));
+    let prometheus = Prometheus::start(daemon.addr);
     assert_eq!(daemon.status()["probes"][0]["widened"], serde_json::json!(["pids"]));
     let noise = unique_comm("n");
     run_workload(&noise, 5_000, 0);
@@ -203,6 +197,9 @@ fn a_pid_union_too_big_for_the_kernel_map_widens_it_and_routes_in_the_host() {
     let m = daemon.metrics();
     assert_eq!(latency_count(&m, "one_pid", &comm), Some(1_000.0));
     assert_eq!(latency_count(&m, "one_pid", &noise), None, "the host routed only the target's records");
+    let count = format!("one_pid_seconds_count{{comm=\"{comm}\",syscall=\"getppid\"}}");
+    wait_for(Duration::from_secs(60), "Prometheus to scrape the target's count", || (prometheus.query(&count) == Some(1_000.0)).then_some(()));
+    assert_eq!(prometheus.query("up{job=\"wasmtap\"}"), Some(1.0));
 }
 
 #[test]
@@ -210,9 +207,13 @@ fn a_slow_plugin_gets_a_bounded_shutdown_and_its_leftovers_are_counted() {
     if !privileged_or_skip("a_slow_plugin_gets_a_bounded_shutdown_and_its_leftovers_are_counted") {
         return;
     }
-    let config = hostile("h-slow", "slow", "shutdown_ms = 1000");
+    let config = hostile("h-slow", "slow", "shutdown_ms = 1000") + "[[plugin]]\nname = \"syscall-latency\"\nbundled = \"syscall-latency\"\n";
     let mut daemon = Daemon::start(Some(&config));
-    run_workload(&unique_comm("s"), 200_000, 0);
+    let prometheus = Prometheus::start(daemon.addr);
+    let comm = unique_comm("s");
+    run_workload(&comm, 200_000, OPENAT_CALLS);
+    // The slow plugin holds up nobody else.
+    prometheus.assert_exact_workload(&comm, 200_000, OPENAT_CALLS);
     // Batches queue up behind 400 ms calls.
     wait_for(Duration::from_secs(20), "a backlog", || {
         (sample(&daemon.metrics(), "wasmtap_plugin_batches_total", &[("plugin", "h-slow")]).unwrap_or(0.0) >= 2.0).then_some(())
@@ -222,6 +223,24 @@ fn a_slow_plugin_gets_a_bounded_shutdown_and_its_leftovers_are_counted() {
     let took = asked.elapsed();
     assert!(took < Duration::from_secs(4), "SIGTERM took {took:?}");
     assert!(daemon.log().contains("ran out of shutdown time"), "{}", daemon.log());
+}
+
+#[test]
+fn json_logs_keep_plugin_fields_structured_and_escaped() {
+    if !privileged_or_skip("json_logs_keep_plugin_fields_structured_and_escaped") {
+        return;
+    }
+    let config = hostile("h-log-injection", "log-injection", "");
+    let daemon = Daemon::spawn_with_args(Some(&config), 200, None, &["--json-logs"]);
+    run_workload(&unique_comm("j"), 100, 0);
+    let record = wait_for(Duration::from_secs(20), "the plugin's log record", || {
+        daemon.log().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|r| r["fields"]["plugin"] == "h-log-injection" && r["level"] == "WARN")
+    });
+    assert_eq!(record["fields"]["message"], "hello\\nFORGED-LINE wasmtap: all good", "{record}");
+    assert_eq!(record["fields"]["attrs"]["x\\ny"], "a\\nFORGED-FIELD", "{record}");
+    for line in daemon.log().lines() {
+        assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "every line is one JSON record: {line}");
+    }
 }
 
 #[test]

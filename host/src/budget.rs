@@ -86,37 +86,37 @@ impl Refusal {
 
 /// A limit on an amount held (bytes, series), charged and released atomically.
 #[derive(Debug)]
-pub struct Quota {
+struct Quota {
     limit: u64,
     used: AtomicU64,
 }
 
 impl Quota {
-    pub fn new(limit: u64) -> Self {
+    fn new(limit: u64) -> Self {
         Self { limit, used: AtomicU64::new(0) }
     }
 
     /// Takes `n` if it fits.
-    pub fn try_charge(&self, n: u64) -> bool {
+    fn try_charge(&self, n: u64) -> bool {
         self.used.fetch_update(Relaxed, Relaxed, |used| used.checked_add(n).filter(|&v| v <= self.limit)).is_ok()
     }
 
-    pub fn release(&self, n: u64) {
+    fn release(&self, n: u64) {
         let _ = self.used.fetch_update(Relaxed, Relaxed, |used| Some(used.saturating_sub(n)));
     }
 
-    pub fn used(&self) -> u64 {
+    fn used(&self) -> u64 {
         self.used.load(Relaxed)
     }
 
-    pub fn limit(&self) -> u64 {
+    fn limit(&self) -> u64 {
         self.limit
     }
 }
 
 /// Bytes per second with a burst of four seconds' worth.
 #[derive(Debug)]
-pub struct TokenBucket {
+struct TokenBucket {
     tokens: f64,
     burst: f64,
     per_second: f64,
@@ -124,16 +124,16 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    pub fn new(per_second: u64) -> Self {
+    fn new(per_second: u64) -> Self {
         let burst = per_second as f64 * 4.0;
         Self { tokens: burst, burst, per_second: per_second as f64, last: Instant::now() }
     }
 
-    pub fn give_back(&mut self, n: usize) {
+    fn give_back(&mut self, n: usize) {
         self.tokens = (self.tokens + n as f64).min(self.burst);
     }
 
-    pub fn try_take(&mut self, n: usize) -> bool {
+    fn try_take(&mut self, n: usize) -> bool {
         let now = Instant::now();
         self.tokens = (self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * self.per_second).min(self.burst);
         self.last = now;
@@ -145,7 +145,7 @@ impl TokenBucket {
     }
 
     /// The largest single record that can ever pass.
-    pub fn burst(&self) -> usize {
+    fn burst(&self) -> usize {
         self.burst as usize
     }
 }

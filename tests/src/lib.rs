@@ -71,6 +71,11 @@ impl Daemon {
 
     /// Starts the daemon, optionally as user `uid` (to test it without privileges).
     pub fn spawn(config: Option<&str>, ready: u16, uid: Option<u32>) -> Self {
+        Self::spawn_with_args(config, ready, uid, &[])
+    }
+
+    /// Starts the daemon with extra `wasmtap run` arguments.
+    pub fn spawn_with_args(config: Option<&str>, ready: u16, uid: Option<u32>, args: &[&str]) -> Self {
         let dir = TempDir::new();
         let addr = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
         let mut binary = built("wasmtap");
@@ -86,7 +91,7 @@ impl Daemon {
             binary = copy;
         }
         let mut cmd = Command::new(binary);
-        cmd.args(["run", "--listen", &addr.to_string()]);
+        cmd.args(["run", "--listen", &addr.to_string()]).args(args);
         if let Some(uid) = uid {
             std::os::unix::process::CommandExt::uid(&mut cmd, uid);
         }
@@ -269,6 +274,20 @@ impl Prometheus {
             http_get(prometheus.addr, "/-/ready", None).filter(|(code, _)| *code == 200)
         });
         prometheus
+    }
+
+    /// Waits until Prometheus has scraped the workload `comm` (`getppid` calls, failing
+    /// `openat` calls) from syscall-latency, and asserts the counts are exact and the
+    /// target is up.
+    pub fn assert_exact_workload(&self, comm: &str, getppid: u64, openat: u64) {
+        let count = format!("syscall_latency_seconds_count{{comm=\"{comm}\",syscall=\"getppid\"}}");
+        let got = wait_for(Duration::from_secs(60), "Prometheus to scrape the workload", || {
+            self.query(&count).filter(|v| *v >= getppid as f64)
+        });
+        assert_eq!(got, getppid as f64);
+        let errors = format!("syscall_latency_errors_total{{comm=\"{comm}\",syscall=\"openat\",errno=\"ENOENT\"}}");
+        assert_eq!(self.query(&errors), Some(openat as f64));
+        assert_eq!(self.query("up{job=\"wasmtap\"}"), Some(1.0));
     }
 
     /// The value of an instant query with exactly one result, if it has one.
