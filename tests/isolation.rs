@@ -173,6 +173,16 @@ fn hostile_plugins_hurt_neither_the_healthy_one_nor_the_scrape() {
     assert!(rss < 768 << 20, "daemon RSS {rss} bytes");
     assert_eq!(prometheus.query("up{job=\"wasmtap\"}"), Some(1.0));
     eprintln!("hostile suite: daemon RSS {} MiB, {} ticks, log flood {flood} bytes", rss >> 20, ticks);
+    for plugin in daemon.status()["plugins"].as_array().unwrap() {
+        let name = plugin["name"].as_str().unwrap();
+        let reasons: Vec<String> = m
+            .lines()
+            .filter(|l| l.starts_with("wasmtap_plugin_refusals_total{") && l.contains(&format!("plugin=\"{name}\"")))
+            .map(|l| l.split("reason=\"").nth(1).unwrap_or("").replace("\"}", ""))
+            .collect();
+        let error = plugin["last_error"].as_str().unwrap_or("");
+        eprintln!("  {name:<20} {:<12} refusals [{}] {}", plugin["state"].as_str().unwrap(), reasons.join(", "), &error[..error.len().min(150)]);
+    }
 }
 
 #[test]

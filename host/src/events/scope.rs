@@ -2,15 +2,20 @@
 //!
 //! Records carry the task's cgroup v2 id, which is the inode number of the cgroup's
 //! directory on the cgroup2 filesystem; the scope knows the ids of its subtree by walking
-//! it, and walks again (at most every `RESCAN`) when it meets an id it has not seen, so
-//! cgroups created later are found. Ids are never reused and cgroups never change parent,
-//! so an id found outside the scope stays outside.
+//! it, and walks again when it meets an id it has not seen, so cgroups created later are
+//! found. The walk runs at most every `RESCAN`: an unknown id waits for the next one
+//! rather than being judged on an older walk, so a new cgroup's first events are not
+//! lost. Ids are never reused and cgroups never change parent, so an id found outside
+//! the scope stays outside (remembered, up to `MAX_OUTSIDE`).
 
 use std::{
     collections::HashSet,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::{Mutex, RwLock},
+    sync::{
+        Mutex, RwLock,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
@@ -18,6 +23,8 @@ use anyhow::{Context as _, bail};
 use wasmtap_events::MAX_CGROUP_DEPTH;
 
 const RESCAN: Duration = Duration::from_millis(50);
+/// Cgroups one walk visits at most.
+const MAX_SCOPE_CGROUPS: usize = 65_536;
 /// Bound on remembered outside ids; the set is cleared when it fills.
 const MAX_OUTSIDE: usize = 65_536;
 
@@ -27,6 +34,8 @@ pub struct CgroupScope {
     root_id: u64,
     inside: RwLock<HashSet<u64>>,
     outside: Mutex<(HashSet<u64>, Instant)>,
+    /// Said once in the log: the subtree is past `MAX_SCOPE_CGROUPS`.
+    too_big: AtomicBool,
 }
 
 /// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on unified systems,
@@ -58,14 +67,20 @@ impl CgroupScope {
             );
         }
         let root_id = std::fs::metadata(&dir).with_context(|| format!("cannot stat {}", dir.display()))?.ino();
-        let scope = Self { dir, root_id, inside: RwLock::default(), outside: Mutex::new((HashSet::new(), Instant::now())) };
+        let scope = Self { dir, root_id, inside: RwLock::default(), outside: Mutex::new((HashSet::new(), Instant::now())), too_big: AtomicBool::new(false) };
         scope.rescan();
         Ok(scope)
     }
 
     #[cfg(test)]
     pub fn root_for_tests() -> Self {
-        Self { dir: PathBuf::from("/nonexistent"), root_id: 1, inside: RwLock::new([1].into()), outside: Mutex::new((HashSet::new(), Instant::now())) }
+        Self {
+            dir: PathBuf::from("/nonexistent"),
+            root_id: 1,
+            inside: RwLock::new([1].into()),
+            outside: Mutex::new((HashSet::new(), Instant::now())),
+            too_big: AtomicBool::new(false),
+        }
     }
 
     /// The id of the scope's own cgroup.
@@ -86,26 +101,32 @@ impl CgroupScope {
         if outside.0.contains(&id) {
             return false;
         }
-        if outside.1.elapsed() >= RESCAN {
-            outside.1 = Instant::now();
-            self.rescan();
-            if self.inside.read().expect("scope").contains(&id) {
-                return true;
-            }
-            if outside.0.len() >= MAX_OUTSIDE {
-                outside.0.clear();
-            }
-            outside.0.insert(id);
+        // Decide on a walk made after this record was: wait for the next allowed one.
+        std::thread::sleep(RESCAN.saturating_sub(outside.1.elapsed()));
+        outside.1 = Instant::now();
+        self.rescan();
+        if self.inside.read().expect("scope").contains(&id) {
+            return true;
         }
+        if outside.0.len() >= MAX_OUTSIDE {
+            outside.0.clear();
+        }
+        outside.0.insert(id);
         false
     }
 
     fn rescan(&self) {
         let mut ids = HashSet::from([self.root_id]);
         let mut dirs = vec![self.dir.clone()];
-        while let Some(dir) = dirs.pop() {
+        'walk: while let Some(dir) = dirs.pop() {
             let Ok(entries) = std::fs::read_dir(&dir) else { continue };
             for entry in entries.filter_map(Result::ok) {
+                if ids.len() >= MAX_SCOPE_CGROUPS {
+                    if !self.too_big.swap(true, Relaxed) {
+                        tracing::warn!("cgroup scope {} has more than {MAX_SCOPE_CGROUPS} cgroups; the rest are out of scope", self.dir.display());
+                    }
+                    break 'walk;
+                }
                 if let Ok(meta) = entry.metadata()
                     && meta.is_dir()
                 {
