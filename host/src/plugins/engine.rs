@@ -129,11 +129,10 @@ impl PluginEngine {
         };
         // The cache dir is the daemon's own; without one, a fresh directory only this
         // user can enter, so nobody can swap the artifact before it is loaded.
-        let private = match &self.cache_dir {
-            Some(_) => None,
-            None => Some(private_dir().map_err(|e| CompileError::Invalid(anyhow::anyhow!("making a private compile directory: {e}")))?),
+        let (dir, private) = match &self.cache_dir {
+            Some(dir) => (dir.clone(), false),
+            None => (private_dir().map_err(|e| CompileError::Invalid(anyhow::anyhow!("making a private compile directory: {e}")))?, true),
         };
-        let dir = self.cache_dir.clone().or_else(|| private.clone()).expect("one of them");
         let tmp = |ext: &str| dir.join(format!("{key}.{}.{ext}", std::process::id()));
         let (input, output) = (tmp("wasm"), tmp("cwasm.tmp"));
         let result = self.compile_in_child(exe, bytes, &input, &output, limits);
@@ -151,8 +150,8 @@ impl PluginEngine {
             }
             _ => drop(std::fs::remove_file(&output)),
         }
-        if let Some(private) = private {
-            let _ = std::fs::remove_dir_all(private);
+        if private {
+            let _ = std::fs::remove_dir_all(&dir);
         }
         loaded
     }
