@@ -84,9 +84,8 @@ fn pid_filter_keeps_other_processes_out_of_the_ring_buffer() {
         target.id()
     );
     let daemon = Daemon::start(Some(&config));
-    let records = |d: &Daemon| sample(&d.metrics(), "wasmtap_probe_records_total", &[("probe", "syscalls")]).unwrap_or(0.0);
 
-    let before = records(&daemon);
+    let before = daemon.probe_records();
     let noise = unique_comm("n");
     run_workload(&noise, NOISE_CALLS, 100);
 
@@ -99,7 +98,7 @@ fn pid_filter_keeps_other_processes_out_of_the_ring_buffer() {
     assert_eq!(got, 1_000.0);
     // The target made 1 000 getppid calls plus a few dozen around them (its read,
     // exit-time unmaps); the noise process made more than 50 000.
-    let added = records(&daemon) - before;
+    let added = daemon.probe_records() - before;
     assert!((1_000.0..1_200.0).contains(&added), "probe recorded {added} records; the pid filter let others through");
     assert_eq!(sample(&daemon.metrics(), "one_pid_seconds_count", &[("comm", &noise), ("syscall", "getppid")]), None);
 }

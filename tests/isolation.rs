@@ -338,8 +338,7 @@ fn tenants_see_only_their_cgroups_and_one_at_quota_does_not_touch_the_other() {
     // kernel (ancestor match) and in the host.
     let inner = a.child("inner");
     let (comm_a, comm_b, outside) = (unique_comm("ta"), unique_comm("tb"), unique_comm("to"));
-    let records = |d: &Daemon| sample(&d.metrics(), "wasmtap_probe_records_total", &[("probe", "syscalls")]).unwrap_or(0.0);
-    let before = records(&daemon);
+    let before = daemon.probe_records();
     inner.run(&comm_a, 3_000);
     b.run(&comm_b, 2_000);
     run_workload(&outside, 1_000, 0);
@@ -357,7 +356,7 @@ fn tenants_see_only_their_cgroups_and_one_at_quota_does_not_touch_the_other() {
     assert_eq!(latency_count(&m, "alpha_calls", &outside), None, "tenant alpha sees nothing outside its cgroup");
     // Only the tenants' cgroups reach the ring buffer: the outside workload's 1 000
     // calls were filtered in the kernel.
-    let added = records(&daemon) - before;
+    let added = daemon.probe_records() - before;
     assert!((5_000.0..5_500.0).contains(&added), "probe recorded {added} records");
     // Tenant beta is at its series quota: refusals counted, its plugins' series bounded,
     // and alpha's counts untouched (above).

@@ -36,11 +36,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     // Plugins first: their manifests decide what the probes record. Compiling and
     // calling into plugins blocks, so it runs off the async workers.
-    let started = {
+    let handles = {
         let (config, sink, metrics, state) = (config.clone(), sink.clone(), self_metrics.clone(), state.clone());
         tokio::task::spawn_blocking(move || start_plugins(&config, &sink, &metrics, &state)).await??
     };
-    let handles = started;
     let router = Arc::new(Router::new(handles.iter().map(|h| h.subscriber.clone()).collect()));
     let stop_reader = CancellationToken::new();
     let probe = start_syscall_probe(&config, &router, &self_metrics, &stop_reader, &state)?;
@@ -69,19 +68,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens each tenant's scope; a tenant whose cgroup is unusable is reported, and its
+/// Opens each tenant's scope and claims its namespace (its own: no plugin outside it may
+/// nest there). A tenant whose scope or namespace is unusable is reported, and its
 /// plugins are not started.
-fn tenant_budgets(tenants: &[TenantConfig]) -> Vec<(String, anyhow::Result<Arc<TenantBudget>>)> {
+fn open_tenants(tenants: &[TenantConfig], sink: &MetricSink) -> Vec<(String, anyhow::Result<Arc<TenantBudget>>)> {
     tenants
         .iter()
         .map(|t| {
-            let budget = CgroupScope::open(&t.cgroup)
+            let tenant = CgroupScope::open(&t.cgroup)
                 .with_context(|| format!("tenant {}: cgroup {}", t.name, t.cgroup.display()))
-                .map(|scope| {
+                .and_then(|scope| {
                     let namespace = t.namespace.clone().unwrap_or_else(|| namespace_for(&t.name));
-                    Arc::new(TenantBudget::new(&t.name, namespace, Arc::new(scope), &t.quota))
+                    let tenant = Arc::new(TenantBudget::new(&t.name, namespace, Arc::new(scope), &t.quota));
+                    sink.claim(&tenant.namespace, &tenant.owner(), None).map_err(|e| anyhow::anyhow!("tenant {}: {e}", t.name))?;
+                    tracing::info!(tenant = %t.name, scope = %tenant.scope.dir().display(), "tenant scope");
+                    Ok(tenant)
                 });
-            (t.name.clone(), budget)
+            if let Err(e) = &tenant {
+                tracing::error!("{e:#}");
+            }
+            (t.name.clone(), tenant)
         })
         .collect()
 }
@@ -91,22 +97,7 @@ fn start_plugins(config: &Config, sink: &Arc<MetricSink>, metrics: &SelfMetrics,
     let cache_dir = config.cache_dir.clone().or_else(plugins::engine::default_cache_dir);
     let exe = std::env::current_exe().context("locating wasmtap's own executable (it compiles plugins in a child process)")?;
     let engine = Arc::new(PluginEngine::new(cache_dir, Compiler::Child(exe))?);
-    // A tenant's namespace is its own: no plugin outside it may nest there. A tenant
-    // whose scope or namespace is unusable does not start its plugins.
-    let tenants: Vec<_> = tenant_budgets(&config.tenants)
-        .into_iter()
-        .map(|(name, tenant)| {
-            let tenant = tenant.and_then(|t| {
-                sink.claim(&t.namespace, &t.owner(), None).map_err(|e| anyhow::anyhow!("tenant {name}: {e}"))?;
-                tracing::info!(tenant = %name, scope = %t.scope.dir().display(), "tenant scope");
-                Ok(t)
-            });
-            if let Err(e) = &tenant {
-                tracing::error!("{e:#}");
-            }
-            (name, tenant)
-        })
-        .collect();
+    let tenants = open_tenants(&config.tenants, sink);
     let mut handles = Vec::new();
     for plugin in &config.plugins {
         let tenant = match &plugin.tenant {
@@ -134,15 +125,12 @@ fn start_plugins(config: &Config, sink: &Arc<MetricSink>, metrics: &SelfMetrics,
 }
 
 /// What the kernel must record for one subscriber's filter: a tenant's plugin records
-/// only cgroups in its scope, and one that names none gets its whole scope (the kernel
-/// matches a cgroup and every cgroup below it).
+/// its tenant's scope (the kernel matches a cgroup and every cgroup below it), whatever
+/// cgroups it names; the host narrows to those. (Checking each named id against the
+/// scope here could wait for a subtree walk per unknown id at start-up.)
 fn kernel_filters(sub: &Subscriber) -> impl Iterator<Item = EventFilter> + '_ {
     sub.filters.iter().map(|f| match &sub.scope {
-        Some(scope) => {
-            let cgroups: std::collections::BTreeSet<u64> = f.cgroups.iter().copied().filter(|&id| scope.contains(id)).collect();
-            let cgroups = if cgroups.is_empty() { [scope.root_id()].into() } else { cgroups };
-            EventFilter { cgroups, ..f.clone() }
-        }
+        Some(scope) => EventFilter { cgroups: [scope.root_id()].into(), ..f.clone() },
         None => f.clone(),
     })
 }

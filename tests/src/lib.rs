@@ -112,6 +112,11 @@ impl Daemon {
         daemon
     }
 
+    /// Records the syscall probe has read so far.
+    pub fn probe_records(&self) -> f64 {
+        sample(&self.metrics(), "wasmtap_probe_records_total", &[("probe", "syscalls")]).unwrap_or(0.0)
+    }
+
     /// Resident memory of the daemon, in bytes.
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("daemon status");

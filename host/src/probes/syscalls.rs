@@ -122,19 +122,21 @@ impl SyscallProbe {
         }
         let mut filter = filter.clone();
         self.widened.clear();
-        for (dimension, len) in [("pids", filter.pids.len()), ("cgroups", filter.cgroups.len())] {
-            if len > MAX_FILTER_ENTRIES as usize {
+        let mut widen = |dimension: &'static str, len: usize| {
+            let too_big = len > MAX_FILTER_ENTRIES as usize;
+            if too_big {
                 tracing::warn!(
                     "the plugins' {dimension} filters hold {len} entries, more than the kernel map's {MAX_FILTER_ENTRIES}: \
                      {dimension} are not filtered in the kernel, only in the host"
                 );
                 self.widened.push(dimension);
             }
-        }
-        if self.widened.contains(&"pids") {
+            too_big
+        };
+        if widen("pids", filter.pids.len()) {
             filter.pids.clear();
         }
-        if self.widened.contains(&"cgroups") {
+        if widen("cgroups", filter.cgroups.len()) {
             filter.cgroups.clear();
         }
         let filter = &filter;
