@@ -11,7 +11,7 @@ use aya::{
 use crate::{
     config::ProbeSettings,
     events::EventFilter,
-    probes::{SyscallProbe, system},
+    probes::{self, Probe, system},
 };
 
 struct Report {
@@ -44,7 +44,7 @@ pub fn run() -> bool {
     if Path::new("/sys/kernel/btf/vmlinux").is_file() {
         r.ok("BTF", "/sys/kernel/btf/vmlinux");
     } else {
-        r.unavailable("BTF", "no /sys/kernel/btf/vmlinux; the syscall probe falls back to classic tracepoints");
+        r.unavailable("BTF", "no /sys/kernel/btf/vmlinux; the syscall probe falls back to classic tracepoints and the process probe cannot load");
     }
 
     let root = nix::unistd::geteuid().is_root();
@@ -95,11 +95,16 @@ pub fn run() -> bool {
         ),
     }
 
-    // The real thing: load and attach the syscall probe, recording nothing.
+    // The real thing: load and attach every kind's probe, recording nothing. (A small
+    // ring buffer: nothing is written to it.)
     let nobody = EventFilter { pids: [u32::MAX].into(), ..Default::default() };
-    match SyscallProbe::start(&ProbeSettings::default(), &nobody) {
-        Ok((probe, _stream)) => r.ok("syscall probe", &format!("loaded and attached via {:?}", probe.attach_kind())),
-        Err(e) => r.fail("syscall probe", &format!("{e:#}"), "see the lines above"),
+    let settings = ProbeSettings { ring_buffer_bytes: 1 << 16, ..Default::default() };
+    for &kind in probes::KINDS {
+        let what = format!("{} probe", kind.name);
+        match Probe::start(kind, &settings, &nobody) {
+            Ok((probe, _stream)) => r.ok(&what, &format!("loaded and attached via {}", probe.attach_kind())),
+            Err(e) => r.fail(&what, &format!("{e:#}"), "see the lines above"),
+        }
     }
 
     if r.failures == 0 {

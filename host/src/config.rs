@@ -147,7 +147,7 @@ pub struct PluginConfig {
     /// The `[[tenant]]` this plugin belongs to.
     #[serde(default)]
     pub tenant: Option<String>,
-    /// Passed to the plugin's `init` as key/value strings (lists are comma-joined).
+    /// Passed to the plugin's `init` as a tree, TOML types kept.
     #[serde(default)]
     pub config: BTreeMap<String, toml::Value>,
     /// Limit overrides (any `PluginLimits` key); resolved by `Config::parse`.
@@ -155,6 +155,18 @@ pub struct PluginConfig {
     overrides: toml::Table,
     #[serde(skip)]
     pub limits: PluginLimits,
+}
+
+/// One node of a plugin's config tree (the WIT `config-value`, without the bindings).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConfigNode {
+    String(String),
+    Integer(i64),
+    Float(f64),
+    Boolean(bool),
+    Datetime(String),
+    Array(Vec<u32>),
+    Table(Vec<(String, u32)>),
 }
 
 /// A tenant: a cgroup v2 subtree whose events its plugins see (and nothing else), a
@@ -221,15 +233,28 @@ impl PluginConfig {
     }
 
     /// The plugin's config as the strings `init` receives.
-    pub fn init_config(&self) -> Vec<(String, String)> {
-        fn text(v: &toml::Value) -> String {
-            match v {
-                toml::Value::String(s) => s.clone(),
-                toml::Value::Array(a) => a.iter().map(text).collect::<Vec<_>>().join(","),
-                other => other.to_string(),
-            }
+    /// The plugin's `config` table as the flat tree `init` takes: element 0 is the
+    /// root table; arrays and tables refer to their children by index.
+    pub fn config_tree(&self) -> Vec<ConfigNode> {
+        fn add(nodes: &mut Vec<ConfigNode>, value: &toml::Value) -> u32 {
+            let at = nodes.len();
+            nodes.push(ConfigNode::Boolean(false)); // placeholder until the children are in
+            let node = match value {
+                toml::Value::String(s) => ConfigNode::String(s.clone()),
+                toml::Value::Integer(i) => ConfigNode::Integer(*i),
+                toml::Value::Float(f) => ConfigNode::Float(*f),
+                toml::Value::Boolean(b) => ConfigNode::Boolean(*b),
+                toml::Value::Datetime(d) => ConfigNode::Datetime(d.to_string()),
+                toml::Value::Array(items) => ConfigNode::Array(items.iter().map(|v| add(nodes, v)).collect()),
+                toml::Value::Table(table) => ConfigNode::Table(table.iter().map(|(k, v)| (k.clone(), add(nodes, v))).collect()),
+            };
+            nodes[at] = node;
+            at as u32
         }
-        self.config.iter().map(|(k, v)| (k.clone(), text(v))).collect()
+        let mut nodes = Vec::new();
+        let root = toml::Value::Table(self.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        add(&mut nodes, &root);
+        nodes
     }
 
     /// The defaults with this section's overrides applied; unknown keys are errors.
@@ -350,12 +375,20 @@ mod tests {
     }
 
     #[test]
-    fn plugin_config_becomes_strings() {
+    fn plugin_config_keeps_its_toml_types() {
         let c = Config::parse("[plugin_defaults]\nseries = 7\n[[plugin]]\nname=\"a\"\nbundled=\"x\"\nhelp_bytes = 9\nconfig = { pids = [1, 2], mode = \"fast\", n = 3 }").unwrap();
         assert_eq!((c.plugins[0].limits.series, c.plugins[0].limits.help_bytes, c.plugins[0].limits.buckets), (7, 9, 64));
+        use ConfigNode::*;
         assert_eq!(
-            c.plugins[0].init_config(),
-            vec![("mode".into(), "fast".into()), ("n".into(), "3".into()), ("pids".into(), "1,2".into())]
+            c.plugins[0].config_tree(),
+            vec![
+                Table(vec![("mode".into(), 1), ("n".into(), 2), ("pids".into(), 3)]),
+                String("fast".into()),
+                Integer(3),
+                Array(vec![4, 5]),
+                Integer(1),
+                Integer(2),
+            ]
         );
     }
 }

@@ -11,9 +11,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     budget::TenantBudget,
     config::{Config, TenantConfig},
-    events::{CgroupScope, EventFilter, Reader, Router, Subscriber},
-    plugins::{self, PluginEngine, PluginHandle, engine::Compiler},
-    probes::{SyscallProbe, syscalls::Attach},
+    enrich::Enricher,
+    events::{CgroupScope, EventFilter, Reader, Router, Subscriber, route::Observer},
+    plugins::{self, HostServices, PluginEngine, PluginHandle, engine::Compiler},
+    probes::{self, Probe, process},
     server::{self, AppState, status::ProbeStatus},
     sinks::{MetricSink, SelfMetrics, metrics::namespace_for},
 };
@@ -36,13 +37,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     // Plugins first: their manifests decide what the probes record. Compiling and
     // calling into plugins blocks, so it runs off the async workers.
-    let handles = {
-        let (config, sink, metrics, state) = (config.clone(), sink.clone(), self_metrics.clone(), state.clone());
-        tokio::task::spawn_blocking(move || start_plugins(&config, &sink, &metrics, &state)).await??
+    let cache_dir = config.cache_dir.clone().or_else(plugins::engine::default_cache_dir);
+    let exe = std::env::current_exe().context("locating wasmtap's own executable (it compiles plugins in a child process)")?;
+    let enricher = Arc::new(Enricher::new());
+    let services = HostServices {
+        engine: Arc::new(PluginEngine::new(cache_dir, Compiler::Child(exe))?),
+        sink: sink.clone(),
+        metrics: self_metrics.clone(),
+        enricher: enricher.clone(),
     };
-    let router = Arc::new(Router::new(handles.iter().map(|h| h.subscriber.clone()).collect()));
-    let stop_reader = CancellationToken::new();
-    let probe = start_syscall_probe(&config, &router, &self_metrics, &stop_reader, &state)?;
+    let (handles, enrichment) = {
+        let (config, services, state) = (config.clone(), services.clone(), state.clone());
+        tokio::task::spawn_blocking(move || start_plugins(&config, &services, &state)).await?
+    };
+    let mut observers: Vec<Observer> = Vec::new();
+    if enrichment {
+        let enricher = enricher.clone();
+        observers.push(Box::new(move |batch| {
+            if batch.kind == &process::KIND {
+                enricher.observe(&batch.records);
+            }
+        }));
+    }
+    let router = Arc::new(Router::new(handles.iter().flat_map(|h| h.subscribers.iter().cloned()).collect(), observers));
+    let stop_readers = CancellationToken::new();
+    let probes = start_probes(&config, &router, enrichment.then_some(&*enricher), &self_metrics, &stop_readers, &state);
     state.report.write().expect("report").starting = false;
     tracing::info!("ready");
 
@@ -53,11 +72,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     // Detach the probes, drain what they wrote, let plugins finish their queues (each
     // within its shutdown time, all at once) and flush, then stop serving.
-    if let Some((probe, reader)) = probe {
-        drop(probe);
-        stop_reader.cancel();
-        let _ = tokio::task::spawn_blocking(move || reader.join()).await;
-    }
+    let readers: Vec<_> = probes.into_iter().map(|(probe, reader)| (drop(probe), reader).1).collect();
+    stop_readers.cancel();
+    let _ = tokio::task::spawn_blocking(move || readers.into_iter().for_each(|r| drop(r.join()))).await;
     handles.iter().for_each(PluginHandle::begin_shutdown);
     router.set(Vec::new());
     drop(router);
@@ -92,13 +109,12 @@ fn open_tenants(tenants: &[TenantConfig], sink: &MetricSink) -> Vec<(String, any
         .collect()
 }
 
-/// Starts every configured plugin; one that fails is reported and skipped.
-fn start_plugins(config: &Config, sink: &Arc<MetricSink>, metrics: &SelfMetrics, state: &AppState) -> anyhow::Result<Vec<PluginHandle>> {
-    let cache_dir = config.cache_dir.clone().or_else(plugins::engine::default_cache_dir);
-    let exe = std::env::current_exe().context("locating wasmtap's own executable (it compiles plugins in a child process)")?;
-    let engine = Arc::new(PluginEngine::new(cache_dir, Compiler::Child(exe))?);
-    let tenants = open_tenants(&config.tenants, sink);
+/// Starts every configured plugin; one that fails is reported and skipped. Also says
+/// whether any started plugin uses enrichment.
+fn start_plugins(config: &Config, services: &HostServices, state: &AppState) -> (Vec<PluginHandle>, bool) {
+    let tenants = open_tenants(&config.tenants, &services.sink);
     let mut handles = Vec::new();
+    let mut enrichment = false;
     for plugin in &config.plugins {
         let tenant = match &plugin.tenant {
             None => Ok(None),
@@ -108,9 +124,11 @@ fn start_plugins(config: &Config, sink: &Arc<MetricSink>, metrics: &SelfMetrics,
                 None => Err(anyhow::anyhow!("no tenant {name:?}")),
             },
         };
-        match tenant.and_then(|tenant| plugins::start(&engine, plugin, tenant, sink, metrics)) {
-            Ok(handle) => {
-                tracing::info!(plugin = %plugin.name, filters = handle.subscriber.filters.len(), "plugin started");
+        match tenant.and_then(|tenant| plugins::start(services, plugin, tenant)) {
+            Ok((handle, uses_enrichment)) => {
+                let kinds: Vec<_> = handle.subscribers.iter().map(|s| s.kind.name).collect();
+                tracing::info!(plugin = %plugin.name, ?kinds, uses_enrichment, "plugin started");
+                enrichment |= uses_enrichment;
                 state.report.write().expect("report").plugins.push(handle.status.clone());
                 handles.push(handle);
             }
@@ -121,7 +139,7 @@ fn start_plugins(config: &Config, sink: &Arc<MetricSink>, metrics: &SelfMetrics,
             }
         }
     }
-    Ok(handles)
+    (handles, enrichment)
 }
 
 /// What the kernel must record for one subscriber's filter: a tenant's plugin records
@@ -135,45 +153,55 @@ fn kernel_filters(sub: &Subscriber) -> impl Iterator<Item = EventFilter> + '_ {
     })
 }
 
-/// Attaches the syscall probe with the union of the plugins' filters and starts its
-/// reader; `None` when nobody subscribed or the probe could not attach (reported).
-fn start_syscall_probe(
+/// Loads and attaches each kind somebody subscribed to (the union of their filters in
+/// the kernel), and starts its reader. A kind that cannot attach is reported and the
+/// others run on. Enrichment, when used, observes every process event.
+fn start_probes(
     config: &Config,
     router: &Arc<Router>,
+    enricher: Option<&Enricher>,
     metrics: &SelfMetrics,
     stop: &CancellationToken,
     state: &AppState,
-) -> anyhow::Result<Option<(SyscallProbe, JoinHandle<()>)>> {
+) -> Vec<(Probe, JoinHandle<()>)> {
     let subscribers = router.subscribers();
-    let filters: Vec<EventFilter> = subscribers.iter().flat_map(|s| kernel_filters(s)).collect();
-    let Some(filter) = EventFilter::union(&filters) else {
-        tracing::warn!("no plugin subscribed to syscall events; the syscall probe stays detached");
-        return Ok(None);
-    };
-    let (probe, stream) = match SyscallProbe::start(&config.probes, &filter) {
-        Ok(started) => started,
-        Err(e) => {
-            tracing::error!("syscall probe not attached: {e:#}");
-            state.report.write().expect("report").probe_errors.push(("syscalls", format!("{e:#}")));
-            return Ok(None);
+    let mut started = Vec::new();
+    for &kind in probes::KINDS {
+        let mut filters: Vec<EventFilter> = subscribers.iter().filter(|s| s.kind == kind).flat_map(|s| kernel_filters(s)).collect();
+        if enricher.is_some() && kind == &process::KIND {
+            filters.push(EventFilter::default());
         }
-    };
-    tracing::info!(attach = ?probe.attach_kind(), widened = ?probe.widened(), "syscall probe attached");
-    state.report.write().expect("report").probes.push(ProbeStatus {
-        name: "syscalls",
-        attach: match probe.attach_kind() {
-            Attach::BtfTracepoint => "tp_btf",
-            Attach::Tracepoint => "tracepoint",
-        },
-        program_ids: probe.program_ids(),
-        widened: probe.widened(),
-    });
-    let reader = Reader {
-        stream,
-        router: router.clone(),
-        counters: metrics.probe("syscalls"),
-        interval: Duration::from_millis(config.probes.drain_interval_ms),
+        let Some(filter) = EventFilter::union(&filters) else {
+            tracing::info!(kind = kind.name, "nobody subscribed: the kind's probe is not loaded");
+            continue;
+        };
+        let (probe, stream) = match Probe::start(kind, &config.probes, &filter) {
+            Ok(started) => started,
+            Err(e) => {
+                tracing::error!(kind = kind.name, "probe not attached: {e:#}");
+                state.report.write().expect("report").probe_errors.push((kind.name, format!("{e:#}")));
+                continue;
+            }
+        };
+        tracing::info!(kind = kind.name, attach = probe.attach_kind(), widened = ?probe.widened(), "probe attached");
+        state.report.write().expect("report").probes.push(ProbeStatus {
+            name: kind.name,
+            attach: probe.attach_kind(),
+            program_ids: probe.program_ids(),
+            widened: probe.widened(),
+        });
+        let reader = Reader { stream, router: router.clone(), counters: metrics.probe(kind.name), interval: Duration::from_millis(config.probes.drain_interval_ms) };
+        match reader.spawn(stop.clone()) {
+            Ok(reader) => {
+                if kind == &process::KIND
+                    && let Some(enricher) = enricher
+                {
+                    enricher.start_tracking();
+                }
+                started.push((probe, reader));
+            }
+            Err(e) => tracing::error!(kind = kind.name, "reader not started: {e:#}"),
+        }
     }
-    .spawn(stop.clone())?;
-    Ok(Some((probe, reader)))
+    started
 }

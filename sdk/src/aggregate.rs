@@ -10,26 +10,27 @@ use rustc_hash::FxHashMap;
 use crate::host::{FamilyDesc, HostApi, MetricKind, Wit};
 
 /// Key → slot table with a one-entry cache for runs of the same key (the common case:
-/// a thread issuing the same syscall in a loop).
-struct Slots<K, V, H> {
+/// a thread issuing the same syscall in a loop). Removed slots are reused.
+struct Slots<K, V, H: HostApi> {
     host: H,
-    family: u32,
+    family: H::Family,
     index: FxHashMap<K, usize>,
-    slots: Vec<Slot<V>>,
+    slots: Vec<Slot<V, H::Series>>,
+    free: Vec<usize>,
     dirty: Vec<usize>,
     last: Option<(K, usize)>,
 }
 
-struct Slot<V> {
+struct Slot<V, S> {
     /// `None` when the host refused the series (e.g. the family's series limit).
-    series: Option<u32>,
+    series: Option<S>,
     value: V,
     dirty: bool,
 }
 
 impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
-    fn new(host: H, family: u32) -> Self {
-        Self { host, family, index: FxHashMap::default(), slots: Vec::new(), dirty: Vec::new(), last: None }
+    fn new(host: H, family: H::Family) -> Self {
+        Self { host, family, index: FxHashMap::default(), slots: Vec::new(), free: Vec::new(), dirty: Vec::new(), last: None }
     }
 
     #[inline]
@@ -40,10 +41,19 @@ impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
                 let i = match self.index.get(&key) {
                     Some(&i) => i,
                     None => {
-                        let series = self.host.intern_series(self.family, &labels(&key)).ok();
-                        self.slots.push(Slot { series, value: init(), dirty: false });
-                        self.index.insert(key.clone(), self.slots.len() - 1);
-                        self.slots.len() - 1
+                        let slot = Slot { series: self.host.series(&self.family, &labels(&key)).ok(), value: init(), dirty: false };
+                        let i = match self.free.pop() {
+                            Some(i) => {
+                                self.slots[i] = slot;
+                                i
+                            }
+                            None => {
+                                self.slots.push(slot);
+                                self.slots.len() - 1
+                            }
+                        };
+                        self.index.insert(key.clone(), i);
+                        i
                     }
                 };
                 self.last = Some((key, i));
@@ -59,16 +69,32 @@ impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
     }
 
     /// Hands each dirty slot's value to `send` and clears the dirty list.
-    fn drain(&mut self, mut send: impl FnMut(&H, Option<u32>, &mut V)) {
+    fn drain(&mut self, mut send: impl FnMut(&H, Option<&H::Series>, &mut V)) {
         for i in self.dirty.drain(..) {
             let slot = &mut self.slots[i];
-            slot.dirty = false;
-            send(&self.host, slot.series, &mut slot.value);
+            if slot.dirty {
+                slot.dirty = false;
+                send(&self.host, slot.series.as_ref(), &mut slot.value);
+            }
         }
+    }
+
+    /// Forgets `key` and deletes its series in the host (unsent changes are dropped).
+    fn remove(&mut self, key: &K) {
+        let Some(i) = self.index.remove(key) else { return };
+        if self.last.as_ref().is_some_and(|(_, l)| *l == i) {
+            self.last = None;
+        }
+        let slot = &mut self.slots[i];
+        slot.dirty = false;
+        if let Some(series) = slot.series.take() {
+            self.host.remove_series(series);
+        }
+        self.free.push(i);
     }
 }
 
-fn declare(host: &impl HostApi, name: &str, help: &str, kind: MetricKind, labels: &[&str], buckets: Vec<f64>) -> Result<u32, String> {
+fn declare<H: HostApi>(host: &H, name: &str, help: &str, kind: MetricKind, labels: &[&str], buckets: Vec<f64>) -> Result<H::Family, String> {
     host.declare_family(&FamilyDesc {
         name: name.into(),
         help: help.into(),
@@ -81,7 +107,7 @@ fn declare(host: &impl HostApi, name: &str, help: &str, kind: MetricKind, labels
 /// A histogram family whose observations are integers in some unit (e.g. nanoseconds)
 /// and are reported scaled (e.g. to seconds). Counts are exact: each observation adds
 /// one to exactly one bucket.
-pub struct HistogramVec<K, H = Wit> {
+pub struct HistogramVec<K, H: HostApi = Wit> {
     bounds: Bounds,
     scale: f64,
     slots: Slots<K, HistogramDelta, H>,
@@ -128,6 +154,11 @@ impl<K: Hash + Eq + Clone, H: HostApi> HistogramVec<K, H> {
             delta.sum = 0;
         });
     }
+
+    /// Deletes `key`'s series.
+    pub fn remove(&mut self, key: &K) {
+        self.slots.remove(key);
+    }
 }
 
 /// Histogram upper bounds, with an O(1) lookup when they are consecutive powers of two
@@ -159,7 +190,7 @@ impl Bounds {
 }
 
 /// A counter family aggregated in the guest.
-pub struct CounterVec<K, H = Wit> {
+pub struct CounterVec<K, H: HostApi = Wit> {
     slots: Slots<K, u64, H>,
 }
 
@@ -184,6 +215,49 @@ impl<K: Hash + Eq + Clone, H: HostApi> CounterVec<K, H> {
             }
             *n = 0;
         });
+    }
+
+    /// Deletes `key`'s series (e.g. for a process that exited).
+    pub fn remove(&mut self, key: &K) {
+        self.slots.remove(key);
+    }
+}
+
+/// A gauge family whose values are set in the guest and sent on `flush`.
+pub struct GaugeVec<K, H: HostApi = Wit> {
+    slots: Slots<K, f64, H>,
+}
+
+impl<K: Hash + Eq + Clone, H: HostApi> GaugeVec<K, H> {
+    pub fn declare(host: H, name: &str, help: &str, labels: &[&str]) -> Result<Self, String> {
+        let family = declare(&host, name, help, MetricKind::Gauge, labels, Vec::new())?;
+        Ok(Self { slots: Slots::new(host, family) })
+    }
+
+    /// Sets `key`'s gauge; `labels` names a new key's series.
+    #[inline]
+    pub fn set(&mut self, key: K, value: f64, labels: impl FnOnce(&K) -> Vec<String>) {
+        *self.slots.get(key, labels, || 0.0) = value;
+    }
+
+    /// Adds `delta` to `key`'s gauge (as the guest knows it).
+    #[inline]
+    pub fn add(&mut self, key: K, delta: f64, labels: impl FnOnce(&K) -> Vec<String>) {
+        *self.slots.get(key, labels, || 0.0) += delta;
+    }
+
+    /// Sends the changed values to the host, one call per touched series.
+    pub fn flush(&mut self) {
+        self.slots.drain(|host, series, v| {
+            if let Some(series) = series {
+                host.gauge_set(series, *v);
+            }
+        });
+    }
+
+    /// Deletes `key`'s series (e.g. for a process that exited).
+    pub fn remove(&mut self, key: &K) {
+        self.slots.remove(key);
     }
 }
 

@@ -7,10 +7,17 @@ pub use metrics::{FamilyDesc, MetricKind};
 
 /// What the SDK needs from the host.
 pub trait HostApi {
-    fn declare_family(&self, desc: &FamilyDesc) -> Result<u32, String>;
-    fn intern_series(&self, family: u32, label_values: &[String]) -> Result<u32, String>;
-    fn counter_add(&self, series: u32, value: u64);
-    fn histogram_merge(&self, series: u32, bucket_counts: &[u64], sum: f64);
+    /// A handle to a declared family.
+    type Family;
+    /// A handle to one series.
+    type Series;
+    fn declare_family(&self, desc: &FamilyDesc) -> Result<Self::Family, String>;
+    fn series(&self, family: &Self::Family, label_values: &[String]) -> Result<Self::Series, String>;
+    fn counter_add(&self, series: &Self::Series, value: u64);
+    fn gauge_set(&self, series: &Self::Series, value: f64);
+    fn histogram_merge(&self, series: &Self::Series, bucket_counts: &[u64], sum: f64);
+    /// Deletes the series from the host's exposition.
+    fn remove_series(&self, series: Self::Series);
     fn syscall_name(&self, nr: u32) -> Option<String>;
     fn errno_name(&self, errno: u16) -> Option<String>;
 }
@@ -20,20 +27,31 @@ pub trait HostApi {
 pub struct Wit;
 
 impl HostApi for Wit {
-    fn declare_family(&self, desc: &FamilyDesc) -> Result<u32, String> {
+    type Family = metrics::Family;
+    type Series = metrics::Series;
+
+    fn declare_family(&self, desc: &FamilyDesc) -> Result<metrics::Family, String> {
         metrics::declare_family(desc)
     }
 
-    fn intern_series(&self, family: u32, label_values: &[String]) -> Result<u32, String> {
-        metrics::intern_series(family, label_values)
+    fn series(&self, family: &metrics::Family, label_values: &[String]) -> Result<metrics::Series, String> {
+        family.series(label_values)
     }
 
-    fn counter_add(&self, series: u32, value: u64) {
-        metrics::counter_add(series, value)
+    fn counter_add(&self, series: &metrics::Series, value: u64) {
+        series.counter_add(value)
     }
 
-    fn histogram_merge(&self, series: u32, bucket_counts: &[u64], sum: f64) {
-        metrics::histogram_merge(series, bucket_counts, sum)
+    fn gauge_set(&self, series: &metrics::Series, value: f64) {
+        series.gauge_set(value)
+    }
+
+    fn histogram_merge(&self, series: &metrics::Series, bucket_counts: &[u64], sum: f64) {
+        series.histogram_merge(bucket_counts, sum)
+    }
+
+    fn remove_series(&self, series: metrics::Series) {
+        metrics::Series::remove(series)
     }
 
     fn syscall_name(&self, nr: u32) -> Option<String> {

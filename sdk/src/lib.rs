@@ -1,9 +1,10 @@
 //! The Rust SDK for wasmtap plugins.
 //!
 //! A plugin implements [`Plugin`] and calls [`export_plugin!`]; the SDK supplies the
-//! WIT bindings, a zero-copy typed view over each batch ([`SyscallBatch`]), and metric
-//! helpers that aggregate in the guest and flush one delta per series per batch
-//! ([`HistogramVec`], [`CounterVec`]).
+//! WIT bindings, zero-copy typed views over each batch ([`SyscallBatch`],
+//! [`ProcessBatch`]), the typed configuration ([`Config`]), enrichment ([`enrich`]), and
+//! metric helpers that aggregate in the guest and flush one delta per series per batch
+//! ([`HistogramVec`], [`CounterVec`], [`GaugeVec`]).
 //!
 //! ```no_run
 //! use wasmtap_sdk::*;
@@ -14,8 +15,7 @@
 //! impl Plugin for Calls {
 //!     fn init(_: &HostInfo, _: &Config) -> Result<(Self, Manifest), String> {
 //!         let calls = CounterVec::declare(Wit, "calls", "System calls.", &["nr"])?;
-//!         let all = Filter { pids: vec![], cgroups: vec![], syscalls: vec![] };
-//!         let subscriptions = vec![Subscription { kind: EventKind::Syscall, filter: all }];
+//!         let subscriptions = vec![Subscription { kind: SyscallRecord::KIND.into(), filter: Filter::default() }];
 //!         Ok((Self(calls), Manifest { subscriptions, tick_interval_ms: 0 }))
 //!     }
 //!
@@ -36,11 +36,11 @@ pub mod config;
 pub mod host;
 pub mod names;
 
-pub use aggregate::{CounterVec, HistogramVec};
-pub use batch::SyscallBatch;
-pub use config::Config;
+pub use aggregate::{CounterVec, GaugeVec, HistogramVec};
+pub use batch::{Batch, ProcessBatch, SyscallBatch};
+pub use config::{Config, FromConfig};
 pub use host::{HostApi, Wit};
-pub use wasmtap_events::SyscallRecord;
+pub use wasmtap_events::{ProcessRecord, Record, RecordHeader, SyscallRecord, process};
 
 /// Bindings generated from `wit/` (the one contract with the host).
 pub mod bindings {
@@ -53,18 +53,30 @@ pub mod bindings {
     });
 }
 
-pub use bindings::wasmtap::plugin::{logs, metrics};
-pub use bindings::wasmtap::plugin::types::{
-    EventKind, Filter, HostInfo, Manifest, Subscription,
-};
+pub use bindings::wasmtap::plugin::{enrich, logs, metrics};
+pub use bindings::wasmtap::plugin::types::{ConfigValue, Filter, HostInfo, Manifest, Subscription};
+
+impl Default for Filter {
+    /// Everything of the kind.
+    fn default() -> Self {
+        Self { pids: Vec::new(), cgroups: Vec::new(), comms: Vec::new(), params: Vec::new() }
+    }
+}
 
 /// A wasmtap plugin: state created by `init`, fed batches, flushed on `tick`.
 pub trait Plugin: Sized + 'static {
     /// Builds the plugin from its host configuration and declares what it subscribes to.
     fn init(host: &HostInfo, config: &Config) -> Result<(Self, Manifest), String>;
 
-    /// Handles one batch of syscall records.
+    /// Handles one batch of `syscall` records.
     fn on_syscalls(&mut self, _batch: SyscallBatch<'_>) {}
+
+    /// Handles one batch of `process` records.
+    fn on_process(&mut self, _batch: ProcessBatch<'_>) {}
+
+    /// Handles a batch of a kind this SDK has no typed view for (raw records,
+    /// `record_size` bytes apart).
+    fn on_other(&mut self, _kind: &str, _record_size: u32, _records: &[u8], _dropped: u64) {}
 
     /// Periodic (and final) flush; see the manifest's `tick-interval-ms`.
     fn tick(&mut self, _now_ns: u64) {}
@@ -80,6 +92,16 @@ pub fn log(level: logs::Level, message: &str) {
 /// [`export_plugin!`] before `init`.
 pub fn report_panics() {
     std::panic::set_hook(Box::new(|info| logs::log(logs::Level::Error, &format!("panic: {info}"), &[])));
+}
+
+/// Hands a batch to the plugin's method for its kind (used by [`export_plugin!`]).
+#[doc(hidden)]
+pub fn dispatch<P: Plugin>(plugin: &mut P, kind: &str, record_size: u32, records: &[u8], dropped: u64) {
+    match kind {
+        SyscallRecord::KIND => plugin.on_syscalls(SyscallBatch::new(records, record_size, dropped)),
+        ProcessRecord::KIND => plugin.on_process(ProcessBatch::new(records, record_size, dropped)),
+        other => plugin.on_other(other, record_size, records, dropped),
+    }
 }
 
 /// Exports a [`Plugin`] implementation as the component's `handler`.
@@ -100,7 +122,7 @@ macro_rules! export_plugin {
             impl $crate::bindings::exports::wasmtap::plugin::handler::Guest for Export {
                 fn init(
                     host: $crate::HostInfo,
-                    config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
+                    config: ::std::vec::Vec<$crate::ConfigValue>,
                 ) -> Result<$crate::Manifest, ::std::string::String> {
                     $crate::report_panics();
                     let config = $crate::Config::new(config);
@@ -110,7 +132,7 @@ macro_rules! export_plugin {
                 }
 
                 fn on_batch(
-                    kind: $crate::EventKind,
+                    kind: ::std::string::String,
                     record_size: u32,
                     records: ::std::vec::Vec<u8>,
                     dropped: u64,
@@ -118,12 +140,7 @@ macro_rules! export_plugin {
                     STATE.with(|s| {
                         let mut state = s.borrow_mut();
                         let plugin = state.as_mut().expect("on-batch before init");
-                        match kind {
-                            $crate::EventKind::Syscall => {
-                                let batch = $crate::SyscallBatch::new(&records, record_size, dropped);
-                                $crate::Plugin::on_syscalls(plugin, batch);
-                            }
-                        }
+                        $crate::dispatch(plugin, &kind, record_size, &records, dropped);
                     })
                 }
 

@@ -3,97 +3,104 @@
 //! This crate is the single definition of every event layout: the kernel programs
 //! (`host-ebpf`) write these structs into ring buffers, the host (`wasmtap`) reads them
 //! and forwards the raw bytes to plugins, and the plugin SDK (`wasmtap-sdk`) reads them
-//! back inside the Wasm guest. Changing a layout breaks the plugin ABI: the size
-//! assertions below fail the build, and the WIT package version must be bumped with it.
+//! back inside the Wasm guest. One module per event kind.
+//!
+//! Layout rules (the plugin ABI; `wit/wasmtap.wit` documents each layout and a host
+//! test ties that prose to these structs):
+//! - every record starts with a [`RecordHeader`], so the host filters, scopes and routes
+//!   any kind the same way;
+//! - a layout only ever grows at the end, and a field added later reads 0 for "not
+//!   provided": a reader that knows a shorter (older) layout reads its prefix, one that
+//!   knows a longer (newer) layout zero-fills what the host did not send.
 #![no_std]
+
+pub mod process;
+pub mod syscall;
 
 use core::mem::size_of;
 
+pub use process::ProcessRecord;
+pub use syscall::SyscallRecord;
+
 /// Length of a task's `comm` as the kernel stores it (`TASK_COMM_LEN`), NUL padded.
 pub const COMM_LEN: usize = 16;
-
-/// Highest syscall number (exclusive) the syscall filter map can hold.
-pub const MAX_SYSCALLS: u32 = 1024;
 
 /// Entries the pid and cgroup filter maps hold; a larger union is not pushed into the
 /// kernel (that dimension is left open there, and the host routes exactly).
 pub const MAX_FILTER_ENTRIES: u32 = 4096;
 
+/// Highest selector (exclusive) the selector filter map can hold. A kind's selector is
+/// the one number its records are filtered on besides pid and cgroup: the syscall
+/// number, the process event.
+pub const MAX_SELECTORS: u32 = 1024;
+
 /// cgroup levels below the root that the cgroup filter looks through: a task matches
 /// when its cgroup, or one of its ancestors up to this depth, is in the filter.
 pub const MAX_CGROUP_DEPTH: i32 = 8;
 
-/// One completed system call, written at `raw_syscalls:sys_exit`.
+/// The first 40 bytes of every record: who and when.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SyscallRecord {
-    /// Monotonic clock (`bpf_ktime_get_ns`) at syscall exit, in nanoseconds.
+pub struct RecordHeader {
+    /// Monotonic clock (`bpf_ktime_get_ns`) when the record was written, nanoseconds.
     pub ts_ns: u64,
-    /// Time from syscall entry to exit, in nanoseconds.
-    pub latency_ns: u64,
-    /// cgroup v2 id of the calling task.
+    /// cgroup v2 id of the task.
     pub cgroup_id: u64,
-    /// Raw return value; `-4095..=-1` is `-errno`.
-    pub ret: i64,
     /// Process id (the kernel's tgid).
     pub pid: u32,
     /// Thread id (the kernel's pid).
     pub tid: u32,
-    /// Syscall number on the host architecture.
-    pub syscall_nr: u32,
-    /// Always 0. (The uid was here; `bpf_get_current_uid_gid` cost ~20 ns per syscall,
-    /// measured, for a field no plugin used. Kept so the layout stays 64 bytes.)
-    pub reserved: u32,
     /// Task name, NUL padded.
     pub comm: [u8; COMM_LEN],
 }
 
-const _: () = assert!(size_of::<SyscallRecord>() == 64);
+const _: () = assert!(size_of::<RecordHeader>() == 40);
 
-impl SyscallRecord {
-    /// Size of one record in a batch, in bytes.
-    pub const SIZE: usize = size_of::<Self>();
-
-    /// The errno this syscall failed with, if it failed.
-    #[inline]
-    pub fn errno(&self) -> Option<u16> {
-        (-4095..=-1).contains(&self.ret).then(|| (-self.ret) as u16)
-    }
-
+impl RecordHeader {
     /// `comm` up to its first NUL.
     #[inline]
     pub fn comm_bytes(&self) -> &[u8] {
         let len = self.comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
         &self.comm[..len]
     }
+}
+
+/// A fixed C layout that can be viewed as bytes and read back from any byte slice.
+///
+/// # Safety
+/// Implementors are `repr(C)`, made of integers (and arrays of them) with no padding,
+/// so every byte is initialised and every bit pattern is a valid value.
+pub unsafe trait Record: Copy + Default + 'static {
+    /// Kind name, as plugins subscribe to it.
+    const KIND: &'static str;
+    /// Size of one record in bytes.
+    const SIZE: usize = size_of::<Self>();
+
+    /// The header every record starts with.
+    #[inline]
+    fn header(&self) -> &RecordHeader {
+        // SAFETY: every record type starts with a `RecordHeader` (asserted per kind).
+        unsafe { &*(self as *const Self).cast::<RecordHeader>() }
+    }
 
     /// The record's bytes, as they sit in a batch.
     #[inline]
-    pub fn as_bytes(&self) -> &[u8; Self::SIZE] {
-        // SAFETY: repr(C) integers with no padding (size asserted above), so every byte
-        // is initialised; the array has alignment 1 and the same size.
-        unsafe { &*(self as *const Self).cast::<[u8; Self::SIZE]>() }
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: the trait's contract: no padding, every byte initialised.
+        unsafe { core::slice::from_raw_parts((self as *const Self).cast::<u8>(), Self::SIZE) }
     }
 
-    /// Reads a record from the start of `bytes` (which need not be aligned).
+    /// Reads a record from `bytes`, which need not be aligned. A shorter slice (an older
+    /// host's layout) leaves the missing tail zero; a longer one (a newer host's) has its
+    /// extra bytes ignored.
     #[inline]
-    pub fn read(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() < Self::SIZE {
-            return None;
-        }
-        // SAFETY: length checked above; the struct is plain integers, valid for any bits.
-        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+    fn read(bytes: &[u8]) -> Self {
+        let mut record = Self::default();
+        let len = bytes.len().min(Self::SIZE);
+        // SAFETY: at most `SIZE` bytes into a `Self`; any bit pattern is valid.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut record as *mut Self).cast::<u8>(), len) };
+        record
     }
-}
-
-/// Where a syscall entry was seen; kept per thread between `sys_enter` and `sys_exit`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SyscallStart {
-    /// `bpf_ktime_get_ns` at entry; 0 when no syscall is in flight.
-    pub ts_ns: u64,
-    /// Syscall number seen at entry.
-    pub syscall_nr: u64,
 }
 
 /// Kernel-side filter switches, one element of the `CONFIG` array map.
@@ -102,7 +109,7 @@ pub struct SyscallStart {
 pub struct ProbeConfig {
     /// Bit set of `FILTER_*`: which filter maps are consulted. A clear bit means "all".
     pub filters: u32,
-    /// Process id whose syscalls are never recorded (the daemon itself), 0 for none.
+    /// Process id whose events are never recorded (the daemon itself), 0 for none.
     pub ignore_pid: u32,
     /// Ring buffer fill level in bytes past which a record wakes the reader up at once.
     pub wakeup_bytes: u64,
@@ -115,8 +122,8 @@ pub const FILTER_PIDS: u32 = 1 << 0;
 /// `ProbeConfig::filters`: only tasks whose cgroup (or an ancestor of it) is present in
 /// `CGROUP_FILTER` are recorded.
 pub const FILTER_CGROUPS: u32 = 1 << 1;
-/// `ProbeConfig::filters`: only syscalls whose `SYSCALL_FILTER` slot is 1 are recorded.
-pub const FILTER_SYSCALLS: u32 = 1 << 2;
+/// `ProbeConfig::filters`: only selectors whose `SELECTOR_FILTER` slot is 1 are recorded.
+pub const FILTER_SELECTORS: u32 = 1 << 2;
 
 /// Indexes of the per-CPU `COUNTERS` array map.
 pub mod counter {
@@ -126,20 +133,19 @@ pub mod counter {
     pub const LEN: u32 = 1;
 }
 
-/// Names of the maps in the kernel object, shared so the host cannot misspell them.
+/// Names of the maps every kind's kernel object has, shared so the host cannot
+/// misspell them.
 pub mod maps {
-    pub const SYSCALL_EVENTS: &str = "SYSCALL_EVENTS";
+    pub const EVENTS: &str = "EVENTS";
     pub const CONFIG: &str = "CONFIG";
     pub const PID_FILTER: &str = "PID_FILTER";
     pub const CGROUP_FILTER: &str = "CGROUP_FILTER";
-    pub const SYSCALL_FILTER: &str = "SYSCALL_FILTER";
+    pub const SELECTOR_FILTER: &str = "SELECTOR_FILTER";
     pub const COUNTERS: &str = "COUNTERS";
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: repr(C) structs of integers with no implicit padding (sizes asserted above).
-    unsafe impl aya::Pod for super::SyscallRecord {}
-    // SAFETY: as above.
+    // SAFETY: repr(C) structs of integers with no implicit padding (sizes asserted).
     unsafe impl aya::Pod for super::ProbeConfig {}
 }

@@ -3,7 +3,9 @@
 use std::collections::BTreeSet;
 
 use rustc_hash::FxHashMap;
-use wasmtap_events::SyscallRecord;
+use wasmtap_events::{COMM_LEN, RecordHeader};
+
+use crate::probes::Kind;
 
 /// A subscription's filter. An empty set means "all" for that dimension; a record must
 /// match every non-empty one.
@@ -11,26 +13,70 @@ use wasmtap_events::SyscallRecord;
 pub struct EventFilter {
     pub pids: BTreeSet<u32>,
     pub cgroups: BTreeSet<u64>,
-    pub syscalls: BTreeSet<u32>,
+    /// Task names, NUL padded (matched in the host only).
+    pub comms: BTreeSet<[u8; COMM_LEN]>,
+    /// The kind's selector values (syscall numbers, process events).
+    pub selectors: BTreeSet<u32>,
+}
+
+/// What filters look at in a record, whatever its kind.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecordKeys {
+    pub pid: u32,
+    pub cgroup_id: u64,
+    pub comm: [u8; COMM_LEN],
+    pub selector: u32,
+}
+
+impl RecordKeys {
+    /// Reads the keys of one whole record of `kind`.
+    #[inline]
+    pub fn read(kind: Kind, raw: &[u8]) -> Self {
+        let u32_at = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
+        let comm_at = std::mem::offset_of!(RecordHeader, comm);
+        Self {
+            pid: u32_at(std::mem::offset_of!(RecordHeader, pid)),
+            cgroup_id: u64_at(std::mem::offset_of!(RecordHeader, cgroup_id)),
+            comm: raw[comm_at..comm_at + COMM_LEN].try_into().expect("comm"),
+            selector: u32_at(kind.selector_offset),
+        }
+    }
+}
+
+/// A comm as filters hold it: at most `COMM_LEN - 1` bytes (the kernel cuts longer
+/// names the same way), NUL padded.
+pub fn comm_key(name: &str) -> [u8; COMM_LEN] {
+    let mut comm = [0; COMM_LEN];
+    let bytes = &name.as_bytes()[..name.len().min(COMM_LEN - 1)];
+    comm[..bytes.len()].copy_from_slice(bytes);
+    comm
 }
 
 impl EventFilter {
     pub fn is_all(&self) -> bool {
-        self.pids.is_empty() && self.cgroups.is_empty() && self.syscalls.is_empty()
+        self.pids.is_empty() && self.cgroups.is_empty() && self.comms.is_empty() && self.selectors.is_empty()
+    }
+
+    /// Entries this filter holds (what the filter budget counts).
+    pub fn entries(&self) -> usize {
+        self.pids.len() + self.cgroups.len() + self.comms.len() + self.selectors.len()
     }
 
     /// The reference semantics `CompiledFilters` implements.
     #[cfg(test)]
-    pub fn matches(&self, r: &SyscallRecord) -> bool {
+    pub fn matches(&self, r: &RecordKeys) -> bool {
         (self.pids.is_empty() || self.pids.contains(&r.pid))
             && (self.cgroups.is_empty() || self.cgroups.contains(&r.cgroup_id))
-            && (self.syscalls.is_empty() || self.syscalls.contains(&r.syscall_nr))
+            && (self.comms.is_empty() || self.comms.contains(&r.comm))
+            && (self.selectors.is_empty() || self.selectors.contains(&r.selector))
     }
 
     /// The narrowest per-dimension filter that passes every record any of `filters`
     /// passes (a superset: routing narrows it again per subscriber). `None` when there
     /// is no filter at all, i.e. nobody subscribed.
     pub fn union<'a>(filters: impl IntoIterator<Item = &'a EventFilter>) -> Option<EventFilter> {
+        /// `None` means "all" (some filter left the dimension open).
         fn merge<T: Ord + Copy>(acc: &mut Option<BTreeSet<T>>, set: &BTreeSet<T>) {
             match acc {
                 Some(_) if set.is_empty() => *acc = None,
@@ -38,31 +84,28 @@ impl EventFilter {
                 None => {}
             }
         }
-        let mut any = false;
-        let (mut pids, mut cgroups, mut syscalls) = (Some(BTreeSet::new()), Some(BTreeSet::new()), Some(BTreeSet::new()));
+        let mut filters = filters.into_iter();
+        let first = filters.next()?;
+        fn open<T: Ord + Copy>(set: &BTreeSet<T>) -> Option<BTreeSet<T>> {
+            (!set.is_empty()).then(|| set.clone())
+        }
+        let (mut pids, mut cgroups, mut comms, mut selectors) = (open(&first.pids), open(&first.cgroups), open(&first.comms), open(&first.selectors));
         for f in filters {
-            if !any {
-                any = true;
-                (pids, cgroups, syscalls) = (Some(f.pids.clone()), Some(f.cgroups.clone()), Some(f.syscalls.clone()));
-                // An empty set in the first filter already means "all".
-                if f.pids.is_empty() { pids = None }
-                if f.cgroups.is_empty() { cgroups = None }
-                if f.syscalls.is_empty() { syscalls = None }
-                continue;
-            }
             merge(&mut pids, &f.pids);
             merge(&mut cgroups, &f.cgroups);
-            merge(&mut syscalls, &f.syscalls);
+            merge(&mut comms, &f.comms);
+            merge(&mut selectors, &f.selectors);
         }
-        any.then(|| EventFilter {
+        Some(EventFilter {
             pids: pids.unwrap_or_default(),
             cgroups: cgroups.unwrap_or_default(),
-            syscalls: syscalls.unwrap_or_default(),
+            comms: comms.unwrap_or_default(),
+            selectors: selectors.unwrap_or_default(),
         })
     }
 }
 
-/// A subscriber's filters compiled for routing: a record costs three lookups whatever
+/// A subscriber's filters compiled for routing: a record costs four lookups whatever
 /// the number of filters or entries. Bit `i` of a mask stands for filter `i`.
 #[derive(Debug, Clone, Default)]
 pub struct CompiledFilters {
@@ -70,9 +113,11 @@ pub struct CompiledFilters {
     any_pid: u64,
     cgroups: FxHashMap<u64, u64>,
     any_cgroup: u64,
-    /// Indexed by syscall number; numbers past the end match only `any_syscall`.
-    syscalls: Vec<u64>,
-    any_syscall: u64,
+    comms: FxHashMap<[u8; COMM_LEN], u64>,
+    any_comm: u64,
+    /// Indexed by selector; values past the end match only `any_selector`.
+    selectors: Vec<u64>,
+    any_selector: u64,
     all: bool,
 }
 
@@ -88,14 +133,16 @@ impl CompiledFilters {
             let bit = 1u64 << i;
             if f.pids.is_empty() { c.any_pid |= bit }
             if f.cgroups.is_empty() { c.any_cgroup |= bit }
-            if f.syscalls.is_empty() { c.any_syscall |= bit }
+            if f.comms.is_empty() { c.any_comm |= bit }
+            if f.selectors.is_empty() { c.any_selector |= bit }
             f.pids.iter().for_each(|&p| *c.pids.entry(p).or_default() |= bit);
             f.cgroups.iter().for_each(|&g| *c.cgroups.entry(g).or_default() |= bit);
-            for &nr in &f.syscalls {
-                if c.syscalls.len() <= nr as usize {
-                    c.syscalls.resize(nr as usize + 1, 0);
+            f.comms.iter().for_each(|&n| *c.comms.entry(n).or_default() |= bit);
+            for &s in &f.selectors {
+                if c.selectors.len() <= s as usize {
+                    c.selectors.resize(s as usize + 1, 0);
                 }
-                c.syscalls[nr as usize] |= bit;
+                c.selectors[s as usize] |= bit;
             }
         }
         c
@@ -107,11 +154,15 @@ impl CompiledFilters {
     }
 
     #[inline]
-    pub fn matches(&self, r: &SyscallRecord) -> bool {
+    pub fn matches(&self, r: &RecordKeys) -> bool {
         let pid = self.pids.get(&r.pid).copied().unwrap_or(0) | self.any_pid;
         let cgroup = self.cgroups.get(&r.cgroup_id).copied().unwrap_or(0) | self.any_cgroup;
-        let syscall = self.syscalls.get(r.syscall_nr as usize).copied().unwrap_or(0) | self.any_syscall;
-        pid & cgroup & syscall != 0
+        let selector = self.selectors.get(r.selector as usize).copied().unwrap_or(0) | self.any_selector;
+        let mask = pid & cgroup & selector;
+        if mask == 0 || self.any_comm & mask == mask {
+            return mask != 0;
+        }
+        (self.comms.get(&r.comm).copied().unwrap_or(0) | self.any_comm) & mask != 0
     }
 }
 
@@ -119,8 +170,8 @@ impl CompiledFilters {
 mod tests {
     use super::*;
 
-    fn f(pids: &[u32], syscalls: &[u32]) -> EventFilter {
-        EventFilter { pids: pids.iter().copied().collect(), syscalls: syscalls.iter().copied().collect(), ..Default::default() }
+    fn f(pids: &[u32], selectors: &[u32]) -> EventFilter {
+        EventFilter { pids: pids.iter().copied().collect(), selectors: selectors.iter().copied().collect(), ..Default::default() }
     }
 
     #[test]
@@ -135,27 +186,42 @@ mod tests {
 
     #[test]
     fn matches_every_non_empty_dimension() {
-        let r = SyscallRecord { pid: 7, syscall_nr: 39, cgroup_id: 3, ..Default::default() };
+        let r = RecordKeys { pid: 7, selector: 39, cgroup_id: 3, comm: comm_key("db") };
         assert!(f(&[], &[]).matches(&r));
         assert!(f(&[7], &[39]).matches(&r));
         assert!(!f(&[8], &[39]).matches(&r));
         assert!(!f(&[7], &[1]).matches(&r));
+        assert!(EventFilter { comms: [comm_key("db")].into(), ..f(&[7], &[]) }.matches(&r));
+        assert!(!EventFilter { comms: [comm_key("web")].into(), ..f(&[7], &[]) }.matches(&r));
     }
 
     #[test]
     fn compiled_filters_match_like_any_of_the_filters() {
-        let filters = [f(&[1, 2], &[5]), f(&[], &[6]), EventFilter { cgroups: [9].into(), ..f(&[3], &[]) }];
+        let filters = [
+            f(&[1, 2], &[5]),
+            f(&[], &[6]),
+            EventFilter { cgroups: [9].into(), ..f(&[3], &[]) },
+            EventFilter { comms: [comm_key("a")].into(), ..f(&[4], &[4]) },
+        ];
         let compiled = CompiledFilters::new(&filters);
         assert!(!compiled.is_all());
-        for pid in 0..5 {
-            for nr in [4, 5, 6, 2000] {
+        for pid in 0..6 {
+            for selector in [4, 5, 6, 2000] {
                 for cgroup_id in [1, 9] {
-                    let r = SyscallRecord { pid, syscall_nr: nr, cgroup_id, ..Default::default() };
-                    assert_eq!(compiled.matches(&r), filters.iter().any(|f| f.matches(&r)), "{r:?}");
+                    for comm in [comm_key("a"), comm_key("b")] {
+                        let r = RecordKeys { pid, selector, cgroup_id, comm };
+                        assert_eq!(compiled.matches(&r), filters.iter().any(|f| f.matches(&r)), "{r:?}");
+                    }
                 }
             }
         }
         assert!(CompiledFilters::new(&[f(&[1], &[]), f(&[], &[])]).is_all());
-        assert!(!CompiledFilters::new(&[]).matches(&SyscallRecord::default()));
+        assert!(!CompiledFilters::new(&[]).matches(&RecordKeys::default()));
+    }
+
+    #[test]
+    fn comm_keys_are_cut_like_the_kernel_cuts_names() {
+        assert_eq!(&comm_key("a-very-long-process-name")[..15], b"a-very-long-pro");
+        assert_eq!(comm_key("a-very-long-process-name")[15], 0);
     }
 }

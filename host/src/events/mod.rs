@@ -1,5 +1,7 @@
-//! From ring buffers to plugins: the reader drains each probe's ring buffer into
-//! batches and the router fans them out to the plugins that subscribed.
+//! From ring buffers to plugins: the reader drains each kind's ring buffer into
+//! batches and the router fans them out to the plugins that subscribed. Nothing here
+//! knows a particular kind: records are read through the common header and the kind's
+//! selector offset.
 
 pub mod filter;
 pub mod reader;
@@ -9,27 +11,23 @@ pub mod scope;
 
 use std::sync::Arc;
 
-pub use filter::{CompiledFilters, EventFilter};
+pub use filter::{CompiledFilters, EventFilter, RecordKeys};
 pub use reader::Reader;
 pub use route::{Router, Subscriber};
 pub use scope::CgroupScope;
 
-/// Kinds of event; one ring buffer (probe family) each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    Syscall,
-}
+use crate::probes::Kind;
 
 /// Raw records of one kind, back to back, shared by every plugin that gets them whole.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    pub kind: EventKind,
+    pub kind: Kind,
     pub records: Arc<Vec<u8>>,
 }
 
 impl Batch {
     pub fn len(&self) -> usize {
-        self.records.len() / wasmtap_events::SyscallRecord::SIZE
+        self.records.len() / self.kind.record_size
     }
 
     pub fn is_empty(&self) -> bool {

@@ -6,16 +6,19 @@ use std::{sync::Arc, thread, time::Duration};
 use anyhow::Context as _;
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
-use wasmtap_events::{SyscallRecord, counter};
+use wasmtap_events::counter;
 
-use super::{Batch, EventKind, Router, ring::RingReader};
-use crate::{probes::SyscallStream, sinks::self_metrics::ProbeCounters};
+use super::{Batch, Router, ring::RingReader};
+use crate::{
+    probes::{Kind, ProbeStream},
+    sinks::self_metrics::ProbeCounters,
+};
 
 /// Records per batch at most (256 KiB of syscall records).
 const MAX_BATCH_RECORDS: usize = 4096;
 
 pub struct Reader {
-    pub stream: SyscallStream,
+    pub stream: ProbeStream,
     pub router: Arc<Router>,
     pub counters: ProbeCounters,
     pub interval: Duration,
@@ -25,7 +28,7 @@ impl Reader {
     /// Runs on its own thread until `stop`, then drains once more and returns.
     pub fn spawn(self, stop: CancellationToken) -> anyhow::Result<thread::JoinHandle<()>> {
         thread::Builder::new()
-            .name("wasmtap-reader".into())
+            .name(format!("reader-{}", self.stream.kind.name))
             .spawn(move || {
                 if let Err(e) = self.run(stop) {
                     tracing::error!("reader stopped: {e:#}");
@@ -37,14 +40,14 @@ impl Reader {
     fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let Self { stream, router, counters, interval } = self;
-        let SyscallStream { ring, drops } = stream;
+        let ProbeStream { kind, ring, drops } = stream;
         runtime.block_on(async move {
             // SAFETY: the RingReader owns its map fd and keeps it open, unchanged, until
             // it is dropped, which only happens when this AsyncFd drops it.
             let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
                 .map_err(|e| e.into_parts().1)
                 .context("polling the ring buffer")?;
-            let mut drain = Drain { router, counters, drops, kernel_drops: 0 };
+            let mut drain = Drain { batcher: Batcher::new(kind), router, counters, drops, kernel_drops: 0 };
             let mut timer = tokio::time::interval(interval);
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -67,6 +70,7 @@ impl Reader {
 }
 
 struct Drain {
+    batcher: Batcher,
     router: Arc<Router>,
     counters: ProbeCounters,
     drops: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
@@ -76,34 +80,21 @@ struct Drain {
 impl Drain {
     fn ring(&mut self, ring: &mut RingReader) {
         loop {
-            // Allocated on the first record only: most drains of a quiet system find
-            // nothing, and a batch-sized buffer is big enough to cost an mmap each time.
-            let mut records = Vec::new();
-            let read = ring.read(MAX_BATCH_RECORDS, |record| {
-                // The kernel only writes whole records; anything else would be a layout bug.
-                if record.len() == SyscallRecord::SIZE {
-                    if records.capacity() == 0 {
-                        records.reserve_exact(MAX_BATCH_RECORDS * SyscallRecord::SIZE);
-                    }
-                    records.extend_from_slice(record);
-                }
-            });
-            self.dispatch(records);
+            let read = ring.read(MAX_BATCH_RECORDS, |record| self.batcher.push(record));
+            let (batch, malformed) = self.batcher.take();
+            if malformed > 0 {
+                self.counters.malformed.inc_by(malformed);
+            }
+            if let Some(batch) = batch {
+                self.counters.records.inc_by(batch.len() as u64);
+                self.router.dispatch(&batch);
+            }
             if read < MAX_BATCH_RECORDS {
                 break;
             }
         }
         // One map lookup per drain (not per record); cheap at the drain rate.
         self.kernel_drops();
-    }
-
-    fn dispatch(&self, records: Vec<u8>) {
-        if records.is_empty() {
-            return;
-        }
-        let batch = Batch { kind: EventKind::Syscall, records: Arc::new(records) };
-        self.counters.records.inc_by(batch.len() as u64);
-        self.router.dispatch(&batch);
     }
 
     fn kernel_drops(&mut self) {
@@ -114,5 +105,74 @@ impl Drain {
                 self.kernel_drops = total;
             }
         }
+    }
+}
+
+/// Collects one drain's records of a kind into a batch. The kernel only writes whole
+/// records of its kind's size; anything else is a layout bug, and is counted (and said
+/// once in the log), never passed on or lost silently.
+struct Batcher {
+    kind: Kind,
+    records: Vec<u8>,
+    malformed: u64,
+    reported: bool,
+}
+
+impl Batcher {
+    fn new(kind: Kind) -> Self {
+        Self { kind, records: Vec::new(), malformed: 0, reported: false }
+    }
+
+    #[inline]
+    fn push(&mut self, record: &[u8]) {
+        if record.len() != self.kind.record_size {
+            self.malformed += 1;
+            if !std::mem::replace(&mut self.reported, true) {
+                tracing::error!(
+                    kind = self.kind.name,
+                    "the kernel wrote a record of {} bytes where the layout has {}; such records are counted in \
+                     wasmtap_probe_malformed_records_total and not delivered (a build mismatch between kernel object and host)",
+                    record.len(),
+                    self.kind.record_size
+                );
+            }
+            return;
+        }
+        // Allocated on the first record only: most drains of a quiet system find
+        // nothing, and a batch-sized buffer is big enough to cost an mmap each time.
+        if self.records.capacity() == 0 {
+            self.records.reserve_exact(MAX_BATCH_RECORDS * self.kind.record_size);
+        }
+        self.records.extend_from_slice(record);
+    }
+
+    /// The batch collected so far (if any record was), and the malformed count since
+    /// the last call.
+    fn take(&mut self) -> (Option<Batch>, u64) {
+        let records = std::mem::take(&mut self.records);
+        let batch = (!records.is_empty()).then(|| Batch { kind: self.kind, records: Arc::new(records) });
+        (batch, std::mem::take(&mut self.malformed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wasmtap_events::{Record as _, SyscallRecord};
+
+    use super::*;
+    use crate::probes::syscall::KIND;
+
+    #[test]
+    fn records_of_an_unexpected_size_are_counted_not_passed_on() {
+        let mut batcher = Batcher::new(&KIND);
+        let record = SyscallRecord { latency_ns: 5, ..Default::default() };
+        batcher.push(record.as_bytes());
+        batcher.push(&record.as_bytes()[..40]);
+        batcher.push(&[0; 72]);
+        batcher.push(record.as_bytes());
+        let (batch, malformed) = batcher.take();
+        assert_eq!(malformed, 2);
+        assert_eq!(batch.unwrap().len(), 2);
+        assert_eq!(batcher.take().1, 0, "counted once");
     }
 }

@@ -7,16 +7,15 @@ use std::sync::{
     mpsc::{SyncSender, TrySendError},
 };
 
-use wasmtap_events::SyscallRecord;
+use super::{Batch, CgroupScope, CompiledFilters, EventFilter, RecordKeys};
+use crate::{probes::Kind, sinks::self_metrics::PluginCounters};
 
-use super::{Batch, CgroupScope, CompiledFilters, EventFilter, EventKind};
-use crate::sinks::self_metrics::PluginCounters;
-
-/// One plugin's subscription and its bounded queue.
+/// One plugin's subscription to one kind, and its bounded queue (shared by the
+/// plugin's subscriptions to other kinds).
 #[derive(Debug)]
 pub struct Subscriber {
     pub plugin: String,
-    pub kind: EventKind,
+    pub kind: Kind,
     /// A record goes to the plugin if any of these matches.
     pub filters: Vec<EventFilter>,
     /// The same, compiled for routing.
@@ -35,10 +34,13 @@ impl Subscriber {
     }
 
     fn select(&self, records: &[u8]) -> Vec<u8> {
-        let in_scope = |r: &SyscallRecord| self.scope.as_ref().is_none_or(|s| s.contains(r.cgroup_id));
+        let in_scope = |r: &RecordKeys| self.scope.as_ref().is_none_or(|s| s.contains(r.cgroup_id));
         records
-            .chunks_exact(SyscallRecord::SIZE)
-            .filter(|raw| SyscallRecord::read(raw).is_some_and(|r| self.compiled.matches(&r) && in_scope(&r)))
+            .chunks_exact(self.kind.record_size)
+            .filter(|raw| {
+                let keys = RecordKeys::read(self.kind, raw);
+                self.compiled.matches(&keys) && in_scope(&keys)
+            })
             .flatten()
             .copied()
             .collect()
@@ -50,15 +52,20 @@ impl Subscriber {
     }
 }
 
+/// A part of the host that sees every batch before the plugins do (e.g. enrichment
+/// learning process lifetimes).
+pub type Observer = Box<dyn Fn(&Batch) + Send + Sync>;
+
 /// The current set of subscribers; swapped whole when plugins change.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Router {
     subscribers: RwLock<Arc<Vec<Arc<Subscriber>>>>,
+    observers: Vec<Observer>,
 }
 
 impl Router {
-    pub fn new(subscribers: Vec<Arc<Subscriber>>) -> Self {
-        Self { subscribers: RwLock::new(Arc::new(subscribers)) }
+    pub fn new(subscribers: Vec<Arc<Subscriber>>, observers: Vec<Observer>) -> Self {
+        Self { subscribers: RwLock::new(Arc::new(subscribers)), observers }
     }
 
     pub fn subscribers(&self) -> Arc<Vec<Arc<Subscriber>>> {
@@ -72,6 +79,7 @@ impl Router {
 
     /// Hands `batch` to every subscriber of its kind, filtered per subscriber.
     pub fn dispatch(&self, batch: &Batch) {
+        self.observers.iter().for_each(|observe| observe(batch));
         for sub in self.subscribers().iter().filter(|s| s.kind == batch.kind) {
             let mine = if sub.wants_all() {
                 batch.clone()
@@ -95,11 +103,15 @@ impl Router {
 mod tests {
     use std::sync::mpsc::sync_channel;
 
+    use wasmtap_events::{Record as _, RecordHeader, SyscallRecord};
+
     use super::*;
-    use crate::sinks::SelfMetrics;
+    use crate::{probes::syscall::KIND, sinks::SelfMetrics};
 
     fn records(pids: &[u32]) -> Vec<u8> {
-        pids.iter().flat_map(|&pid| *SyscallRecord { pid, ..Default::default() }.as_bytes()).collect()
+        pids.iter()
+            .flat_map(|&pid| SyscallRecord { header: RecordHeader { pid, ..Default::default() }, ..Default::default() }.as_bytes().to_vec())
+            .collect()
     }
 
     #[test]
@@ -111,7 +123,7 @@ mod tests {
             let filters = vec![EventFilter { pids: pids.iter().copied().collect(), ..Default::default() }];
             Arc::new(Subscriber {
                 plugin: name.into(),
-                kind: EventKind::Syscall,
+                kind: &KIND,
                 compiled: CompiledFilters::new(&filters),
                 filters,
                 scope: None,
@@ -120,8 +132,8 @@ mod tests {
                 counters: metrics.plugin(name),
             })
         };
-        let router = Router::new(vec![sub("all", &[], all_tx), sub("one", &[2], one_tx)]);
-        let batch = Batch { kind: EventKind::Syscall, records: Arc::new(records(&[1, 2, 2, 3])) };
+        let router = Router::new(vec![sub("all", &[], all_tx), sub("one", &[2], one_tx)], Vec::new());
+        let batch = Batch { kind: &KIND, records: Arc::new(records(&[1, 2, 2, 3])) };
         router.dispatch(&batch);
         router.dispatch(&batch);
         let first = all_rx.try_recv().unwrap();

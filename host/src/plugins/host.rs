@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use wasmtime::{
     ResourceLimiter,
-    component::{ResourceTable, bindgen},
+    component::{Resource, ResourceTable, bindgen},
 };
 use wasmtime_wasi::WasiCtx;
 
@@ -15,6 +15,7 @@ use super::wasi::{self, GuestOutput};
 
 use crate::{
     budget::{Budget, Reason, Refusal},
+    enrich::{CgroupFacts, Enricher, ProcessFacts},
     sinks::{
         MetricFamily, MetricSink, Series,
         logs::{Level, LogSink},
@@ -26,19 +27,25 @@ bindgen!({
     path: "../wit",
     world: "plugin",
     imports: { default: trappable },
+    with: {
+        "wasmtap:plugin/metrics.family": FamilyHandle,
+        "wasmtap:plugin/metrics.series": SeriesHandle,
+    },
 });
 
 pub use exports::wasmtap::plugin::handler::Guest as Handler;
-pub use wasmtap::plugin::types::{EventKind as WitEventKind, HostInfo, Manifest};
-use wasmtap::plugin::{logs, metrics, names};
+pub use wasmtap::plugin::types::{ConfigValue, HostInfo, Manifest};
+use wasmtap::plugin::{enrich, logs, metrics, names};
 
 /// Everything one plugin instance's Store holds.
 pub struct PluginState {
     namespace: String,
     sink: Arc<MetricSink>,
     budget: Arc<Budget>,
-    families: Vec<Arc<MetricFamily>>,
-    series: Vec<(Arc<Series>, u32)>,
+    /// Metric family and series handles (apart from the WASI handles, so neither can
+    /// crowd out the other), at most `series + families` of them.
+    handles: ResourceTable,
+    enricher: Arc<Enricher>,
     logs: LogSink,
     pub limiter: MemoryLimiter,
     wasi: WasiCtx,
@@ -47,14 +54,16 @@ pub struct PluginState {
 }
 
 impl PluginState {
-    pub fn new(namespace: &str, sink: Arc<MetricSink>, budget: Arc<Budget>) -> Self {
+    pub fn new(namespace: &str, sink: Arc<MetricSink>, budget: Arc<Budget>, enricher: Arc<Enricher>) -> Self {
         let logs = LogSink::new(budget.clone());
         let (wasi, outputs) = wasi::context(&logs);
+        let mut handles = ResourceTable::new();
+        handles.set_max_capacity(budget.limits.series + budget.limits.families);
         Self {
             namespace: namespace.to_owned(),
             sink,
-            families: Vec::new(),
-            series: Vec::new(),
+            handles,
+            enricher,
             logs,
             limiter: MemoryLimiter { budget: budget.clone(), held: 0, pending: 0, refused: None },
             budget,
@@ -88,10 +97,6 @@ impl PluginState {
     /// (a panic message, say): shown with a fault.
     pub fn fault_hint(&self) -> Option<String> {
         self.limiter.refused.clone().or_else(|| self.logs.last_problem().map(|said| format!("the plugin said: {said}")))
-    }
-
-    fn series(&self, handle: u32) -> wasmtime::Result<&(Arc<Series>, u32)> {
-        self.series.get(handle as usize).ok_or_else(|| wasmtime::format_err!("plugin used unknown series handle {handle}"))
     }
 
     /// A refused value is counted and the call returns normally; misuse traps.
@@ -192,57 +197,90 @@ impl Drop for MemoryLimiter {
 
 impl wasmtap::plugin::types::Host for PluginState {}
 
+/// A family handle as a plugin holds it.
+pub struct FamilyHandle(Arc<MetricFamily>);
+
+/// A series handle as a plugin holds it.
+pub struct SeriesHandle {
+    series: Arc<Series>,
+    family: Arc<MetricFamily>,
+}
+
+impl PluginState {
+    fn handle<T: Send + 'static>(&mut self, value: T) -> Result<Resource<T>, String> {
+        self.handles.push(value).map_err(|_| {
+            let limit = self.budget.limits.series + self.budget.limits.families;
+            self.budget.refuse(Refusal::new(Reason::Series, format!("the plugin holds {limit} metric handles; drop unused ones")));
+            format!("too many metric handles (at most {limit}: series + families); drop unused ones")
+        })
+    }
+
+    fn series_handle(&self, handle: &Resource<SeriesHandle>) -> wasmtime::Result<&SeriesHandle> {
+        Ok(self.handles.get(handle)?)
+    }
+}
+
 impl metrics::Host for PluginState {
-    fn declare_family(&mut self, desc: metrics::FamilyDesc) -> wasmtime::Result<Result<metrics::Family, String>> {
+    fn declare_family(&mut self, desc: metrics::FamilyDesc) -> wasmtime::Result<Result<Resource<FamilyHandle>, String>> {
         let kind = match desc.kind {
             metrics::MetricKind::Counter => MetricKind::Counter,
             metrics::MetricKind::Gauge => MetricKind::Gauge,
             metrics::MetricKind::Histogram => MetricKind::Histogram,
         };
         let spec = FamilySpec { name: desc.name, help: desc.help, kind, label_names: desc.label_names, buckets: desc.buckets };
-        Ok(self.sink.declare(&self.namespace, spec, &self.budget).map_err(|r| r.to_string()).map(|family| {
-            match self.families.iter().position(|f| Arc::ptr_eq(f, &family)) {
-                Some(i) => i as u32,
-                None => {
-                    self.families.push(family);
-                    self.families.len() as u32 - 1
-                }
-            }
-        }))
+        Ok(match self.sink.declare(&self.namespace, spec, &self.budget) {
+            Ok(family) => self.handle(FamilyHandle(family)),
+            Err(refusal) => Err(refusal.to_string()),
+        })
+    }
+}
+
+impl metrics::HostFamily for PluginState {
+    fn series(&mut self, family: Resource<FamilyHandle>, label_values: Vec<String>) -> wasmtime::Result<Result<Resource<SeriesHandle>, String>> {
+        let family = self.handles.get(&family)?.0.clone();
+        Ok(match family.series(&label_values, &self.budget) {
+            Ok(series) => self.handle(SeriesHandle { series, family }),
+            Err(refusal) => Err(refusal.to_string()),
+        })
     }
 
-    fn intern_series(&mut self, family: metrics::Family, label_values: Vec<String>) -> wasmtime::Result<Result<metrics::Series, String>> {
-        let f = self.families.get(family as usize).ok_or_else(|| wasmtime::format_err!("plugin used unknown family handle {family}"))?;
-        Ok(f.series(&label_values, &self.budget).map_err(|r| r.to_string()).map(|series| {
-            match self.series.iter().position(|(s, _)| Arc::ptr_eq(s, &series)) {
-                Some(i) => i as u32,
-                None => {
-                    self.series.push((series, family));
-                    self.series.len() as u32 - 1
-                }
-            }
-        }))
+    fn drop(&mut self, family: Resource<FamilyHandle>) -> wasmtime::Result<()> {
+        self.handles.delete(family)?;
+        Ok(())
+    }
+}
+
+impl metrics::HostSeries for PluginState {
+    fn counter_add(&mut self, series: Resource<SeriesHandle>, value: u64) -> wasmtime::Result<()> {
+        self.apply(self.series_handle(&series)?.series.counter_add(value))
     }
 
-    fn counter_add(&mut self, series: metrics::Series, value: u64) -> wasmtime::Result<()> {
-        self.apply(self.series(series)?.0.counter_add(value))
+    fn gauge_set(&mut self, series: Resource<SeriesHandle>, value: f64) -> wasmtime::Result<()> {
+        self.apply(self.series_handle(&series)?.series.gauge_set(value))
     }
 
-    fn gauge_set(&mut self, series: metrics::Series, value: f64) -> wasmtime::Result<()> {
-        self.apply(self.series(series)?.0.gauge_set(value))
+    fn gauge_add(&mut self, series: Resource<SeriesHandle>, value: f64) -> wasmtime::Result<()> {
+        self.apply(self.series_handle(&series)?.series.gauge_add(value))
     }
 
-    fn gauge_add(&mut self, series: metrics::Series, value: f64) -> wasmtime::Result<()> {
-        self.apply(self.series(series)?.0.gauge_add(value))
+    fn histogram_observe(&mut self, series: Resource<SeriesHandle>, value: f64) -> wasmtime::Result<()> {
+        let s = self.series_handle(&series)?;
+        self.apply(s.series.histogram_observe(s.family.buckets(), value))
     }
 
-    fn histogram_observe(&mut self, series: metrics::Series, value: f64) -> wasmtime::Result<()> {
-        let (s, family) = self.series(series)?;
-        self.apply(s.histogram_observe(self.families[*family as usize].buckets(), value))
+    fn histogram_merge(&mut self, series: Resource<SeriesHandle>, bucket_counts: Vec<u64>, sum: f64) -> wasmtime::Result<()> {
+        self.apply(self.series_handle(&series)?.series.histogram_merge(&bucket_counts, sum))
     }
 
-    fn histogram_merge(&mut self, series: metrics::Series, bucket_counts: Vec<u64>, sum: f64) -> wasmtime::Result<()> {
-        self.apply(self.series(series)?.0.histogram_merge(&bucket_counts, sum))
+    fn remove(&mut self, series: Resource<SeriesHandle>) -> wasmtime::Result<()> {
+        let s = self.handles.delete(series)?;
+        s.family.remove(&s.series, &self.budget);
+        Ok(())
+    }
+
+    fn drop(&mut self, series: Resource<SeriesHandle>) -> wasmtime::Result<()> {
+        self.handles.delete(series)?;
+        Ok(())
     }
 }
 
@@ -267,5 +305,37 @@ impl names::Host for PluginState {
 
     fn errno_name(&mut self, errno: u16) -> wasmtime::Result<Option<String>> {
         Ok(crate::names::errno_name(errno).map(str::to_owned))
+    }
+}
+
+fn cgroup_info(facts: &CgroupFacts) -> enrich::CgroupInfo {
+    enrich::CgroupInfo { id: facts.id, path: facts.path.clone(), container_id: facts.container_id.clone(), pod_uid: facts.pod_uid.clone() }
+}
+
+fn process_info(facts: &ProcessFacts) -> enrich::ProcessInfo {
+    enrich::ProcessInfo {
+        pid: facts.pid,
+        ppid: facts.ppid,
+        uid: facts.uid,
+        user: facts.user.clone(),
+        comm: facts.comm.clone(),
+        exe: facts.exe.clone(),
+        cmdline: facts.cmdline.clone(),
+        cgroup: facts.cgroup.as_deref().map(cgroup_info),
+    }
+}
+
+impl enrich::Host for PluginState {
+    fn process(&mut self, pid: u32, seen_ns: u64) -> wasmtime::Result<Option<enrich::ProcessInfo>> {
+        Ok(self.enricher.process(pid, seen_ns).as_deref().map(process_info))
+    }
+
+    fn cgroup(&mut self, cgroup_id: u64) -> wasmtime::Result<Option<enrich::CgroupInfo>> {
+        Ok(self.enricher.cgroup(cgroup_id).as_deref().map(cgroup_info))
+    }
+
+    fn node(&mut self) -> wasmtime::Result<enrich::NodeInfo> {
+        let node = self.enricher.node();
+        Ok(enrich::NodeInfo { hostname: node.hostname.clone(), kernel_release: node.kernel_release.clone() })
     }
 }

@@ -8,10 +8,10 @@ use wasmtime::Store;
 
 use super::{
     engine::PluginEngine,
-    host::{HostInfo, Manifest, Plugin, PluginState, WitEventKind},
+    host::{HostInfo, Manifest, Plugin, PluginState},
     worker::PluginSpec,
 };
-use crate::sinks::logs::sanitize;
+use crate::{probes::Kind, sinks::logs::sanitize};
 
 /// Longest error text kept from a plugin (its `init` refusal, a trap): it ends up in
 /// logs and in `/status`.
@@ -24,7 +24,7 @@ pub struct Instance {
 
 /// Creates a fresh Store (memory budget, deadline trap), instantiates and runs `init`.
 pub fn instantiate(spec: &PluginSpec) -> anyhow::Result<(Instance, Manifest)> {
-    let state = PluginState::new(&spec.namespace, spec.sink.clone(), spec.budget.clone());
+    let state = PluginState::new(&spec.namespace, spec.sink.clone(), spec.budget.clone(), spec.enricher.clone());
     let mut store = Store::new(spec.engine.engine(), state);
     store.limiter(|s| &mut s.limiter);
     store.epoch_deadline_trap();
@@ -36,7 +36,12 @@ pub fn instantiate(spec: &PluginSpec) -> anyhow::Result<(Instance, Manifest)> {
     };
     let mut instance = Instance { store, bindings };
     instance.store.data_mut().begin_call();
-    let host = HostInfo { version: env!("CARGO_PKG_VERSION").into(), arch: std::env::consts::ARCH.into(), instance: spec.name.clone() };
+    let host = HostInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        arch: std::env::consts::ARCH.into(),
+        instance: spec.name.clone(),
+        kinds: crate::probes::KINDS.iter().map(|k| k.name.to_owned()).collect(),
+    };
     instance.store.set_epoch_deadline(deadline);
     let result = instance.bindings.wasmtap_plugin_handler().call_init(&mut instance.store, &host, &spec.config);
     let manifest = instance.finish(result).context("init trapped")?.map_err(|e| anyhow!("init refused: {}", sanitize(&e, MAX_ERROR_BYTES)))?;
@@ -62,17 +67,12 @@ impl Instance {
         result.map_err(|e| explain(self.store.data(), e))
     }
 
-    /// Hands the plugin one batch of syscall records.
-    pub fn on_batch(&mut self, deadline: Duration, records: &[u8], dropped: u64) -> anyhow::Result<()> {
+    /// Hands the plugin one batch of records of `kind`.
+    pub fn on_batch(&mut self, deadline: Duration, kind: Kind, records: &[u8], dropped: u64) -> anyhow::Result<()> {
         self.store.set_epoch_deadline(PluginEngine::ticks(deadline));
         self.store.data_mut().begin_call();
-        let result = self.bindings.wasmtap_plugin_handler().call_on_batch(
-            &mut self.store,
-            WitEventKind::Syscall,
-            wasmtap_events::SyscallRecord::SIZE as u32,
-            records,
-            dropped,
-        );
+        let result =
+            self.bindings.wasmtap_plugin_handler().call_on_batch(&mut self.store, kind.name, kind.record_size as u32, records, dropped);
         self.finish(result).context("on-batch trapped")
     }
 

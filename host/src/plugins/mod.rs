@@ -13,36 +13,37 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 pub use engine::PluginEngine;
+use host::ConfigValue;
 pub use worker::{PluginHandle, PluginSpec, PluginStatus};
 
 use crate::{
     budget::{Budget, Reason, Refusal, TenantBudget},
-    config::PluginConfig,
+    config::{ConfigNode, PluginConfig},
+    enrich::Enricher,
     sinks::{MetricSink, SelfMetrics, metrics::namespace_for},
 };
 
+/// What every plugin shares from the host.
+#[derive(Clone)]
+pub struct HostServices {
+    pub engine: Arc<PluginEngine>,
+    pub sink: Arc<MetricSink>,
+    pub metrics: SelfMetrics,
+    pub enricher: Arc<Enricher>,
+}
+
 /// Loads, compiles, instantiates and initialises one configured plugin.
-pub fn start(
-    engine: &Arc<PluginEngine>,
-    config: &PluginConfig,
-    tenant: Option<Arc<TenantBudget>>,
-    sink: &Arc<MetricSink>,
-    metrics: &SelfMetrics,
-) -> anyhow::Result<PluginHandle> {
+pub fn start(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<TenantBudget>>) -> anyhow::Result<(PluginHandle, bool)> {
     let scope = tenant.as_ref().map(|t| t.scope.clone());
-    let spec = prepare(engine, config, tenant, sink, metrics)?;
-    worker::start(spec, metrics.plugin(&config.name), scope)
+    let spec = prepare(host, config, tenant)?;
+    let uses_enrichment = spec.uses_enrichment;
+    Ok((worker::start(spec, host.metrics.plugin(&config.name), scope)?, uses_enrichment))
 }
 
 /// Claims the plugin's namespace, then loads and compiles it, linked and ready to
 /// instantiate.
-pub fn prepare(
-    engine: &Arc<PluginEngine>,
-    config: &PluginConfig,
-    tenant: Option<Arc<TenantBudget>>,
-    sink: &Arc<MetricSink>,
-    metrics: &SelfMetrics,
-) -> anyhow::Result<PluginSpec> {
+pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<TenantBudget>>) -> anyhow::Result<PluginSpec> {
+    let HostServices { engine, sink, metrics, enricher } = host;
     let own = config.namespace.clone().unwrap_or_else(|| namespace_for(&config.name));
     let namespace = match &tenant {
         Some(tenant) => format!("{}_{own}", tenant.namespace),
@@ -65,8 +66,34 @@ pub fn prepare(
         engine::CompileError::Invalid(e) => e.context("not a valid wasmtap plugin component"),
     })?;
     wasi::check_imports(engine.engine(), &component).map_err(|refusal| budget.refuse(refusal))?;
+    let uses_enrichment = component
+        .component_type()
+        .imports(engine.engine())
+        .any(|(name, _)| name.starts_with("wasmtap:plugin/enrich@"));
     let pre = engine.prepare(&component).context("the component does not fit the wasmtap:plugin world")?;
-    Ok(PluginSpec { name: config.name.clone(), namespace, config: config.init_config(), budget, pre, engine: engine.clone(), sink: sink.clone() })
+    Ok(PluginSpec {
+        name: config.name.clone(),
+        namespace,
+        config: config.config_tree().into_iter().map(config_value).collect(),
+        budget,
+        pre,
+        engine: engine.clone(),
+        sink: sink.clone(),
+        enricher: enricher.clone(),
+        uses_enrichment,
+    })
+}
+
+fn config_value(node: ConfigNode) -> ConfigValue {
+    match node {
+        ConfigNode::String(s) => ConfigValue::String(s),
+        ConfigNode::Integer(i) => ConfigValue::Integer(i),
+        ConfigNode::Float(f) => ConfigValue::Float(f),
+        ConfigNode::Boolean(b) => ConfigValue::Boolean(b),
+        ConfigNode::Datetime(d) => ConfigValue::Datetime(d),
+        ConfigNode::Array(items) => ConfigValue::Array(items),
+        ConfigNode::Table(entries) => ConfigValue::Table(entries),
+    }
 }
 
 /// Reads a component file, refusing one larger than `max` without reading it whole.

@@ -19,14 +19,15 @@ use serde::Serialize;
 
 use super::{
     engine::PluginEngine,
-    host::{Manifest, PluginPre, PluginState, WitEventKind},
+    host::{ConfigValue, Manifest, PluginPre, PluginState},
     instance::{Instance, instantiate},
 };
 use crate::{
     budget::{Budget, Reason, Refusal},
-    events::{Batch, CgroupScope, CompiledFilters, EventFilter, EventKind, Subscriber, filter::MAX_FILTERS},
-    names,
-    sinks::{MetricSink, self_metrics::PluginCounters},
+    enrich::Enricher,
+    events::{Batch, CgroupScope, CompiledFilters, EventFilter, Subscriber, filter::MAX_FILTERS},
+    probes::{self, Kind},
+    sinks::{MetricSink, logs::sanitize, self_metrics::PluginCounters},
 };
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -40,11 +41,15 @@ const FAULT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub struct PluginSpec {
     pub name: String,
     pub namespace: String,
-    pub config: Vec<(String, String)>,
+    pub config: Vec<ConfigValue>,
     pub budget: Arc<Budget>,
     pub pre: PluginPre<PluginState>,
     pub engine: Arc<PluginEngine>,
     pub sink: Arc<MetricSink>,
+    pub enricher: Arc<Enricher>,
+    /// Whether the component imports the enrichment interface (then the host observes
+    /// process events to keep its answers right).
+    pub uses_enrichment: bool,
 }
 
 /// What `/status` shows of a plugin.
@@ -60,9 +65,10 @@ pub struct PluginStatus {
     pub last_error: Option<String>,
 }
 
-/// A started plugin: its subscription (for the router) and its worker thread.
+/// A started plugin: its subscriptions (for the router) and its worker thread.
 pub struct PluginHandle {
-    pub subscriber: Arc<Subscriber>,
+    /// One per kind it subscribed to, sharing its queue.
+    pub subscribers: Vec<Arc<Subscriber>>,
     pub status: Arc<Mutex<PluginStatus>>,
     shutdown: Arc<OnceLock<Instant>>,
     thread: thread::JoinHandle<()>,
@@ -79,22 +85,26 @@ impl PluginHandle {
     /// tick. The queue closes when the router lets go of the subscriber.
     pub fn join(self) {
         self.begin_shutdown();
-        drop(self.subscriber);
+        drop(self.subscribers);
         let _ = self.thread.join();
     }
 }
 
-/// The manifest's syscall subscriptions as host filters (syscall names resolved),
-/// within the plugin's subscription and filter-entry budgets.
-fn syscall_filters(manifest: &Manifest, budget: &Budget) -> anyhow::Result<Vec<EventFilter>> {
+/// The manifest's subscriptions as host filters per kind, within the plugin's
+/// subscription and filter-entry budgets.
+fn subscriptions(manifest: &Manifest, budget: &Budget) -> anyhow::Result<Vec<(Kind, Vec<EventFilter>)>> {
     let limits = &budget.limits;
     let max = limits.subscriptions.min(MAX_FILTERS);
-    let subscriptions = manifest.subscriptions.len();
-    if subscriptions > max {
-        let refusal = Refusal::new(Reason::Subscriptions, format!("the manifest has {subscriptions} subscriptions; the limit is {max} (subscriptions)"));
+    let count = manifest.subscriptions.len();
+    if count > max {
+        let refusal = Refusal::new(Reason::Subscriptions, format!("the manifest has {count} subscriptions; the limit is {max} (subscriptions)"));
         return Err(budget.refuse(refusal).into());
     }
-    let entries: usize = manifest.subscriptions.iter().map(|s| s.filter.pids.len() + s.filter.cgroups.len() + s.filter.syscalls.len()).sum();
+    let entries: usize = manifest
+        .subscriptions
+        .iter()
+        .map(|s| s.filter.pids.len() + s.filter.cgroups.len() + s.filter.comms.len() + s.filter.params.iter().map(|(_, v)| v.len()).sum::<usize>())
+        .sum();
     if entries > limits.filter_entries {
         let refusal = Refusal::new(
             Reason::FilterEntries,
@@ -102,37 +112,43 @@ fn syscall_filters(manifest: &Manifest, budget: &Budget) -> anyhow::Result<Vec<E
         );
         return Err(budget.refuse(refusal).into());
     }
-    manifest
-        .subscriptions
-        .iter()
-        .filter(|s| s.kind == WitEventKind::Syscall)
-        .map(|s| {
-            let syscalls = s
-                .filter
-                .syscalls
-                .iter()
-                .map(|name| names::syscall_number(name).ok_or_else(|| anyhow!("unknown syscall name {:?} in the manifest", crate::sinks::logs::sanitize(name, 64))))
-                .collect::<anyhow::Result<_>>()?;
-            Ok(EventFilter { pids: s.filter.pids.iter().copied().collect(), cgroups: s.filter.cgroups.iter().copied().collect(), syscalls })
-        })
-        .collect()
+    let mut by_kind: Vec<(Kind, Vec<EventFilter>)> = Vec::new();
+    for s in &manifest.subscriptions {
+        let kind = probes::kind(&s.kind).ok_or_else(|| {
+            let offered: Vec<_> = probes::KINDS.iter().map(|k| k.name).collect();
+            anyhow!("the manifest subscribes to event kind {:?}, which this host does not offer (it offers {})", sanitize(&s.kind, 64), offered.join(", "))
+        })?;
+        let f = &s.filter;
+        let filter = kind.parse_filter(&f.pids, &f.cgroups, &f.comms, &f.params)?;
+        match by_kind.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, filters)) => filters.push(filter),
+            None => by_kind.push((kind, vec![filter])),
+        }
+    }
+    Ok(by_kind)
 }
 
 /// Instantiates and initialises the plugin, then hands it to its own worker thread.
 pub fn start(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<CgroupScope>>) -> anyhow::Result<PluginHandle> {
     let (instance, manifest) = instantiate(&spec)?;
-    let filters = syscall_filters(&manifest, &spec.budget)?;
     let (queue, rx) = sync_channel(spec.budget.limits.queue_batches);
-    let subscriber = Arc::new(Subscriber {
-        plugin: spec.name.clone(),
-        kind: EventKind::Syscall,
-        compiled: CompiledFilters::new(&filters),
-        filters,
-        scope,
-        queue,
-        pending_dropped: Arc::default(),
-        counters: counters.clone(),
-    });
+    let pending_dropped = Arc::new(AtomicU64::new(0));
+    let subscribers = subscriptions(&manifest, &spec.budget)?
+        .into_iter()
+        .map(|(kind, filters)| {
+            Arc::new(Subscriber {
+                plugin: spec.name.clone(),
+                kind,
+                compiled: CompiledFilters::new(&filters),
+                filters,
+                scope: scope.clone(),
+                queue: queue.clone(),
+                pending_dropped: pending_dropped.clone(),
+                counters: counters.clone(),
+            })
+        })
+        .collect();
+    drop(queue); // the subscribers hold it: it closes when the router lets go of them
     let status = Arc::new(Mutex::new(PluginStatus {
         name: spec.name.clone(),
         tenant: spec.budget.tenant.as_ref().map(|t| t.name.clone()),
@@ -146,7 +162,7 @@ pub fn start(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<Cgrou
         spec,
         instance: Some(instance),
         counters,
-        pending_dropped: subscriber.pending_dropped.clone(),
+        pending_dropped,
         status: status.clone(),
         tick,
         shutdown: shutdown.clone(),
@@ -156,7 +172,7 @@ pub fn start(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<Cgrou
         .name(format!("plugin-{}", worker.spec.name))
         .spawn(move || worker.run(rx))
         .context("spawning the plugin worker")?;
-    Ok(PluginHandle { subscriber, status, shutdown, thread })
+    Ok(PluginHandle { subscribers, status, shutdown, thread })
 }
 
 /// Fault history of one plugin.
@@ -250,7 +266,7 @@ impl Worker {
         let dropped = self.pending_dropped.load(Relaxed);
         let Some(instance) = self.live_instance() else { return self.drop_batch(n) };
         let started = Instant::now();
-        let result = instance.on_batch(deadline, &batch.records, dropped);
+        let result = instance.on_batch(deadline, batch.kind, &batch.records, dropped);
         let memory = instance.memory_bytes();
         self.spent(started.elapsed());
         match result {

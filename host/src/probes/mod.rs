@@ -1,13 +1,25 @@
-//! Kernel probes: the embedded eBPF object, attached as the merged subscriptions need,
-//! with its filter maps programmed from userspace. One module per probe family.
+//! Kernel probes: one kernel object per event kind, loaded only when a plugin
+//! subscribes to the kind, with its filter maps programmed from the union of the
+//! subscriptions and its programs attached (best flavour the kernel offers first).
+//!
+//! Adding a kind: its kernel program (`host-ebpf/src/bin/`), its layout module in
+//! `wasmtap-events`, a descriptor module here, and one line in [`KINDS`].
 
-pub mod syscalls;
+pub mod btf;
+pub mod kind;
+pub mod process;
+pub mod syscall;
 pub mod system;
 
-pub use syscalls::{SyscallProbe, SyscallStream};
+pub use kind::{Kind, KindSpec, Probe, ProbeStream};
 
-/// The kernel programs, built by `host/build.rs` from `host-ebpf/`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wasmtap-ebpf"));
+/// Every kind this host offers, by name.
+pub static KINDS: &[Kind] = &[&syscall::KIND, &process::KIND];
+
+/// The kind called `name`.
+pub fn kind(name: &str) -> Option<Kind> {
+    KINDS.iter().copied().find(|k| k.name == name)
+}
 
 /// Turns a kernel refusal into an error that says how to fix it.
 fn explain(err: impl std::error::Error + Send + Sync + 'static, what: &str) -> anyhow::Error {

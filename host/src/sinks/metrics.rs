@@ -302,6 +302,25 @@ impl MetricFamily {
         table.list.push(series.clone());
         Ok(series)
     }
+
+    /// Deletes `series` from the family (and from `/metrics`), giving back what it was
+    /// charged. Asking for its labels again starts a new series from zero.
+    pub fn remove(&self, series: &Arc<Series>, budget: &Budget) {
+        let values: Vec<String> = series.labels.iter().map(|(_, v)| v.clone()).collect();
+        let mut table = self.series.write().expect("series lock");
+        let Some(&i) = table.index.get(&values) else { return };
+        if !Arc::ptr_eq(&table.list[i], series) {
+            return; // already removed, and the labels interned anew since
+        }
+        table.index.remove(&values);
+        table.list.swap_remove(i);
+        if let Some(moved) = table.list.get(i) {
+            let moved: Vec<String> = moved.labels.iter().map(|(_, v)| v.clone()).collect();
+            table.index.insert(moved, i);
+        }
+        budget.release(Reason::Series, 1);
+        budget.release(Reason::MetricBytes, series_cost(&self.name, &self.spec, &values));
+    }
 }
 
 impl Series {

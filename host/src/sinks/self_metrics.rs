@@ -29,6 +29,7 @@ struct RefusalLabels {
 pub struct SelfMetrics {
     probe_records: Family<ProbeLabels, Counter>,
     probe_kernel_drops: Family<ProbeLabels, Counter>,
+    probe_malformed: Family<ProbeLabels, Counter>,
     plugin_events: Family<PluginLabels, Counter>,
     plugin_dropped: Family<PluginLabels, Counter>,
     plugin_batches: Family<PluginLabels, Counter>,
@@ -49,6 +50,8 @@ pub struct ProbeCounters {
     pub records: Counter,
     /// Records the kernel could not write because the ring buffer was full.
     pub kernel_drops: Counter,
+    /// Records of a size the kind's layout does not have (not delivered).
+    pub malformed: Counter,
 }
 
 /// One plugin's counters.
@@ -77,6 +80,11 @@ impl SelfMetrics {
             "Records lost in the kernel because a probe's ring buffer was full.",
             m.probe_kernel_drops.clone(),
         );
+        r.register(
+            "probe_malformed_records",
+            "Records of a size the kind's layout does not have; not delivered (a kernel/host build mismatch).",
+            m.probe_malformed.clone(),
+        );
         r.register("plugin_events", "Events delivered to a plugin.", m.plugin_events.clone());
         r.register(
             "plugin_dropped_events",
@@ -104,6 +112,7 @@ impl SelfMetrics {
         ProbeCounters {
             records: self.probe_records.get_or_create(&l).clone(),
             kernel_drops: self.probe_kernel_drops.get_or_create(&l).clone(),
+            malformed: self.probe_malformed.get_or_create(&l).clone(),
         }
     }
 

@@ -1,24 +1,29 @@
 //! syscall-latency: a histogram of syscall latency in seconds by `comm` and `syscall`,
 //! and a counter of failed syscalls by `comm`, `syscall` and `errno`.
 //!
-//! Config (all optional, comma-separated): `pids`, `cgroups`, `syscalls` (names) narrow
-//! the subscription; by default every process is observed.
+//! Config (all optional): `pids` (integers), `cgroups` (cgroup v2 ids), `comms` and
+//! `syscalls` (names) narrow the subscription; by default every process is observed.
+//! `container_label = true` adds a `container` label: the container id of the task's
+//! cgroup, or its cgroup path outside containers (looked up once per cgroup).
 
 use wasmtap_sdk::{
-    Config, CounterVec, EventKind, Filter, HistogramVec, HostApi, HostInfo, Manifest, Plugin, Subscription,
-    SyscallBatch, SyscallRecord, Wit, export_plugin,
+    Config, CounterVec, Filter, HistogramVec, HostApi, HostInfo, Manifest, Plugin, Record as _, Subscription, SyscallBatch, SyscallRecord,
+    Wit, enrich, export_plugin,
     names::{errno_label, syscall_label},
 };
 
-/// Per-thread-name, per-syscall key. The comm stays raw (as one integer, so comparing
-/// keys is two integer compares, not a byte loop) and is only formatted for a new series.
-type Key = (u128, u32);
+/// Per-thread-name, per-syscall (per-cgroup, when labelled) key. The comm stays raw
+/// (as one integer, so comparing keys is a few integer compares, not a byte loop) and
+/// is only formatted for a new series.
+type Key = (u128, u32, u64);
 
 /// The plugin's state. Generic over the host so the benchmark can run the very same
 /// aggregation natively; as a plugin it talks to the real host through [`Wit`].
 pub struct SyscallLatency<H: HostApi + Clone = Wit> {
     latency: HistogramVec<Key, H>,
     errors: CounterVec<(Key, u16), H>,
+    /// Whether keys and labels carry the container.
+    container_label: bool,
 }
 
 /// Upper bounds in nanoseconds: powers of two from 128 ns to ~8.6 s.
@@ -32,30 +37,45 @@ fn comm_label(comm: &u128) -> String {
     String::from_utf8_lossy(&comm[..len]).into_owned()
 }
 
+/// The container id of cgroup `id`, or its path outside containers.
+fn container_label(id: &u64) -> String {
+    match enrich::cgroup(*id) {
+        Some(cgroup) => cgroup.container_id.unwrap_or(cgroup.path),
+        None => "unknown".into(),
+    }
+}
+
 impl<H: HostApi + Clone> SyscallLatency<H> {
-    pub fn new(host: H) -> Result<Self, String> {
+    pub fn new(host: H, container_label: bool) -> Result<Self, String> {
+        let labels: &[&str] = if container_label { &["comm", "syscall", "container"] } else { &["comm", "syscall"] };
+        let error_labels: &[&str] = if container_label { &["comm", "syscall", "container", "errno"] } else { &["comm", "syscall", "errno"] };
         Ok(Self {
-            latency: HistogramVec::declare(
-                host.clone(),
-                "seconds",
-                "Latency of completed system calls.",
-                &["comm", "syscall"],
-                latency_bounds_ns(),
-                1e-9,
-            )?,
-            errors: CounterVec::declare(host, "errors", "System calls that returned an error.", &["comm", "syscall", "errno"])?,
+            latency: HistogramVec::declare(host.clone(), "seconds", "Latency of completed system calls.", labels, latency_bounds_ns(), 1e-9)?,
+            errors: CounterVec::declare(host, "errors", "System calls that returned an error.", error_labels)?,
+            container_label,
         })
     }
 
     /// Aggregates one batch and flushes it to the host.
     pub fn observe(&mut self, records: &[SyscallRecord]) {
         let host = self.latency.host().clone();
+        let labelled = self.container_label;
+        let labels = |(comm, nr, cgroup): &Key| {
+            let mut labels = vec![comm_label(comm), syscall_label(&host, *nr)];
+            if labelled {
+                labels.push(container_label(cgroup));
+            }
+            labels
+        };
         for r in records {
-            let key = (u128::from_le_bytes(r.comm), r.syscall_nr);
-            self.latency.observe(key, r.latency_ns, |(comm, nr)| vec![comm_label(comm), syscall_label(&host, *nr)]);
+            let cgroup = if labelled { r.header.cgroup_id } else { 0 };
+            let key = (u128::from_le_bytes(r.header.comm), r.syscall_nr, cgroup);
+            self.latency.observe(key, r.latency_ns, &labels);
             if let Some(errno) = r.errno() {
-                self.errors.add((key, errno), 1, |((comm, nr), errno)| {
-                    vec![comm_label(comm), syscall_label(&host, *nr), errno_label(&host, *errno)]
+                self.errors.add((key, errno), 1, |(key, errno)| {
+                    let mut labels = labels(key);
+                    labels.push(errno_label(&host, *errno));
+                    labels
                 });
             }
         }
@@ -69,10 +89,12 @@ impl Plugin for SyscallLatency {
         let filter = Filter {
             pids: config.list("pids")?,
             cgroups: config.list("cgroups")?,
-            syscalls: config.list("syscalls")?,
+            comms: config.list("comms")?,
+            params: vec![("syscalls".into(), config.list("syscalls")?)],
         };
-        let manifest = Manifest { subscriptions: vec![Subscription { kind: EventKind::Syscall, filter }], tick_interval_ms: 0 };
-        Ok((Self::new(Wit)?, manifest))
+        let subscriptions = vec![Subscription { kind: SyscallRecord::KIND.into(), filter }];
+        let container_label = config.get("container_label")?.unwrap_or(false);
+        Ok((Self::new(Wit, container_label)?, Manifest { subscriptions, tick_interval_ms: 0 }))
     }
 
     fn on_syscalls(&mut self, batch: SyscallBatch<'_>) {

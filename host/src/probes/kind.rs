@@ -1,0 +1,277 @@
+//! What a kind is to the host (its descriptor), and a loaded kind (its probe).
+
+use std::collections::BTreeSet;
+
+use anyhow::Context as _;
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{BtfTracePoint, Program, TracePoint},
+};
+use wasmtap_events::{FILTER_CGROUPS, FILTER_PIDS, FILTER_SELECTORS, MAX_FILTER_ENTRIES, MAX_SELECTORS, ProbeConfig, maps};
+
+use super::{btf::KernelBtf, explain, system};
+use crate::{
+    config::ProbeSettings,
+    events::{EventFilter, ring::RingReader},
+};
+
+/// A kind, as the rest of the host refers to it.
+pub type Kind = &'static KindSpec;
+
+/// Everything the host knows about one event kind.
+pub struct KindSpec {
+    /// What plugins subscribe to; also the `probe` label of the self-metrics.
+    pub name: &'static str,
+    /// The kind's kernel object (built by `host/build.rs`).
+    pub object: &'static [u8],
+    /// Bytes per record the kernel writes.
+    pub record_size: usize,
+    /// Where the record's selector (a `u32`) sits: the number filtered on besides pid,
+    /// cgroup and comm (syscall number, process event).
+    pub selector_offset: usize,
+    /// The subscription parameter that lists selectors by name, e.g. "syscalls".
+    pub selector_param: &'static str,
+    pub parse_selector: fn(&str) -> Option<u32>,
+    /// Ways to attach, best first; the first whose programs all attach wins.
+    pub flavours: &'static [Flavour],
+    /// Globals to set in the object before loading (kernel struct offsets).
+    pub globals: fn(Option<&KernelBtf>) -> anyhow::Result<Vec<(&'static str, u32)>>,
+}
+
+impl KindSpec {
+    /// A subscription's filter: the common fields as given, and the kind's selector
+    /// parameter (the only parameter a kind takes) parsed by name.
+    pub fn parse_filter(&self, pids: &[u32], cgroups: &[u64], comms: &[String], params: &[(String, Vec<String>)]) -> anyhow::Result<EventFilter> {
+        let mut selectors = BTreeSet::new();
+        for (name, values) in params {
+            if name != self.selector_param {
+                anyhow::bail!(
+                    "the {} kind has no filter parameter {:?}; it takes {:?}",
+                    self.name,
+                    crate::sinks::logs::sanitize(name, 64),
+                    self.selector_param
+                );
+            }
+            for value in values {
+                let selector = (self.parse_selector)(value).with_context(|| {
+                    format!("unknown {} value {:?} in a {} subscription", self.selector_param, crate::sinks::logs::sanitize(value, 64), self.name)
+                })?;
+                selectors.insert(selector);
+            }
+        }
+        Ok(EventFilter {
+            pids: pids.iter().copied().collect(),
+            cgroups: cgroups.iter().copied().collect(),
+            comms: comms.iter().map(|c| crate::events::filter::comm_key(c)).collect(),
+            selectors,
+        })
+    }
+}
+
+impl std::fmt::Debug for KindSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl PartialEq for KindSpec {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+pub struct Flavour {
+    /// Shown in `/status` and the log, e.g. "tp_btf".
+    pub name: &'static str,
+    /// (program name in the object, where it attaches).
+    pub programs: &'static [(&'static str, Point)],
+}
+
+pub enum Point {
+    /// A BTF-enabled tracepoint (`tp_btf/<name>`).
+    Btf(&'static str),
+    /// A classic tracepoint (category, name), through tracefs.
+    Tracepoint(&'static str, &'static str),
+}
+
+/// One loaded kind: programs, filter maps, config. Dropping it detaches and unloads
+/// every program and frees its maps.
+pub struct Probe {
+    pub kind: Kind,
+    ebpf: Ebpf,
+    attach: &'static str,
+    config: ProbeConfig,
+    installed: EventFilter,
+    widened: Vec<&'static str>,
+}
+
+/// What the reader owns: the ring buffer and the kernel drop counters.
+pub struct ProbeStream {
+    pub kind: Kind,
+    pub ring: RingReader,
+    pub drops: PerCpuArray<MapData, u64>,
+}
+
+impl Probe {
+    /// Loads the kind's object, programs `filter` into the kernel, then attaches.
+    pub fn start(kind: Kind, settings: &ProbeSettings, filter: &EventFilter) -> anyhow::Result<(Self, ProbeStream)> {
+        let btf = Btf::from_sys_fs().ok();
+        let globals = (kind.globals)(KernelBtf::load().ok().as_ref())?;
+        let mut loader = EbpfLoader::new();
+        loader.btf(btf.as_ref()).map_max_entries(maps::EVENTS, settings.ring_buffer_bytes);
+        for (name, value) in &globals {
+            loader.override_global(name, value, true);
+        }
+        let mut ebpf = loader.load(kind.object).map_err(|e| explain(e, &format!("cannot load the {} probe's eBPF object", kind.name)))?;
+        let ring = RingReader::new(ebpf.take_map(maps::EVENTS).context("object lacks EVENTS")?)?;
+        let drops = PerCpuArray::try_from(ebpf.take_map(maps::COUNTERS).context("object lacks COUNTERS")?)?;
+        let config = ProbeConfig {
+            filters: 0,
+            ignore_pid: std::process::id(),
+            wakeup_bytes: u64::from(settings.ring_buffer_bytes) * u64::from(settings.wakeup_percent) / 100,
+        };
+        let mut probe = Self { kind, ebpf, attach: "", config, installed: EventFilter::default(), widened: Vec::new() };
+        probe.set_filter(filter)?;
+        probe.attach(btf.as_ref())?;
+        Ok((probe, ProbeStream { kind, ring, drops }))
+    }
+
+    fn attach(&mut self, btf: Option<&Btf>) -> anyhow::Result<()> {
+        let mut failures = Vec::new();
+        for flavour in self.kind.flavours {
+            match self.attach_flavour(flavour, btf) {
+                Ok(()) => {
+                    self.attach = flavour.name;
+                    for failure in failures {
+                        tracing::warn!(kind = self.kind.name, "{failure:#}; fell back to {}", flavour.name);
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Nothing of a failed flavour may stay attached beside the next one.
+                    for (program, _) in flavour.programs {
+                        match self.ebpf.program_mut(program) {
+                            Some(Program::BtfTracePoint(p)) => drop(p.unload()),
+                            Some(Program::TracePoint(p)) => drop(p.unload()),
+                            _ => {}
+                        }
+                    }
+                    failures.push(e.context(format!("{} attach failed", flavour.name)));
+                }
+            }
+        }
+        Err(failures.pop().unwrap_or_else(|| anyhow::anyhow!("the {} kind has no programs", self.kind.name)))
+    }
+
+    fn attach_flavour(&mut self, flavour: &Flavour, btf: Option<&Btf>) -> anyhow::Result<()> {
+        for (program, point) in flavour.programs {
+            let program_mut = self.ebpf.program_mut(program).with_context(|| format!("object lacks program {program}"))?;
+            match point {
+                Point::Btf(event) => {
+                    let btf = btf.context("no kernel BTF (/sys/kernel/btf/vmlinux)")?;
+                    let p: &mut BtfTracePoint = program_mut.try_into()?;
+                    p.load(event, btf).map_err(|e| explain(e, &format!("cannot load tp_btf/{event}")))?;
+                    p.attach().map_err(|e| explain(e, &format!("cannot attach tp_btf/{event}")))?;
+                }
+                Point::Tracepoint(category, event) => {
+                    system::ensure_mounted(system::TRACEFS, "tracefs")?;
+                    let p: &mut TracePoint = program_mut.try_into()?;
+                    p.load().map_err(|e| explain(e, &format!("cannot load tracepoint {category}/{event}")))?;
+                    p.attach(category, event).map_err(|e| explain(e, &format!("cannot attach tracepoint {category}/{event}")))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// How the programs were attached, e.g. "tp_btf".
+    pub fn attach_kind(&self) -> &'static str {
+        self.attach
+    }
+
+    /// Kernel ids of the loaded programs (for status and for leak checks).
+    pub fn program_ids(&self) -> Vec<u32> {
+        self.ebpf.programs().filter_map(|(_, p)| p.info().ok()).map(|i| i.id()).collect()
+    }
+
+    /// Filter dimensions left open in the kernel because the union did not fit.
+    pub fn widened(&self) -> Vec<&'static str> {
+        self.widened.clone()
+    }
+
+    /// Programs the kernel filter maps. Entries are added before the switch bits are set
+    /// and removed after, so a change never briefly narrows what is recorded. A pid or
+    /// cgroup set larger than its map is not pushed: that dimension stays open in the
+    /// kernel (the host's routing still delivers each plugin exactly its records), rather
+    /// than the probe recording for nobody. Comms are matched in the host only.
+    pub fn set_filter(&mut self, filter: &EventFilter) -> anyhow::Result<()> {
+        if let Some(&s) = filter.selectors.iter().find(|&&s| s >= MAX_SELECTORS) {
+            anyhow::bail!("{} selector {s} is beyond the probe's table of {MAX_SELECTORS}", self.kind.selector_param);
+        }
+        let mut filter = filter.clone();
+        self.widened.clear();
+        let kind = self.kind.name;
+        let mut widen = |dimension: &'static str, len: usize| {
+            let too_big = len > MAX_FILTER_ENTRIES as usize;
+            if too_big {
+                tracing::warn!(
+                    kind,
+                    "the plugins' {dimension} filters hold {len} entries, more than the kernel map's {MAX_FILTER_ENTRIES}: \
+                     {dimension} are not filtered in the kernel, only in the host"
+                );
+                self.widened.push(dimension);
+            }
+            too_big
+        };
+        if widen("pids", filter.pids.len()) {
+            filter.pids.clear();
+        }
+        if widen("cgroups", filter.cgroups.len()) {
+            filter.cgroups.clear();
+        }
+        filter.comms.clear();
+        let filter = &filter;
+        let old = std::mem::take(&mut self.installed);
+        sync_set(&mut self.ebpf, maps::PID_FILTER, &old.pids, &filter.pids, Stage::Add)?;
+        sync_set(&mut self.ebpf, maps::CGROUP_FILTER, &old.cgroups, &filter.cgroups, Stage::Add)?;
+        set_selectors(&mut self.ebpf, filter.selectors.difference(&old.selectors), 1)?;
+        let mut filters = 0;
+        for (bit, on) in [
+            (FILTER_PIDS, !filter.pids.is_empty()),
+            (FILTER_CGROUPS, !filter.cgroups.is_empty()),
+            (FILTER_SELECTORS, !filter.selectors.is_empty()),
+        ] {
+            if on {
+                filters |= bit;
+            }
+        }
+        self.config.filters = filters;
+        let mut config: Array<_, ProbeConfig> = Array::try_from(self.ebpf.map_mut(maps::CONFIG).context("CONFIG")?)?;
+        config.set(0, self.config, 0).context("writing the probe config")?;
+        set_selectors(&mut self.ebpf, old.selectors.difference(&filter.selectors), 0)?;
+        sync_set(&mut self.ebpf, maps::PID_FILTER, &old.pids, &filter.pids, Stage::Remove)?;
+        sync_set(&mut self.ebpf, maps::CGROUP_FILTER, &old.cgroups, &filter.cgroups, Stage::Remove)?;
+        self.installed = filter.clone();
+        Ok(())
+    }
+}
+
+fn set_selectors<'a>(ebpf: &mut Ebpf, mut selectors: impl Iterator<Item = &'a u32>, value: u8) -> anyhow::Result<()> {
+    let mut map: Array<_, u8> = Array::try_from(ebpf.map_mut(maps::SELECTOR_FILTER).context("object lacks SELECTOR_FILTER")?)?;
+    selectors.try_for_each(|&s| map.set(s, value, 0)).context("updating SELECTOR_FILTER")
+}
+
+enum Stage {
+    Add,
+    Remove,
+}
+
+fn sync_set<K: aya::Pod + Ord>(ebpf: &mut Ebpf, name: &str, old: &BTreeSet<K>, new: &BTreeSet<K>, stage: Stage) -> anyhow::Result<()> {
+    let mut map: HashMap<_, K, u8> = HashMap::try_from(ebpf.map_mut(name).with_context(|| format!("object lacks {name}"))?)?;
+    match stage {
+        Stage::Add => new.difference(old).try_for_each(|k| map.insert(k, 1, 0)),
+        Stage::Remove => old.difference(new).try_for_each(|k| map.remove(k)),
+    }
+    .with_context(|| format!("updating {name}"))
+}

@@ -1,0 +1,33 @@
+//! The `syscall` kind: one record per completed system call (`raw_syscalls`).
+
+use wasmtap_events::{Record as _, SyscallRecord, syscall::SELECTOR_OFFSET};
+
+use super::kind::{Flavour, KindSpec, Point};
+
+pub static KIND: KindSpec = KindSpec {
+    name: SyscallRecord::KIND,
+    object: aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wasmtap-syscall")),
+    record_size: SyscallRecord::SIZE,
+    selector_offset: SELECTOR_OFFSET,
+    selector_param: "syscalls",
+    parse_selector: crate::names::syscall_number,
+    flavours: &[
+        Flavour {
+            name: "tp_btf",
+            programs: &[
+                ("wt_sys_enter", Point::Btf("sys_enter")),
+                ("wt_sys_exit", Point::Btf("sys_exit")),
+                ("wt_sys_task_exit", Point::Btf("sched_process_exit")),
+            ],
+        },
+        Flavour {
+            name: "tracepoint",
+            programs: &[
+                ("wt_sys_enter_tp", Point::Tracepoint("raw_syscalls", "sys_enter")),
+                ("wt_sys_exit_tp", Point::Tracepoint("raw_syscalls", "sys_exit")),
+                ("wt_sys_task_exit_tp", Point::Tracepoint("sched", "sched_process_exit")),
+            ],
+        },
+    ],
+    globals: |_| Ok(Vec::new()),
+};
