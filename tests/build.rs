@@ -12,8 +12,8 @@ fn multi_memory_component(root: &std::path::Path) -> Vec<u8> {
     use wasm_encoder::{CodeSection, ExportKind, ExportSection, Function, FunctionSection, MemorySection, MemoryType, Module, TypeSection, ValType::*};
     let mut types = TypeSection::new();
     types.ty().function([I32; 4], [I32]); // cabi_realloc
-    types.ty().function([I32; 8], [I32]); // init
-    types.ty().function([I32, I32, I32, I32, I64], []); // on-batch
+    types.ty().function([I32; 10], [I32]); // init(host-info: 3 strings + a list, config: a list)
+    types.ty().function([I32, I32, I32, I32, I32, I64], []); // on-batch(kind, record-size, records, dropped)
     types.ty().function([I64], []); // tick
     let mut functions = FunctionSection::new();
     for t in 0..4 {
@@ -28,7 +28,7 @@ fn multi_memory_component(root: &std::path::Path) -> Vec<u8> {
     let mut exports = ExportSection::new();
     exports.export("memory", ExportKind::Memory, 0).export("cabi_realloc", ExportKind::Func, 0);
     for (i, name) in ["init", "on-batch", "tick"].iter().enumerate() {
-        exports.export(&format!("wasmtap:plugin/handler@0.1.0#{name}"), ExportKind::Func, i as u32 + 1);
+        exports.export(&format!("wasmtap:plugin/handler@0.2.1#{name}"), ExportKind::Func, i as u32 + 1);
     }
     let mut code = CodeSection::new();
     let mut realloc = Function::new([]);
@@ -54,15 +54,19 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
-    for dir in ["tests/hostile-plugin", "sdk", "wit", "host-ebpf/common"] {
+    for dir in ["tests/hostile-plugin", "tests/compat-plugin", "sdk", "wit", "host-ebpf/common"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     let target_dir = out_dir.join("hostile-target");
-    for (features, file, var) in [(None, "hostile.wasm", "HOSTILE_WASM"), (Some("fs"), "hostile-fs.wasm", "HOSTILE_FS_WASM")] {
+    for (package, features, file, var) in [
+        ("hostile-plugin", None, "hostile.wasm", "HOSTILE_WASM"),
+        ("hostile-plugin", Some("fs"), "hostile-fs.wasm", "HOSTILE_FS_WASM"),
+        ("compat-plugin", None, "compat.wasm", "COMPAT_WASM"),
+    ] {
         let mut cargo = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cargo
             .current_dir(&root)
-            .args(["build", "--release", "--target", "wasm32-wasip2", "--package", "hostile-plugin", "--target-dir"])
+            .args(["build", "--release", "--target", "wasm32-wasip2", "--package", package, "--target-dir"])
             .arg(&target_dir);
         if let Some(features) = features {
             cargo.args(["--features", features]);
@@ -71,8 +75,8 @@ fn main() {
             cargo.env_remove(key);
         }
         let status = cargo.status().expect("spawning cargo for the hostile plugin");
-        assert!(status.success(), "building the hostile test plugin failed; run `./dev setup` to add the wasm32-wasip2 target");
-        let built = target_dir.join("wasm32-wasip2/release/hostile_plugin.wasm");
+        assert!(status.success(), "building the test plugin {package} failed; run `./dev setup` to add the wasm32-wasip2 target");
+        let built = target_dir.join(format!("wasm32-wasip2/release/{}.wasm", package.replace('-', "_")));
         let dest = out_dir.join(file);
         fs::copy(&built, &dest).expect("copy the hostile plugin");
         println!("cargo:rustc-env={var}={}", dest.display());

@@ -192,7 +192,7 @@ fn a_full_ring_buffer_is_counted_as_kernel_drops() {
     let (counted, dropped) = wait_for(Duration::from_secs(20), "drops to be accounted", || {
         let m = daemon.metrics();
         let counted = latency_count(&m, &comm, "getppid").unwrap_or(0.0);
-        let dropped = sample(&m, "wasmtap_probe_kernel_drops_total", &[("probe", "syscalls")]).unwrap_or(0.0);
+        let dropped = sample(&m, "wasmtap_probe_kernel_drops_total", &[("probe", "syscall")]).unwrap_or(0.0);
         (counted + dropped >= GETPPID_CALLS as f64).then_some((counted, dropped))
     });
     assert!(dropped > 0.0 && counted < GETPPID_CALLS as f64, "counted {counted}, dropped {dropped}");
@@ -205,7 +205,7 @@ fn without_privileges_the_daemon_says_how_to_fix_it_and_serves_on() {
     }
     let daemon = Daemon::spawn(None, 503, Some(65534));
     let (_, ready) = daemon.get("/readyz", None).unwrap();
-    assert!(ready.contains("probe syscalls:") && ready.contains("fix: run wasmtap as root"), "{ready}");
+    assert!(ready.contains("probe syscall:") && ready.contains("fix: run wasmtap as root"), "{ready}");
     assert_eq!(daemon.get("/healthz", None).unwrap().0, 200, "alive though not ready");
     let metrics = daemon.metrics();
     assert!(metrics.contains("wasmtap_plugin_events_total{plugin=\"syscall-latency\"} 0"), "{metrics}");

@@ -60,7 +60,7 @@ struct WasmtapRun {
 fn under_wasmtap(cpu: usize) -> WasmtapRun {
     let daemon = Daemon::start(None);
     let events = |d: &Daemon| sample(&d.metrics(), "wasmtap_plugin_events_total", &[("plugin", "syscall-latency")]).unwrap_or(0.0);
-    let read = |d: &Daemon| sample(&d.metrics(), "wasmtap_probe_records_total", &[("probe", "syscalls")]).unwrap_or(0.0);
+    let read = |d: &Daemon| sample(&d.metrics(), "wasmtap_probe_records_total", &[("probe", "syscall")]).unwrap_or(0.0);
     let (events0, cpu0) = (events(&daemon), cpu_ns(daemon.child.id()));
     let ns_per_call = syscall_loop(cpu);
     // Wait until the plugin has everything the probe read, so the CPU spent on this

@@ -15,16 +15,22 @@ use syscall_latency::SyscallLatency;
 use wasmtap::{
     budget::Budget,
     config::{PluginConfig, PluginLimits},
+    enrich::Enricher,
     plugins::{
-        self, PluginEngine,
+        self, HostServices, PluginEngine,
         engine::Compiler,
-        host::{PluginState, wasmtap::plugin::metrics as wit, wasmtap::plugin::metrics::Host as _, wasmtap::plugin::names::Host as _},
+        host::{
+            FamilyHandle, PluginState, SeriesHandle,
+            wasmtap::plugin::{metrics as wit, metrics::Host as _, metrics::HostFamily as _, metrics::HostSeries as _, names::Host as _},
+        },
         instance::instantiate,
     },
+    probes::syscall::KIND,
     sinks::{MetricSink, SelfMetrics, metrics::namespace_for},
 };
-use wasmtap_events::SyscallRecord;
+use wasmtap_events::{Record as _, RecordHeader, SyscallRecord};
 use wasmtap_sdk::{HostApi, host::{FamilyDesc, MetricKind}};
+use wasmtime::component::Resource;
 
 const BATCH: usize = 4096;
 const RUN: Duration = Duration::from_secs(3);
@@ -47,12 +53,11 @@ fn batches() -> Vec<Vec<u8>> {
                 let mut comm = [0u8; 16];
                 comm[..8].copy_from_slice(format!("proc-{:03}", r % 16).as_bytes());
                 let record = SyscallRecord {
+                    header: RecordHeader { pid: 1000 + (r % 16) as u32, comm, ..Default::default() },
                     latency_ns: 100 + (r >> 8) % (1 << ((r >> 40) % 24)),
                     ret: if r % 8 == 0 { -2 } else { 0 },
-                    pid: 1000 + (r % 16) as u32,
                     syscall_nr: ((r >> 20) % 24) as u32,
-                    comm,
-                    ..Default::default()
+                    reserved: 0,
                 };
                 bytes.extend_from_slice(record.as_bytes());
             }
@@ -82,6 +87,10 @@ fn measure(batches: &[Vec<u8>], mut f: impl FnMut(&[u8])) -> f64 {
 struct NativeHost(Rc<RefCell<PluginState>>);
 
 impl HostApi for NativeHost {
+    /// Handles are the host's resource reps, as a component would hold them.
+    type Family = u32;
+    type Series = u32;
+
     fn declare_family(&self, d: &FamilyDesc) -> Result<u32, String> {
         let kind = match d.kind {
             MetricKind::Counter => wit::MetricKind::Counter,
@@ -89,16 +98,22 @@ impl HostApi for NativeHost {
             MetricKind::Histogram => wit::MetricKind::Histogram,
         };
         let desc = wit::FamilyDesc { name: d.name.clone(), help: d.help.clone(), kind, label_names: d.label_names.clone(), buckets: d.buckets.clone() };
-        self.0.borrow_mut().declare_family(desc).unwrap()
+        self.0.borrow_mut().declare_family(desc).unwrap().map(|f| f.rep())
     }
-    fn intern_series(&self, family: u32, values: &[String]) -> Result<u32, String> {
-        self.0.borrow_mut().intern_series(family, values.to_vec()).unwrap()
+    fn series(&self, family: &u32, values: &[String]) -> Result<u32, String> {
+        self.0.borrow_mut().series(Resource::<FamilyHandle>::new_borrow(*family), values.to_vec()).unwrap().map(|s| s.rep())
     }
-    fn counter_add(&self, series: u32, value: u64) {
-        self.0.borrow_mut().counter_add(series, value).unwrap()
+    fn counter_add(&self, series: &u32, value: u64) {
+        self.0.borrow_mut().counter_add(Resource::<SeriesHandle>::new_borrow(*series), value).unwrap()
     }
-    fn histogram_merge(&self, series: u32, counts: &[u64], sum: f64) {
-        self.0.borrow_mut().histogram_merge(series, counts.to_vec(), sum).unwrap()
+    fn gauge_set(&self, series: &u32, value: f64) {
+        self.0.borrow_mut().gauge_set(Resource::<SeriesHandle>::new_borrow(*series), value).unwrap()
+    }
+    fn histogram_merge(&self, series: &u32, counts: &[u64], sum: f64) {
+        self.0.borrow_mut().histogram_merge(Resource::<SeriesHandle>::new_borrow(*series), counts.to_vec(), sum).unwrap()
+    }
+    fn remove_series(&self, series: u32) {
+        self.0.borrow_mut().remove(Resource::<SeriesHandle>::new_own(series)).unwrap()
     }
     fn syscall_name(&self, nr: u32) -> Option<String> {
         self.0.borrow_mut().syscall_name(nr).unwrap()
@@ -111,20 +126,24 @@ impl HostApi for NativeHost {
 fn main() {
     let batches = batches();
     // Every budget on, at its default.
-    let engine = Arc::new(PluginEngine::new(None, Compiler::InProcess).expect("engine"));
+    let services = HostServices {
+        engine: Arc::new(PluginEngine::new(None, Compiler::InProcess).expect("engine")),
+        sink: Arc::new(MetricSink::default()),
+        metrics: SelfMetrics::default(),
+        enricher: Arc::new(Enricher::new()),
+    };
     let config = PluginConfig::bundled("syscall-latency", "syscall-latency");
-    let wasm_sink = Arc::new(MetricSink::default());
-    let spec = plugins::prepare(&engine, &config, None, &wasm_sink, &SelfMetrics::default()).expect("plugin");
+    let spec = plugins::prepare(&services, &config, None).expect("plugin");
     let (mut instance, _) = instantiate(&spec).expect("instantiate");
     let deadline = Duration::from_secs(1);
-    let wasm = measure(&batches, |b| instance.on_batch(deadline, b, 0).expect("on-batch"));
+    let wasm = measure(&batches, |b| instance.on_batch(deadline, &KIND, b, 0).expect("on-batch"));
 
     let native_sink = Arc::new(MetricSink::default());
     let budget = Arc::new(Budget::unmetered("native", PluginLimits::default()));
-    let state = PluginState::new(&namespace_for("syscall-latency"), native_sink, budget);
-    let mut plugin = SyscallLatency::new(NativeHost(Rc::new(RefCell::new(state)))).expect("native plugin");
+    let state = PluginState::new(&namespace_for("syscall-latency"), native_sink, budget, services.enricher.clone());
+    let mut plugin = SyscallLatency::new(NativeHost(Rc::new(RefCell::new(state))), false).expect("native plugin");
     let native = measure(&batches, |b| {
-        let records: Vec<SyscallRecord> = b.chunks_exact(SyscallRecord::SIZE).filter_map(SyscallRecord::read).collect();
+        let records: Vec<SyscallRecord> = b.chunks_exact(SyscallRecord::SIZE).map(SyscallRecord::read).collect();
         plugin.observe(&records);
     });
 

@@ -351,10 +351,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_config_loads_the_bundled_plugin() {
+    fn default_config_loads_the_bundled_plugins() {
         let c = Config::load(None).unwrap();
-        assert_eq!(c.plugins.len(), 1);
-        assert_eq!(c.plugins[0].bundled.as_deref(), Some("syscall-latency"));
+        let bundled: Vec<_> = c.plugins.iter().map(|p| p.bundled.as_deref()).collect();
+        assert_eq!(bundled, [Some("syscall-latency"), Some("process-churn")]);
         assert_eq!(c.probes.drain_interval_ms, 10);
         // default.toml documents every limit with its default value.
         assert_eq!(c.plugin_defaults, PluginLimits::default());

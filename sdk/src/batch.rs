@@ -92,7 +92,8 @@ mod tests {
     #[test]
     fn reads_the_known_prefix_of_a_longer_stride() {
         let records = [record(1), record(2)];
-        let batch = SyscallBatch::new(&bytes_of(&records, 72), 72, 0);
+        let bytes = bytes_of(&records, 72);
+        let batch = SyscallBatch::new(&bytes, 72, 0);
         assert_eq!(batch.records(), &records);
     }
 

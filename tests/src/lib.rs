@@ -114,7 +114,7 @@ impl Daemon {
 
     /// Records the syscall probe has read so far.
     pub fn probe_records(&self) -> f64 {
-        sample(&self.metrics(), "wasmtap_probe_records_total", &[("probe", "syscalls")]).unwrap_or(0.0)
+        sample(&self.metrics(), "wasmtap_probe_records_total", &[("probe", "syscall")]).unwrap_or(0.0)
     }
 
     /// Resident memory of the daemon, in bytes.

@@ -320,13 +320,13 @@ mod tests {
         // The pid's process exits, and another one gets the pid: records from before
         // the exit still get the old facts, later ones are not answered from them.
         let mut batch = record(event::EXIT, me, 0, now + 10);
-        batch.extend(record(event::FORK, 1, me, now + 20));
+        batch.extend(record(event::FORK, 1, me, now + 1_000_000_000));
         enricher.observe(&batch);
         assert_eq!(enricher.process(me, now + 5), Some(facts));
         assert_eq!(enricher.process(me, now + 15), None, "between the two processes");
         // The new one is read from /proc (this process again, started before: refused
         // as the pid's new owner would have started after its fork).
-        assert_eq!(enricher.process(me, now + 25), None);
+        assert_eq!(enricher.process(me, now + 1_000_000_005), None);
         // A process that exited before anyone asked is unknown, not read from /proc.
         enricher.observe(&record(event::EXIT, 4_000_000, 0, now + 30));
         assert_eq!(enricher.process(4_000_000, now + 5), None);

@@ -91,7 +91,7 @@ mod tests {
     #[test]
     fn reads_this_process() {
         let me = read(std::process::id()).expect("this process");
-        assert_eq!(me.ppid, nix::unistd::getppid().as_raw() as u32);
+        assert_eq!(me.ppid, std::os::unix::process::parent_id());
         assert_eq!(me.uid, nix::unistd::getuid().as_raw());
         assert_eq!(me.exe.as_deref(), std::env::current_exe().ok().as_deref().and_then(Path::to_str));
         assert!(!me.cmdline.is_empty());

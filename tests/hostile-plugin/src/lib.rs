@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use wasmtap_sdk::{
-    Config, EventKind, Filter, HostInfo, Manifest, Plugin, Subscription, SyscallBatch, export_plugin,
+    Config, Filter, HostInfo, Manifest, Plugin, Record as _, Subscription, SyscallBatch, SyscallRecord, export_plugin,
     logs::{self, Level},
     metrics::{self, FamilyDesc, MetricKind},
 };
@@ -15,8 +15,10 @@ use wasmtap_sdk::{
 struct Hostile {
     mode: String,
     batches: u64,
-    series: Option<u32>,
-    family: Option<u32>,
+    series: Option<metrics::Series>,
+    family: Option<metrics::Family>,
+    /// Handles kept alive on purpose (handle-bomb).
+    hoard: Vec<metrics::Series>,
     token: String,
 }
 
@@ -25,13 +27,13 @@ fn desc(name: &str, help: String, kind: MetricKind, labels: &[&str], buckets: Ve
 }
 
 fn all() -> Subscription {
-    Subscription { kind: EventKind::Syscall, filter: Filter { pids: vec![], cgroups: vec![], syscalls: vec![] } }
+    Subscription { kind: SyscallRecord::KIND.into(), filter: Filter::default() }
 }
 
 impl Plugin for Hostile {
     fn init(_: &HostInfo, config: &Config) -> Result<(Self, Manifest), String> {
-        let mode = config.get("mode").unwrap_or("").to_owned();
-        let token = config.get("token").unwrap_or("").to_owned();
+        let mode: String = config.get("mode")?.unwrap_or_default();
+        let token: String = config.get("token")?.unwrap_or_default();
         let mut subscriptions = vec![all()];
         let mut tick_interval_ms = 0;
         let mut family = None;
@@ -56,20 +58,20 @@ impl Plugin for Hostile {
                 metrics::declare_family(&desc("lat", "h".into(), MetricKind::Histogram, &[], vec![1.0])).unwrap();
                 metrics::declare_family(&desc("lat_count", "h".into(), MetricKind::Gauge, &[], vec![])).unwrap_err();
             }
-            "wide-labels" | "series-bomb" => {
+            "wide-labels" | "series-bomb" | "handle-bomb" => {
                 family = Some(metrics::declare_family(&desc("wide", "h".into(), MetricKind::Counter, &["v"], vec![]))?);
             }
             "counter-overflow" => {
                 let f = metrics::declare_family(&desc("big", "h".into(), MetricKind::Counter, &[], vec![]))?;
-                series = Some(metrics::intern_series(f, &[])?);
+                series = Some(f.series(&[])?);
             }
             "non-finite" => {
                 let f = metrics::declare_family(&desc("level", "h".into(), MetricKind::Gauge, &[], vec![]))?;
-                series = Some(metrics::intern_series(f, &[])?);
+                series = Some(f.series(&[])?);
             }
             "ticks" => {
                 let f = metrics::declare_family(&desc("ticks", "h".into(), MetricKind::Counter, &[], vec![]))?;
-                series = Some(metrics::intern_series(f, &[])?);
+                series = Some(f.series(&[])?);
                 tick_interval_ms = 100;
             }
             "std" => {
@@ -78,8 +80,8 @@ impl Plugin for Hostile {
                 seen.insert("now", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?.as_secs());
                 println!("std works: {} entries, env {:?}", seen.len(), std::env::vars().count());
                 let f = metrics::declare_family(&desc("std_ok", "h".into(), MetricKind::Gauge, &[], vec![]))?;
-                series = Some(metrics::intern_series(f, &[])?);
-                metrics::gauge_set(series.unwrap(), std::env::vars().count() as f64 + 1.0);
+                series = Some(f.series(&[])?);
+                series.as_ref().unwrap().gauge_set(std::env::vars().count() as f64 + 1.0);
             }
             #[cfg(feature = "fs")]
             "fs" => {
@@ -87,14 +89,14 @@ impl Plugin for Hostile {
             }
             "filter-bomb" => subscriptions = (0..20_000).map(|_| all()).collect(),
             "pids" => {
-                let n: u32 = config.get("count").and_then(|c| c.parse().ok()).unwrap_or(5000);
+                let n: u32 = config.get("count")?.unwrap_or(5000);
                 let pids = (0..n).map(|i| 3_000_000 + i).collect();
-                subscriptions = vec![Subscription { kind: EventKind::Syscall, filter: Filter { pids, cgroups: vec![], syscalls: vec![] } }];
+                subscriptions = vec![Subscription { kind: SyscallRecord::KIND.into(), filter: Filter { pids, ..Filter::default() } }];
             }
             "huge-error" => return Err("E".repeat(20 << 20)),
             _ => {}
         }
-        let state = Self { mode, batches: 0, series, family, token };
+        let state = Self { mode, batches: 0, series, family, hoard: Vec::new(), token };
         Ok((state, Manifest { subscriptions, tick_interval_ms }))
     }
 
@@ -102,18 +104,27 @@ impl Plugin for Hostile {
         self.batches += 1;
         match self.mode.as_str() {
             "wide-labels" => {
-                let _ = metrics::intern_series(self.family.unwrap(), &["w".repeat(4096)]);
+                let _ = self.family.as_ref().unwrap().series(&["w".repeat(4096)]);
             }
             "series-bomb" => {
                 for i in 0..1000 {
                     let value = format!("{:0>200}", self.batches * 1000 + i);
-                    if metrics::intern_series(self.family.unwrap(), &[value]).is_err() {
+                    if self.family.as_ref().unwrap().series(&[value]).is_err() {
                         break;
                     }
                 }
             }
-            "counter-overflow" => metrics::counter_add(self.series.unwrap(), u64::MAX),
-            "non-finite" => metrics::gauge_set(self.series.unwrap(), f64::INFINITY),
+            "counter-overflow" => self.series.as_ref().unwrap().counter_add(u64::MAX),
+            "non-finite" => self.series.as_ref().unwrap().gauge_set(f64::INFINITY),
+            // The same series over and over, every handle kept: the handle table is bounded.
+            "handle-bomb" => {
+                for _ in 0..1000 {
+                    match self.family.as_ref().unwrap().series(&["same".into()]) {
+                        Ok(handle) => self.hoard.push(handle),
+                        Err(_) => break,
+                    }
+                }
+            }
             "log-flood" => {
                 let big = "f".repeat(4000);
                 for _ in 0..100 {
@@ -146,7 +157,7 @@ impl Plugin for Hostile {
 
     fn tick(&mut self, _now_ns: u64) {
         if self.mode == "ticks" {
-            metrics::counter_add(self.series.unwrap(), 1);
+            self.series.as_ref().unwrap().counter_add(1);
         }
     }
 }
