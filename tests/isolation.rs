@@ -6,12 +6,12 @@
 
 use std::{
     io::Write as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
-use wasmtap_tests::{Daemon, Prometheus, TempDir, privileged_or_skip, promtool_problems, run_workload, sample, unique_comm, wait_for, workload};
+use wasmtap_tests::{Cgroup, Daemon, Prometheus, TempDir, privileged_or_skip, promtool_problems, run_workload, sample, unique_comm, wait_for, workload};
 
 const HOSTILE: &str = env!("HOSTILE_WASM");
 const HOSTILE_FS: &str = env!("HOSTILE_FS_WASM");
@@ -262,57 +262,6 @@ fn a_nul_in_a_plugin_name_is_a_clear_config_error() {
     assert_eq!(out.status.code(), Some(1), "a clean exit with an error, not a panic");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.starts_with("error: invalid config") && stderr.contains("is not allowed"), "{stderr}");
-}
-
-/// A cgroup v2 directory made by the test, removed on drop.
-struct Cgroup(PathBuf);
-
-impl Cgroup {
-    fn new(tag: &str) -> Self {
-        let mount = std::fs::read_to_string("/proc/self/mounts")
-            .unwrap()
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-            })
-            .expect("a cgroup2 mount");
-        let dir = mount.join(format!("wasmtap-test-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("mkdir cgroup");
-        Self(dir)
-    }
-
-    /// A cgroup below this one.
-    fn child(&self, name: &str) -> Self {
-        let dir = self.0.join(name);
-        std::fs::create_dir(&dir).expect("mkdir child cgroup");
-        Self(dir)
-    }
-
-    /// Runs the workload inside this cgroup.
-    fn run(&self, comm: &str, getppid: u64) {
-        let mut child = workload(comm, getppid, 0, true);
-        std::fs::write(self.0.join("cgroup.procs"), child.id().to_string()).expect("move into cgroup");
-        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-        assert!(child.wait().unwrap().success());
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        // Its workloads have exited; the kernel may take a moment to let go of them.
-        let _ = wait_for_removal(&self.0);
-    }
-}
-
-fn wait_for_removal(dir: &Path) -> std::io::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match std::fs::remove_dir(dir) {
-            Err(e) if e.raw_os_error() == Some(16) && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            other => return other,
-        }
-    }
 }
 
 fn tenant(name: &str, cgroup: &Path, quota: &str) -> String {

@@ -3,7 +3,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -339,5 +339,68 @@ impl Default for TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A cgroup v2 directory made by the test, removed on drop.
+pub struct Cgroup(pub PathBuf);
+
+impl Cgroup {
+    pub fn new(tag: &str) -> Self {
+        let mount = std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+            })
+            .expect("a cgroup2 mount");
+        let dir = mount.join(format!("wasmtap-test-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir cgroup");
+        Self(dir)
+    }
+
+    /// A cgroup below this one.
+    pub fn child(&self, name: &str) -> Self {
+        let dir = self.0.join(name);
+        std::fs::create_dir(&dir).expect("mkdir child cgroup");
+        Self(dir)
+    }
+
+    /// Moves `child` (waiting on its stdin) into this cgroup and lets it go.
+    pub fn enter(&self, child: &mut Child) {
+        std::fs::write(self.0.join("cgroup.procs"), child.id().to_string()).expect("move into cgroup");
+        child.stdin.as_mut().expect("piped stdin").write_all(b"go\n").expect("write stdin");
+    }
+
+    /// Its path below the cgroup v2 mount, as enrichment reports it.
+    pub fn path(&self) -> String {
+        let mount = self.0.ancestors().find(|d| d.join("cgroup.controllers").is_file() && !d.parent().is_some_and(|p| p.join("cgroup.controllers").is_file()));
+        format!("/{}", self.0.strip_prefix(mount.expect("under a cgroup2 mount")).unwrap().display())
+    }
+
+    /// Runs the workload inside this cgroup.
+    pub fn run(&self, comm: &str, getppid: u64) {
+        let mut child = workload(comm, getppid, 0, true);
+        std::fs::write(self.0.join("cgroup.procs"), child.id().to_string()).expect("move into cgroup");
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Its workloads have exited; the kernel may take a moment to let go of them.
+        let _ = wait_for_removal(&self.0);
+    }
+}
+
+pub fn wait_for_removal(dir: &Path) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(16) && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            other => return other,
+        }
     }
 }

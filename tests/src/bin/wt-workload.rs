@@ -1,30 +1,110 @@
-//! Test workload: renames itself (comm), optionally waits for a line on stdin, then
-//! makes exactly the requested syscalls and exits.
+//! Test workload with a chosen comm. Modes:
 //!
-//! usage: wt-workload COMM GETPPID_CALLS OPENAT_CALLS [--wait-stdin]
+//! - `wt-workload COMM GETPPID_CALLS OPENAT_CALLS [--wait-stdin]`: optionally waits for a
+//!   line on stdin, then makes exactly the requested syscalls and exits.
+//! - `wt-workload churn COMM FORKS CODES EXEC_PATH EXECS`: waits for a line on stdin;
+//!   forks FORKS children that exit at once with codes 10, 11, ... (CODES distinct
+//!   ones, in turn); starts EXECS children that exec EXEC_PATH (`EXEC_PATH hold`, which
+//!   lives until its stdin closes); prints "spawned", waits for another line, lets the
+//!   held children go, waits for all and exits 0.
+//! - `wt-workload hold`: reads stdin to its end, exits 0.
+//! - `wt-workload reuse COMM ROUNDS`: per round, forks a child that exits at once, then
+//!   sets the kernel's last pid so the next fork reuses the child's pid, and forks a
+//!   child that exits at once again; prints how many rounds did reuse the pid (needs
+//!   root: it writes /proc/sys/kernel/ns_last_pid).
 
-use std::io::BufRead as _;
+use std::{
+    io::{BufRead as _, Read as _, Write as _},
+    process::{Command, Stdio},
+};
 
-use nix::{fcntl::OFlag, sys::stat::Mode};
+use nix::{
+    fcntl::OFlag,
+    sys::{stat::Mode, wait::waitpid},
+    unistd::{ForkResult, fork},
+};
+
+fn set_comm(comm: &str) {
+    nix::sys::prctl::set_name(&std::ffi::CString::new(comm).expect("comm")).expect("prctl");
+}
+
+fn read_line() {
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).expect("stdin");
+}
+
+/// Forks a child that exits at once with `code`; returns its pid once it is reaped.
+fn fork_exit(code: i32) -> i32 {
+    // SAFETY: single-threaded; the child only calls `_exit`.
+    match unsafe { fork() }.expect("fork") {
+        ForkResult::Child => unsafe { nix::libc::_exit(code) },
+        ForkResult::Parent { child } => {
+            waitpid(child, None).expect("waitpid");
+            child.as_raw()
+        }
+    }
+}
+
+fn churn(comm: &str, forks: u32, codes: u32, exec_path: &str, execs: u32) {
+    set_comm(comm);
+    read_line();
+    for i in 0..forks {
+        fork_exit(10 + (i % codes) as i32);
+    }
+    let held: Vec<_> = (0..execs)
+        .map(|_| Command::new(exec_path).arg("hold").stdin(Stdio::piped()).spawn().expect("spawn the exec child"))
+        .collect();
+    println!("spawned");
+    std::io::stdout().flush().expect("stdout");
+    read_line();
+    for mut child in held {
+        drop(child.stdin.take());
+        assert!(child.wait().expect("wait").success());
+    }
+}
+
+fn reuse(comm: &str, rounds: u32) {
+    set_comm(comm);
+    let mut reused = 0;
+    for _ in 0..rounds {
+        let first = fork_exit(0);
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (first - 1).to_string()).expect("write ns_last_pid (needs root)");
+        if fork_exit(0) == first {
+            reused += 1;
+        }
+    }
+    println!("{reused}");
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let [_, comm, getppid, openat, rest @ ..] = args.as_slice() else {
-        eprintln!("usage: wt-workload COMM GETPPID_CALLS OPENAT_CALLS [--wait-stdin]");
-        std::process::exit(2);
-    };
-    let getppid: u64 = getppid.parse().expect("GETPPID_CALLS");
-    let openat: u64 = openat.parse().expect("OPENAT_CALLS");
-    nix::sys::prctl::set_name(&std::ffi::CString::new(comm.as_str()).expect("comm")).expect("prctl");
-    if rest.iter().any(|a| a == "--wait-stdin") {
-        let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line).expect("stdin");
-    }
-    for _ in 0..getppid {
-        std::hint::black_box(nix::unistd::getppid());
-    }
-    for _ in 0..openat {
-        let err = nix::fcntl::open("/nonexistent-wasmtap/missing", OFlag::O_RDONLY, Mode::empty()).unwrap_err();
-        assert_eq!(err, nix::errno::Errno::ENOENT);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        [_, "hold"] => {
+            std::io::stdin().read_to_end(&mut Vec::new()).expect("stdin");
+        }
+        [_, "churn", comm, forks, codes, exec_path, execs] => {
+            churn(comm, forks.parse().expect("FORKS"), codes.parse().expect("CODES"), exec_path, execs.parse().expect("EXECS"))
+        }
+        [_, "reuse", comm, rounds] => reuse(comm, rounds.parse().expect("ROUNDS")),
+        [_, comm, getppid, openat, rest @ ..] => {
+            let getppid: u64 = getppid.parse().expect("GETPPID_CALLS");
+            let openat: u64 = openat.parse().expect("OPENAT_CALLS");
+            set_comm(comm);
+            if rest.contains(&"--wait-stdin") {
+                read_line();
+            }
+            for _ in 0..getppid {
+                std::hint::black_box(nix::unistd::getppid());
+            }
+            for _ in 0..openat {
+                let err = nix::fcntl::open("/nonexistent-wasmtap/missing", OFlag::O_RDONLY, Mode::empty()).unwrap_err();
+                assert_eq!(err, nix::errno::Errno::ENOENT);
+            }
+        }
+        _ => {
+            eprintln!("usage: see the comment at the top of tests/src/bin/wt-workload.rs");
+            std::process::exit(2);
+        }
     }
 }
