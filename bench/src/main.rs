@@ -1,10 +1,12 @@
-//! Traced-workload overhead and host CPU per event.
+//! Traced-workload overhead and host CPU per event, the process kind's cost, and the
+//! cost of an enrichment lookup.
 //!
 //! Runs the same getppid loop untraced, under wasmtap (embedded default config:
 //! syscall-latency observing every process), and under bpftrace running the same
 //! per-comm latency histogram on raw_syscalls, interleaved over several rounds, and
 //! prints medians side by side. Also the daemon's CPU time per event at the loop's
-//! full rate. Prints; asserts nothing.
+//! full rate; a fork+exec+exit loop untraced and under wasmtap with process-churn; and
+//! the time a plugin's cached enrichment lookup takes. Prints; asserts nothing.
 //!
 //! Each round pins the loop to one CPU, the same for all three setups, taking the CPUs
 //! in turn: bpftrace's cost differs a lot between the two CPUs of this machine (about
@@ -19,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use wasmtap_tests::{Daemon, sample, wait_for};
+use wasmtap_tests::{Daemon, HOSTILE_WASM, sample, wait_for};
 
 const CALLS: u64 = 3_000_000;
 const ROUNDS: usize = 6;
@@ -34,7 +36,11 @@ fn loop_binary() -> PathBuf {
 
 /// Runs the loop once on `cpu`; ns per call.
 fn syscall_loop(cpu: usize) -> f64 {
-    let out = Command::new(loop_binary()).args([CALLS.to_string(), cpu.to_string()]).output().expect("run wt-syscall-loop");
+    syscall_loop_n(CALLS, cpu)
+}
+
+fn syscall_loop_n(calls: u64, cpu: usize) -> f64 {
+    let out = Command::new(loop_binary()).args([calls.to_string(), cpu.to_string()]).output().expect("run wt-syscall-loop");
     assert!(out.status.success(), "wt-syscall-loop failed");
     String::from_utf8_lossy(&out.stdout).trim().parse().expect("ns per call")
 }
@@ -95,6 +101,56 @@ fn under_bpftrace(cpu: usize) -> f64 {
     ns
 }
 
+const FORKS: u64 = 2000;
+
+/// Runs the fork+exec+exit loop once on `cpu`; ns per iteration.
+fn fork_loop(cpu: usize) -> f64 {
+    let exe = std::env::current_exe().expect("current_exe").with_file_name("wt-fork-loop");
+    let out = Command::new(exe).args([FORKS.to_string(), cpu.to_string()]).output().expect("run wt-fork-loop");
+    assert!(out.status.success(), "wt-fork-loop failed");
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("ns per iteration")
+}
+
+/// The process kind alone (process-churn, with enrichment) against an untraced loop.
+fn process_kind(cpus: usize) {
+    let config = "[[plugin]]\nname = \"process-churn\"\nbundled = \"process-churn\"\n";
+    let (mut untraced, mut traced) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let cpu = round % cpus;
+        untraced.push(fork_loop(cpu));
+        let daemon = Daemon::start(Some(config));
+        traced.push(fork_loop(cpu));
+        drop(daemon);
+    }
+    let (base, wasmtap) = (median(untraced), median(traced));
+    println!("process kind: {FORKS} fork+exec(/bin/true)+exit, medians of {ROUNDS} interleaved rounds");
+    println!("  untraced {:.1} us  wasmtap (process-churn) {:.1} us  added {:+.0} ns per fork+exec+exit", base / 1e3, wasmtap / 1e3, wasmtap - base);
+}
+
+/// A cached enrichment lookup from a plugin: the hostile test plugin's `enrich-*` modes
+/// make 1000 lookups per batch; a third instance with the same subscription and no
+/// lookups gives the per-batch cost to take off.
+fn enrichment() {
+    let instance = |name: &str, mode: &str| {
+        format!("[[plugin]]\nname = \"{name}\"\npath = \"{HOSTILE_WASM}\"\nconfig = {{ mode = \"{mode}\", comm = \"wt-syscall-loop\" }}\n\n")
+    };
+    let config = instance("e-process", "enrich-process") + &instance("e-cgroup", "enrich-cgroup") + &instance("e-none", "none");
+    let daemon = Daemon::start(Some(&config));
+    let calls = 400_000;
+    syscall_loop_n(calls, 0);
+    let get = |m: &str, name: &str, plugin: &str| sample(m, name, &[("plugin", plugin)]).unwrap_or(0.0);
+    let m = wait_for(Duration::from_secs(60), "the plugins to catch up", || {
+        let m = daemon.metrics();
+        ["e-process", "e-cgroup", "e-none"].iter().all(|p| get(&m, "wasmtap_plugin_events_total", p) >= calls as f64).then_some(m)
+    });
+    let per_batch = |p: &str| get(&m, "wasmtap_plugin_busy_seconds_total", p) / get(&m, "wasmtap_plugin_batches_total", p);
+    let base = per_batch("e-none");
+    println!("enrichment: a cached lookup from a plugin (busy time per batch of 1000 lookups, minus a batch's own cost)");
+    for (what, plugin) in [("process(pid, seen-ns)", "e-process"), ("cgroup(id)", "e-cgroup")] {
+        println!("  {what:<22} {:>7.0} ns/call", (per_batch(plugin) - base) / 1000.0 * 1e9);
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -137,5 +193,7 @@ fn main() {
         );
     }
     let cpu = median(rounds.iter().map(|r| r.4).collect());
-    println!("host CPU per event (daemon user+sys / events delivered): {cpu:.1} ns   (target <= 50)");
+    println!("host CPU per event (daemon user+sys / events delivered): {cpu:.1} ns   (target <= 40)");
+    process_kind(cpus);
+    enrichment();
 }

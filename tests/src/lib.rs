@@ -8,6 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The hostile test plugin (tests/hostile-plugin, built by build.rs).
+pub const HOSTILE_WASM: &str = env!("HOSTILE_WASM");
+
 /// Returns false (after saying so loudly) when the test cannot run here; under CI a
 /// missing privilege fails the test instead.
 pub fn privileged_or_skip(test: &str) -> bool {

@@ -143,7 +143,12 @@ impl Batcher {
         if self.records.capacity() == 0 {
             self.records.reserve_exact(MAX_BATCH_RECORDS * self.kind.record_size);
         }
-        self.records.extend_from_slice(record);
+        // A constant-size copy for the common sizes: inlined, not a `memmove` call per
+        // record (which cost ~20 % of the reader's time on 64-byte syscall records).
+        match record.len() {
+            64 => self.records.extend_from_slice(<&[u8; 64]>::try_from(record).expect("64 bytes")),
+            _ => self.records.extend_from_slice(record),
+        }
     }
 
     /// The batch collected so far (if any record was), and the malformed count since

@@ -1,16 +1,20 @@
 //! A hostile plugin for the isolation tests: `mode` (from the plugin's config) picks the
-//! attack. Every mode subscribes to all syscalls, so it runs under load beside the
-//! healthy plugin. Built by `tests/build.rs`; never bundled.
+//! attack. Every mode subscribes to all syscalls (of `comm`, if given), so it runs under
+//! load beside the healthy plugin. The `enrich-*` modes are the enrichment benchmark's
+//! plugin. Built by `tests/build.rs`; never bundled.
 // Only the Wasm build exports (and so uses) the plugin; natively it is all dead code.
 #![cfg_attr(not(target_family = "wasm"), allow(dead_code))]
 
 use std::collections::HashMap;
 
 use wasmtap_sdk::{
-    Config, Filter, HostInfo, Manifest, Plugin, Record as _, Subscription, SyscallBatch, SyscallRecord, export_plugin,
+    Config, Filter, HostInfo, Manifest, Plugin, Record as _, Subscription, SyscallBatch, SyscallRecord, enrich, export_plugin,
     logs::{self, Level},
     metrics::{self, FamilyDesc, MetricKind},
 };
+
+/// Enrichment lookups per batch in the `enrich-*` modes.
+const LOOKUPS: u64 = 1000;
 
 struct Hostile {
     mode: String,
@@ -35,6 +39,9 @@ impl Plugin for Hostile {
         let mode: String = config.get("mode")?.unwrap_or_default();
         let token: String = config.get("token")?.unwrap_or_default();
         let mut subscriptions = vec![all()];
+        if let Some(comm) = config.get::<String>("comm")? {
+            subscriptions[0].filter.comms = vec![comm];
+        }
         let mut tick_interval_ms = 0;
         let mut family = None;
         let mut series = None;
@@ -57,6 +64,10 @@ impl Plugin for Hostile {
             "derived-names" => {
                 metrics::declare_family(&desc("lat", "h".into(), MetricKind::Histogram, &[], vec![1.0])).unwrap();
                 metrics::declare_family(&desc("lat_count", "h".into(), MetricKind::Gauge, &[], vec![])).unwrap_err();
+            }
+            "enrich-process" | "enrich-cgroup" => {
+                let f = metrics::declare_family(&desc("lookups", "h".into(), MetricKind::Counter, &[], vec![]))?;
+                series = Some(f.series(&[])?);
             }
             "wide-labels" | "series-bomb" | "handle-bomb" => {
                 family = Some(metrics::declare_family(&desc("wide", "h".into(), MetricKind::Counter, &["v"], vec![]))?);
@@ -100,9 +111,21 @@ impl Plugin for Hostile {
         Ok((state, Manifest { subscriptions, tick_interval_ms }))
     }
 
-    fn on_syscalls(&mut self, _batch: SyscallBatch<'_>) {
+    fn on_syscalls(&mut self, batch: SyscallBatch<'_>) {
         self.batches += 1;
         match self.mode.as_str() {
+            // Not an attack: the benchmark's measure of a cached enrichment lookup.
+            "enrich-process" | "enrich-cgroup" => {
+                let Some(r) = batch.records().first() else { return };
+                for _ in 0..LOOKUPS {
+                    if self.mode == "enrich-process" {
+                        std::hint::black_box(enrich::process(r.header.pid, r.header.ts_ns));
+                    } else {
+                        std::hint::black_box(enrich::cgroup(r.header.cgroup_id));
+                    }
+                }
+                self.series.as_ref().unwrap().counter_add(LOOKUPS);
+            }
             "wide-labels" => {
                 let _ = self.family.as_ref().unwrap().series(&["w".repeat(4096)]);
             }
