@@ -109,13 +109,17 @@ fn sigterm_unloads_every_program() {
         return;
     }
     let mut daemon = Daemon::start(None);
-    let ids: Vec<u32> = daemon.status()["probes"][0]["program_ids"]
-        .as_array()
-        .expect("program ids in /status")
+    // Every kind the default config subscribes to: syscall (sys_enter, sys_exit and the
+    // thread-exit cleanup) and process (fork, exec, exit).
+    let status = daemon.status();
+    let probes = status["probes"].as_array().expect("probes in /status");
+    let kinds: Vec<&str> = probes.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["syscall", "process"]);
+    let ids: Vec<u32> = probes
         .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
+        .flat_map(|p| p["program_ids"].as_array().expect("program ids in /status").iter().map(|v| v.as_u64().unwrap() as u32))
         .collect();
-    assert_eq!(ids.len(), 2, "sys_enter and sys_exit programs are loaded");
+    assert_eq!(ids.len(), 6, "three programs per kind are loaded");
     let loaded = || -> Vec<u32> { aya::programs::loaded_programs().filter_map(Result::ok).map(|p| p.id()).collect() };
     assert!(ids.iter().all(|id| loaded().contains(id)), "programs {ids:?} are loaded while running");
     daemon.terminate();
