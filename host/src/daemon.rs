@@ -61,7 +61,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let router = Arc::new(Router::new(handles.iter().flat_map(|h| h.subscribers.iter().cloned()).collect(), observers));
     let stop_readers = CancellationToken::new();
-    let probes = start_probes(&config, &router, enrichment.then_some(&*enricher), &self_metrics, &stop_readers, &state);
+    let (probes, reader) = start_probes(&config, &router, enrichment.then_some(&*enricher), &self_metrics, &stop_readers, &state);
     state.report.write().expect("report").starting = false;
     tracing::info!("ready");
 
@@ -72,9 +72,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     // Detach the probes, drain what they wrote, let plugins finish their queues (each
     // within its shutdown time, all at once) and flush, then stop serving.
-    let readers: Vec<_> = probes.into_iter().map(|(probe, reader)| (drop(probe), reader).1).collect();
+    drop(probes);
     stop_readers.cancel();
-    let _ = tokio::task::spawn_blocking(move || readers.into_iter().for_each(|r| drop(r.join()))).await;
+    if let Some(reader) = reader {
+        let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    }
     handles.iter().for_each(PluginHandle::begin_shutdown);
     router.set(Vec::new());
     drop(router);
@@ -154,8 +156,9 @@ fn kernel_filters(sub: &Subscriber) -> impl Iterator<Item = EventFilter> + '_ {
 }
 
 /// Loads and attaches each kind somebody subscribed to (the union of their filters in
-/// the kernel), and starts its reader. A kind that cannot attach is reported and the
-/// others run on. Enrichment, when used, observes every process event.
+/// the kernel), and starts the reader of their ring buffers. A kind that cannot attach
+/// is reported and the others run on. Enrichment, when used, observes every process
+/// event.
 fn start_probes(
     config: &Config,
     router: &Arc<Router>,
@@ -163,9 +166,9 @@ fn start_probes(
     metrics: &SelfMetrics,
     stop: &CancellationToken,
     state: &AppState,
-) -> Vec<(Probe, JoinHandle<()>)> {
+) -> (Vec<Probe>, Option<JoinHandle<()>>) {
     let subscribers = router.subscribers();
-    let mut started = Vec::new();
+    let (mut probes, mut readers) = (Vec::new(), Vec::new());
     for &kind in probes::KINDS {
         let mut filters: Vec<EventFilter> = subscribers.iter().filter(|s| s.kind == kind).flat_map(|s| kernel_filters(s)).collect();
         if enricher.is_some() && kind == &process::KIND {
@@ -190,18 +193,24 @@ fn start_probes(
             program_ids: probe.program_ids(),
             widened: probe.widened(),
         });
-        let reader = Reader { stream, router: router.clone(), counters: metrics.probe(kind.name), interval: Duration::from_millis(config.probes.drain_interval_ms) };
-        match reader.spawn(stop.clone()) {
-            Ok(reader) => {
-                if kind == &process::KIND
-                    && let Some(enricher) = enricher
-                {
-                    enricher.start_tracking();
-                }
-                started.push((probe, reader));
+        readers.push(Reader { stream, router: router.clone(), counters: metrics.probe(kind.name), interval: Duration::from_millis(config.probes.drain_interval_ms) });
+        probes.push(probe);
+    }
+    let tracked = probes.iter().any(|p| p.kind == &process::KIND);
+    if readers.is_empty() {
+        return (probes, None);
+    }
+    match Reader::spawn_all(readers, stop.clone()) {
+        Ok(reader) => {
+            if tracked && let Some(enricher) = enricher {
+                enricher.start_tracking();
             }
-            Err(e) => tracing::error!(kind = kind.name, "reader not started: {e:#}"),
+            (probes, Some(reader))
+        }
+        Err(e) => {
+            tracing::error!("reader not started, no events are read: {e:#}");
+            state.report.write().expect("report").probe_errors.push(("reader", format!("{e:#}")));
+            (probes, None)
         }
     }
-    started
 }

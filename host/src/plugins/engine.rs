@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// Granularity of call deadlines.
-pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Where components are compiled.
 #[derive(Debug, Clone)]
