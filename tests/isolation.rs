@@ -57,6 +57,7 @@ fn hostile_plugins_hurt_neither_the_healthy_one_nor_the_scrape() {
         config += &hostile(&format!("h-{mode}"), mode, "");
     }
     config += &hostile("h-series-bomb", "series-bomb", "metric_bytes = 262144");
+    config += &hostile("h-handle-bomb", "handle-bomb", "series = 100\nfamilies = 4");
     config += &hostile("h-log-flood", "log-flood", "log_bytes_per_second = 4096");
     config += &hostile("h-huge-error", "huge-error", "memory_bytes = 67108864");
     config += &hostile("h-trap-storm", "trap-storm", "max_faults = 3");
@@ -95,6 +96,8 @@ fn hostile_plugins_hurt_neither_the_healthy_one_nor_the_scrape() {
     assert!(refusals(&m, "h-help-bomb", "help") >= 1.0, "help bomb");
     assert!(refusals(&m, "h-wide-labels", "label_bytes") >= 1.0, "wide labels");
     assert!(refusals(&m, "h-series-bomb", "metric_bytes") >= 1.0, "series bomb");
+    assert!(refusals(&m, "h-handle-bomb", "handles") >= 1.0, "handle bomb");
+    assert_eq!(failed("h-handle-bomb")["state"], "running", "a refused handle is an error value, not a trap");
     let held = sample(&m, "wasmtap_plugin_metric_bytes", &[("plugin", "h-series-bomb")]).unwrap();
     assert!(held > 0.0 && held <= 262_144.0, "series bomb holds {held} metric bytes");
     // Invalid exposition input: refused.

@@ -42,6 +42,8 @@ pub enum Reason {
     ComponentBytes,
     CompileTime,
     Import,
+    /// Metric family and series handles a plugin holds at once.
+    Handles,
 }
 
 impl Reason {
@@ -66,6 +68,7 @@ impl Reason {
             Reason::ComponentBytes => "component_bytes",
             Reason::CompileTime => "compile_time",
             Reason::Import => "import",
+            Reason::Handles => "handles",
         }
     }
 }

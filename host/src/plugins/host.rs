@@ -210,7 +210,7 @@ impl PluginState {
     fn handle<T: Send + 'static>(&mut self, value: T) -> Result<Resource<T>, String> {
         self.handles.push(value).map_err(|_| {
             let limit = self.budget.limits.series + self.budget.limits.families;
-            self.budget.refuse(Refusal::new(Reason::Series, format!("the plugin holds {limit} metric handles; drop unused ones")));
+            self.budget.refuse(Refusal::new(Reason::Handles, format!("the plugin holds {limit} metric handles (series + families); drop unused ones")));
             format!("too many metric handles (at most {limit}: series + families); drop unused ones")
         })
     }
