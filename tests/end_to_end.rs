@@ -110,7 +110,7 @@ fn sigterm_unloads_every_program() {
     }
     let mut daemon = Daemon::start(None);
     // Every kind the default config subscribes to: syscall (sys_enter, sys_exit and the
-    // thread-exit cleanup) and process (fork, exec, exit).
+    // thread exit and exec cleanups) and process (fork, exec, exit).
     let status = daemon.status();
     let probes = status["probes"].as_array().expect("probes in /status");
     let kinds: Vec<&str> = probes.iter().map(|p| p["name"].as_str().unwrap()).collect();
@@ -119,7 +119,7 @@ fn sigterm_unloads_every_program() {
         .iter()
         .flat_map(|p| p["program_ids"].as_array().expect("program ids in /status").iter().map(|v| v.as_u64().unwrap() as u32))
         .collect();
-    assert_eq!(ids.len(), 6, "three programs per kind are loaded");
+    assert_eq!(ids.len(), 7, "four syscall and three process programs are loaded");
     let loaded = || -> Vec<u32> { aya::programs::loaded_programs().filter_map(Result::ok).map(|p| p.id()).collect() };
     assert!(ids.iter().all(|id| loaded().contains(id)), "programs {ids:?} are loaded while running");
     daemon.terminate();

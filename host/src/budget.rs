@@ -44,6 +44,8 @@ pub enum Reason {
     Import,
     /// Metric family and series handles a plugin holds at once.
     Handles,
+    /// A write through a handle to a series that was removed.
+    RemovedSeries,
 }
 
 impl Reason {
@@ -69,6 +71,7 @@ impl Reason {
             Reason::CompileTime => "compile_time",
             Reason::Import => "import",
             Reason::Handles => "handles",
+            Reason::RemovedSeries => "removed_series",
         }
     }
 }

@@ -50,14 +50,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let (config, services, state) = (config.clone(), services.clone(), state.clone());
         tokio::task::spawn_blocking(move || start_plugins(&config, &services, &state)).await?
     };
-    let mut observers: Vec<Observer> = Vec::new();
+    let mut observers: Vec<Arc<dyn Observer>> = Vec::new();
     if enrichment {
-        let enricher = enricher.clone();
-        observers.push(Box::new(move |batch| {
-            if batch.kind == &process::KIND {
-                enricher.observe(&batch.records);
-            }
-        }));
+        observers.push(enricher.clone());
     }
     let router = Arc::new(Router::new(handles.iter().flat_map(|h| h.subscribers.iter().cloned()).collect(), observers));
     let stop_readers = CancellationToken::new();

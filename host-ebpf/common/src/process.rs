@@ -35,7 +35,8 @@ pub struct ProcessRecord {
     pub uid: u32,
     /// Fork: the child's process id; 0 otherwise.
     pub child_pid: u32,
-    /// Exit: the exit status (0–255) the process passed to exit; 0 when killed.
+    /// Exit: the exit status (0–255) the process passed to exit; 0 when killed. (The
+    /// header's comm is then the process's main thread's.)
     pub exit_code: i32,
     /// Exit: the signal that terminated the process, 0 when it exited by itself.
     pub signal: u32,
@@ -94,5 +95,8 @@ pub mod offsets {
     pub const TASK_GROUP_LEADER: &str = "TASK_GROUP_LEADER";
     pub const TASK_START_TIME: &str = "TASK_START_TIME";
     pub const TASK_EXIT_CODE: &str = "TASK_EXIT_CODE";
+    pub const TASK_COMM: &str = "TASK_COMM";
+    pub const TASK_SIGNAL: &str = "TASK_SIGNAL";
+    pub const SIGNAL_LIVE: &str = "SIGNAL_LIVE";
     pub const BPRM_FILENAME: &str = "BPRM_FILENAME";
 }

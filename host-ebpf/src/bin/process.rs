@@ -12,7 +12,7 @@ mod programs {
 
     use aya_ebpf::{
         helpers::{
-            bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+            bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
             generated::{bpf_get_current_task, bpf_probe_read_kernel_str},
         },
         macros::btf_tracepoint,
@@ -36,6 +36,12 @@ mod programs {
     static TASK_START_TIME: u32 = 0;
     #[unsafe(no_mangle)]
     static TASK_EXIT_CODE: u32 = 0;
+    #[unsafe(no_mangle)]
+    static TASK_COMM: u32 = 0;
+    #[unsafe(no_mangle)]
+    static TASK_SIGNAL: u32 = 0;
+    #[unsafe(no_mangle)]
+    static SIGNAL_LIVE: u32 = 0;
     #[unsafe(no_mangle)]
     static BPRM_FILENAME: u32 = 0;
 
@@ -79,17 +85,23 @@ mod programs {
 
     #[btf_tracepoint(function = "sched_process_exit")]
     pub fn wt_process_exit(ctx: BtfTracePointContext) -> i32 {
-        // sched_process_exit(struct task_struct *p, bool group_dead)
-        if ctx.arg::<u64>(1) & 0xff == 0 {
+        // sched_process_exit(struct task_struct *p[, bool group_dead]): the second
+        // argument only exists since 6.16, so read what it says from the task: do_exit
+        // has counted this thread out of `signal->live` before the tracepoint.
+        let task: *const u8 = ctx.arg(0);
+        let signal: *const u8 = member::<usize>(task, &TASK_SIGNAL) as *const u8;
+        if member::<i32>(signal, &SIGNAL_LIVE) != 0 {
             return 0; // other threads of the process live on
         }
-        let task: *const u8 = ctx.arg(0);
         let code = member::<i32>(task, &TASK_EXIT_CODE);
         let leader: *const u8 = member::<usize>(task, &TASK_GROUP_LEADER) as *const u8;
         let started = member::<u64>(leader, &TASK_START_TIME);
         record(event::EXIT, |r| {
-            // SAFETY: `r` is the reserved record; its header was just written.
+            // SAFETY: `r` is the reserved record; its header was just written. The
+            // leader (a zombie until the process is reaped) names the process, not the
+            // thread that happened to exit last.
             unsafe {
+                let _ = bpf_probe_read_kernel_buf(leader.add(read_volatile(&TASK_COMM) as usize), &mut (*r).header.comm);
                 (*r).exit_code = (code >> 8) & 0xff;
                 (*r).signal = (code & 0x7f) as u32;
                 (*r).lifetime_ns = if started == 0 { 0 } else { (*r).header.ts_ns.saturating_sub(started) };

@@ -12,7 +12,8 @@
 //! - a thread's entry is deleted when the thread exits (`sched_process_exit`): `exit`
 //!   and `exit_group` never reach `sys_exit`, and a later thread that reuses the id
 //!   must not pair its first `sys_exit` (its return from fork) with the dead thread's
-//!   entry;
+//!   entry; likewise when a non-leader thread execs and takes the leader's id
+//!   (`sched_process_exec`), for the id it leaves;
 //! - records are submitted with `BPF_RB_NO_WAKEUP` (see `common::submit`).
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
@@ -51,6 +52,13 @@ mod programs {
         0
     }
 
+    #[btf_tracepoint(function = "sched_process_exec")]
+    pub fn wt_sys_task_exec(ctx: BtfTracePointContext) -> i32 {
+        // sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
+        forget_exec_thread(ctx.arg::<u64>(1) as u32);
+        0
+    }
+
     #[tracepoint(category = "raw_syscalls", name = "sys_enter")]
     pub fn wt_sys_enter_tp(ctx: TracePointContext) -> u32 {
         // format: common header (8 bytes), long id, unsigned long args[6]
@@ -74,6 +82,16 @@ mod programs {
     #[tracepoint(category = "sched", name = "sched_process_exit")]
     pub fn wt_sys_task_exit_tp(_ctx: TracePointContext) -> u32 {
         forget_thread();
+        0
+    }
+
+    #[tracepoint(category = "sched", name = "sched_process_exec")]
+    pub fn wt_sys_task_exec_tp(ctx: TracePointContext) -> u32 {
+        // format: common header (8 bytes), __data_loc filename (4), pid (4), old_pid (4)
+        // SAFETY: offset 16 is `old_pid` in the sched:sched_process_exec format.
+        if let Ok(old_pid) = unsafe { ctx.read_at::<u32>(16) } {
+            forget_exec_thread(old_pid);
+        }
         0
     }
 
@@ -128,6 +146,15 @@ mod programs {
             (*record).reserved = 0;
         }
         submit(entry, config);
+    }
+
+    /// A thread other than the leader exec'd: it now has the leader's id, and its own
+    /// (its execve's entry) must not wait for a later thread that reuses the id.
+    #[inline(always)]
+    fn forget_exec_thread(old_tid: u32) {
+        if old_tid != bpf_get_current_pid_tgid() as u32 {
+            let _ = STARTS.remove(&old_tid);
+        }
     }
 
     /// The current thread is exiting: its entry (for `exit` or `exit_group`, which never

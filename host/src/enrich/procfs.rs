@@ -17,8 +17,10 @@ pub struct ProcFacts {
     pub cmdline: Vec<String>,
     /// Path below the cgroup v2 mount ("0::" line of /proc/<pid>/cgroup).
     pub cgroup_path: Option<String>,
-    /// Start, on the monotonic clock, at the kernel's start-time resolution (a tick).
+    /// Start, on the monotonic clock, rounded down to the kernel's start-time
+    /// resolution: the process started in `[started_ns, started_ns + tick_ns)`.
     pub started_ns: u64,
+    pub tick_ns: u64,
 }
 
 /// Reads at most `max` bytes of a file.
@@ -68,7 +70,7 @@ pub fn read(pid: u32) -> Option<ProcFacts> {
     }
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100).max(1) as i128;
     let started_ns = (start_ticks as i128 * 1_000_000_000 / hz + boot_to_monotonic_ns()).max(0) as u64;
-    Some(ProcFacts { ppid, uid, comm, exe, cmdline, cgroup_path, started_ns })
+    Some(ProcFacts { ppid, uid, comm, exe, cmdline, cgroup_path, started_ns, tick_ns: (1_000_000_000 / hz) as u64 })
 }
 
 /// User names by uid from `/etc/passwd` (read once, bounded).

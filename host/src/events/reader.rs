@@ -70,9 +70,13 @@ impl Reader {
                         }
                     }
                 }
-                drain.ring(ring.get_mut());
+                // A full ring is drained a slice at a time, letting the other kinds'
+                // readers on this thread take turns.
+                while drain.ring(ring.get_mut()) {
+                    tokio::task::yield_now().await;
+                }
             }
-            drain.ring(ring.get_mut());
+            while drain.ring(ring.get_mut()) {}
             Ok(())
         }
     }
@@ -86,9 +90,14 @@ struct Drain {
     kernel_drops: u64,
 }
 
+/// Batches one drain hands on before it lets the thread's other readers run.
+const BATCHES_PER_TURN: usize = 8;
+
 impl Drain {
-    fn ring(&mut self, ring: &mut RingReader) {
-        loop {
+    /// Reads up to `BATCHES_PER_TURN` batches; whether records were left.
+    fn ring(&mut self, ring: &mut RingReader) -> bool {
+        let mut more = false;
+        for _ in 0..BATCHES_PER_TURN {
             let read = ring.read(MAX_BATCH_RECORDS, |record| self.batcher.push(record));
             let (batch, malformed) = self.batcher.take();
             if malformed > 0 {
@@ -98,12 +107,14 @@ impl Drain {
                 self.counters.records.inc_by(batch.len() as u64);
                 self.router.dispatch(&batch);
             }
-            if read < MAX_BATCH_RECORDS {
+            more = read == MAX_BATCH_RECORDS;
+            if !more {
                 break;
             }
         }
         // One map lookup per drain (not per record); cheap at the drain rate.
         self.kernel_drops();
+        more
     }
 
     fn kernel_drops(&mut self) {
@@ -112,6 +123,7 @@ impl Drain {
             if total > self.kernel_drops {
                 self.counters.kernel_drops.inc_by(total - self.kernel_drops);
                 self.kernel_drops = total;
+                self.router.lost(self.batcher.kind);
             }
         }
     }

@@ -54,17 +54,21 @@ impl Subscriber {
 
 /// A part of the host that sees every batch before the plugins do (e.g. enrichment
 /// learning process lifetimes).
-pub type Observer = Box<dyn Fn(&Batch) + Send + Sync>;
+pub trait Observer: Send + Sync {
+    fn observe(&self, batch: &Batch);
+    /// Records of `kind` were lost in the kernel (its ring buffer was full).
+    fn lost(&self, kind: Kind);
+}
 
 /// The current set of subscribers; swapped whole when plugins change.
 #[derive(Default)]
 pub struct Router {
     subscribers: RwLock<Arc<Vec<Arc<Subscriber>>>>,
-    observers: Vec<Observer>,
+    observers: Vec<Arc<dyn Observer>>,
 }
 
 impl Router {
-    pub fn new(subscribers: Vec<Arc<Subscriber>>, observers: Vec<Observer>) -> Self {
+    pub fn new(subscribers: Vec<Arc<Subscriber>>, observers: Vec<Arc<dyn Observer>>) -> Self {
         Self { subscribers: RwLock::new(Arc::new(subscribers)), observers }
     }
 
@@ -77,9 +81,14 @@ impl Router {
         *self.subscribers.write().expect("router lock") = Arc::new(subscribers);
     }
 
+    /// Tells the observers that records of `kind` were lost in the kernel.
+    pub fn lost(&self, kind: Kind) {
+        self.observers.iter().for_each(|o| o.lost(kind));
+    }
+
     /// Hands `batch` to every subscriber of its kind, filtered per subscriber.
     pub fn dispatch(&self, batch: &Batch) {
-        self.observers.iter().for_each(|observe| observe(batch));
+        self.observers.iter().for_each(|o| o.observe(batch));
         for sub in self.subscribers().iter().filter(|s| s.kind == batch.kind) {
             let mine = if sub.wants_all() {
                 batch.clone()

@@ -45,6 +45,7 @@ pub struct PluginState {
     /// Metric family and series handles (apart from the WASI handles, so neither can
     /// crowd out the other), at most `series + families` of them.
     handles: ResourceTable,
+    handle_count: usize,
     enricher: Arc<Enricher>,
     logs: LogSink,
     pub limiter: MemoryLimiter,
@@ -57,12 +58,11 @@ impl PluginState {
     pub fn new(namespace: &str, sink: Arc<MetricSink>, budget: Arc<Budget>, enricher: Arc<Enricher>) -> Self {
         let logs = LogSink::new(budget.clone());
         let (wasi, outputs) = wasi::context(&logs);
-        let mut handles = ResourceTable::new();
-        handles.set_max_capacity(budget.limits.series + budget.limits.families);
         Self {
             namespace: namespace.to_owned(),
             sink,
-            handles,
+            handles: ResourceTable::new(),
+            handle_count: 0,
             enricher,
             logs,
             limiter: MemoryLimiter { budget: budget.clone(), held: 0, pending: 0, refused: None },
@@ -207,16 +207,31 @@ pub struct SeriesHandle {
 }
 
 impl PluginState {
-    fn handle<T: Send + 'static>(&mut self, value: T) -> Result<Resource<T>, String> {
-        self.handles.push(value).map_err(|_| {
-            let limit = self.budget.limits.series + self.budget.limits.families;
-            self.budget.refuse(Refusal::new(Reason::Handles, format!("the plugin holds {limit} metric handles (series + families); drop unused ones")));
-            format!("too many metric handles (at most {limit}: series + families); drop unused ones")
-        })
+    /// Whether the plugin may hold one more metric handle; refused (and counted) if not.
+    /// Checked before a family or series is made, so a refused handle costs nothing.
+    fn room_for_handle(&self) -> Result<(), String> {
+        let limit = self.budget.limits.series + self.budget.limits.families;
+        if self.handle_count < limit {
+            return Ok(());
+        }
+        let message = format!("the plugin holds {limit} metric handles (series + families); drop unused ones");
+        Err(self.budget.refuse(Refusal::new(Reason::Handles, message)).to_string())
     }
 
-    fn series_handle(&self, handle: &Resource<SeriesHandle>) -> wasmtime::Result<&SeriesHandle> {
-        Ok(self.handles.get(handle)?)
+    fn handle<T: Send + 'static>(&mut self, value: T) -> wasmtime::Result<Resource<T>> {
+        self.handle_count += 1;
+        Ok(self.handles.push(value)?)
+    }
+
+    /// Writes through a series handle; a series removed meanwhile (through another
+    /// handle) takes no more values: refused and counted, not kept out of sight.
+    fn write(&self, handle: &Resource<SeriesHandle>, write: impl FnOnce(&SeriesHandle) -> Result<(), SeriesError>) -> wasmtime::Result<()> {
+        let s: &SeriesHandle = self.handles.get(handle)?;
+        if s.series.is_removed() {
+            self.budget.refuse(Refusal::new(Reason::RemovedSeries, "a value was written to a removed series".to_owned()));
+            return Ok(());
+        }
+        self.apply(write(s))
     }
 }
 
@@ -228,58 +243,66 @@ impl metrics::Host for PluginState {
             metrics::MetricKind::Histogram => MetricKind::Histogram,
         };
         let spec = FamilySpec { name: desc.name, help: desc.help, kind, label_names: desc.label_names, buckets: desc.buckets };
-        Ok(match self.sink.declare(&self.namespace, spec, &self.budget) {
-            Ok(family) => self.handle(FamilyHandle(family)),
-            Err(refusal) => Err(refusal.to_string()),
-        })
+        if let Err(e) = self.room_for_handle() {
+            return Ok(Err(e));
+        }
+        match self.sink.declare(&self.namespace, spec, &self.budget) {
+            Ok(family) => Ok(Ok(self.handle(FamilyHandle(family))?)),
+            Err(refusal) => Ok(Err(refusal.to_string())),
+        }
     }
 }
 
 impl metrics::HostFamily for PluginState {
     fn series(&mut self, family: Resource<FamilyHandle>, label_values: Vec<String>) -> wasmtime::Result<Result<Resource<SeriesHandle>, String>> {
         let family = self.handles.get(&family)?.0.clone();
-        Ok(match family.series(&label_values, &self.budget) {
-            Ok(series) => self.handle(SeriesHandle { series, family }),
-            Err(refusal) => Err(refusal.to_string()),
-        })
+        if let Err(e) = self.room_for_handle() {
+            return Ok(Err(e));
+        }
+        match family.series(&label_values, &self.budget) {
+            Ok(series) => Ok(Ok(self.handle(SeriesHandle { series, family })?)),
+            Err(refusal) => Ok(Err(refusal.to_string())),
+        }
     }
 
     fn drop(&mut self, family: Resource<FamilyHandle>) -> wasmtime::Result<()> {
         self.handles.delete(family)?;
+        self.handle_count -= 1;
         Ok(())
     }
 }
 
 impl metrics::HostSeries for PluginState {
     fn counter_add(&mut self, series: Resource<SeriesHandle>, value: u64) -> wasmtime::Result<()> {
-        self.apply(self.series_handle(&series)?.series.counter_add(value))
+        self.write(&series, |s| s.series.counter_add(value))
     }
 
     fn gauge_set(&mut self, series: Resource<SeriesHandle>, value: f64) -> wasmtime::Result<()> {
-        self.apply(self.series_handle(&series)?.series.gauge_set(value))
+        self.write(&series, |s| s.series.gauge_set(value))
     }
 
     fn gauge_add(&mut self, series: Resource<SeriesHandle>, value: f64) -> wasmtime::Result<()> {
-        self.apply(self.series_handle(&series)?.series.gauge_add(value))
+        self.write(&series, |s| s.series.gauge_add(value))
     }
 
     fn histogram_observe(&mut self, series: Resource<SeriesHandle>, value: f64) -> wasmtime::Result<()> {
-        let s = self.series_handle(&series)?;
-        self.apply(s.series.histogram_observe(s.family.buckets(), value))
+        self.write(&series, |s| s.series.histogram_observe(s.family.buckets(), value))
     }
 
     fn histogram_merge(&mut self, series: Resource<SeriesHandle>, bucket_counts: Vec<u64>, sum: f64) -> wasmtime::Result<()> {
-        self.apply(self.series_handle(&series)?.series.histogram_merge(&bucket_counts, sum))
+        self.write(&series, |s| s.series.histogram_merge(&bucket_counts, sum))
     }
 
     fn remove(&mut self, series: Resource<SeriesHandle>) -> wasmtime::Result<()> {
         let s = self.handles.delete(series)?;
+        self.handle_count -= 1;
         s.family.remove(&s.series, &self.budget);
         Ok(())
     }
 
     fn drop(&mut self, series: Resource<SeriesHandle>) -> wasmtime::Result<()> {
         self.handles.delete(series)?;
+        self.handle_count -= 1;
         Ok(())
     }
 }
@@ -325,12 +348,25 @@ fn process_info(facts: &ProcessFacts) -> enrich::ProcessInfo {
     }
 }
 
+impl PluginState {
+    /// Whether a tenant's plugin may learn about cgroup `id` (one outside its scope is
+    /// another tenant's business).
+    fn may_see(&self, id: u64) -> bool {
+        self.budget.tenant.as_ref().is_none_or(|t| t.scope.contains(id))
+    }
+}
+
 impl enrich::Host for PluginState {
     fn process(&mut self, pid: u32, seen_ns: u64) -> wasmtime::Result<Option<enrich::ProcessInfo>> {
-        Ok(self.enricher.process(pid, seen_ns).as_deref().map(process_info))
+        let facts = self.enricher.process(pid, seen_ns);
+        let visible = |f: &ProcessFacts| self.budget.tenant.is_none() || f.cgroup.as_ref().is_some_and(|c| self.may_see(c.id));
+        Ok(facts.as_deref().filter(|f| visible(f)).map(process_info))
     }
 
     fn cgroup(&mut self, cgroup_id: u64) -> wasmtime::Result<Option<enrich::CgroupInfo>> {
+        if !self.may_see(cgroup_id) {
+            return Ok(None);
+        }
         Ok(self.enricher.cgroup(cgroup_id).as_deref().map(cgroup_info))
     }
 

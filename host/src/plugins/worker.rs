@@ -132,8 +132,7 @@ fn subscriptions(manifest: &Manifest, budget: &Budget) -> anyhow::Result<Vec<(Ki
 pub fn start(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<CgroupScope>>) -> anyhow::Result<PluginHandle> {
     let (instance, manifest) = instantiate(&spec)?;
     let (queue, rx) = sync_channel(spec.budget.limits.queue_batches);
-    let pending_dropped = Arc::new(AtomicU64::new(0));
-    let subscribers = subscriptions(&manifest, &spec.budget)?
+    let subscribers: Vec<Arc<Subscriber>> = subscriptions(&manifest, &spec.budget)?
         .into_iter()
         .map(|(kind, filters)| {
             Arc::new(Subscriber {
@@ -143,7 +142,7 @@ pub fn start(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<Cgrou
                 filters,
                 scope: scope.clone(),
                 queue: queue.clone(),
-                pending_dropped: pending_dropped.clone(),
+                pending_dropped: Arc::default(),
                 counters: counters.clone(),
             })
         })
@@ -162,7 +161,7 @@ pub fn start(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<Cgrou
         spec,
         instance: Some(instance),
         counters,
-        pending_dropped,
+        pending_dropped: subscribers.iter().map(|s| (s.kind, s.pending_dropped.clone())).collect(),
         status: status.clone(),
         tick,
         shutdown: shutdown.clone(),
@@ -205,7 +204,8 @@ struct Worker {
     /// `None` while the plugin is down after a fault.
     instance: Option<Instance>,
     counters: PluginCounters,
-    pending_dropped: Arc<AtomicU64>,
+    /// Records dropped per kind since the plugin's last batch of that kind.
+    pending_dropped: Vec<(Kind, Arc<AtomicU64>)>,
     status: Arc<Mutex<PluginStatus>>,
     tick: Option<Duration>,
     shutdown: Arc<OnceLock<Instant>>,
@@ -224,7 +224,7 @@ impl Worker {
             match next {
                 Ok(batch) if self.out_of_shutdown_time() => {
                     unprocessed += batch.len() as u64;
-                    self.drop_batch(batch.len() as u64);
+                    self.drop_batch(batch.kind, batch.len() as u64);
                 }
                 Ok(batch) => self.deliver(&batch),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -251,27 +251,31 @@ impl Worker {
         self.shutdown.get().is_some_and(|at| at.elapsed() >= Duration::from_millis(self.spec.budget.limits.shutdown_ms))
     }
 
-    fn drop_batch(&self, n: u64) {
-        self.pending_dropped.fetch_add(n, Relaxed);
+    fn pending(&self, kind: Kind) -> &AtomicU64 {
+        &self.pending_dropped.iter().find(|(k, _)| *k == kind).expect("a batch of a kind the plugin subscribed to").1
+    }
+
+    fn drop_batch(&self, kind: Kind, n: u64) {
+        self.pending(kind).fetch_add(n, Relaxed);
         self.counters.dropped.inc_by(n);
     }
 
     fn deliver(&mut self, batch: &Batch) {
         let n = batch.len() as u64;
         if self.spec.budget.cpu_exhausted() {
-            return self.drop_batch(n);
+            return self.drop_batch(batch.kind, n);
         }
         let deadline = self.deadline();
         // Reset only once the plugin has seen it: a trap must not lose the count.
-        let dropped = self.pending_dropped.load(Relaxed);
-        let Some(instance) = self.live_instance() else { return self.drop_batch(n) };
+        let dropped = self.pending(batch.kind).load(Relaxed);
+        let Some(instance) = self.live_instance() else { return self.drop_batch(batch.kind, n) };
         let started = Instant::now();
         let result = instance.on_batch(deadline, batch.kind, &batch.records, dropped);
         let memory = instance.memory_bytes();
         self.spent(started.elapsed());
         match result {
             Ok(()) => {
-                self.pending_dropped.fetch_sub(dropped, Relaxed);
+                self.pending(batch.kind).fetch_sub(dropped, Relaxed);
                 self.counters.events.inc_by(n);
                 self.counters.batches.inc();
                 self.counters.memory_bytes.set(memory as i64);
@@ -280,7 +284,7 @@ impl Worker {
             }
             Err(e) => {
                 // The batch died with the instance: count it, and tell the next one.
-                self.drop_batch(n);
+                self.drop_batch(batch.kind, n);
                 self.fault(e);
             }
         }

@@ -44,6 +44,9 @@ fn globals(btf: Option<&KernelBtf>) -> anyhow::Result<Vec<(&'static str, u32)>> 
         (offsets::TASK_GROUP_LEADER, task(&["group_leader"])?),
         (offsets::TASK_START_TIME, task(&["start_time", "real_start_time"])?),
         (offsets::TASK_EXIT_CODE, task(&["exit_code"])?),
+        (offsets::TASK_COMM, task(&["comm"])?),
+        (offsets::TASK_SIGNAL, task(&["signal"])?),
+        (offsets::SIGNAL_LIVE, btf.member_offset("signal_struct", &["live"])?),
         (offsets::BPRM_FILENAME, btf.member_offset("linux_binprm", &["filename"])?),
     ])
 }

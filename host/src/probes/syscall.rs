@@ -18,6 +18,7 @@ pub static KIND: KindSpec = KindSpec {
                 ("wt_sys_enter", Point::Btf("sys_enter")),
                 ("wt_sys_exit", Point::Btf("sys_exit")),
                 ("wt_sys_task_exit", Point::Btf("sched_process_exit")),
+                ("wt_sys_task_exec", Point::Btf("sched_process_exec")),
             ],
         },
         Flavour {
@@ -26,6 +27,7 @@ pub static KIND: KindSpec = KindSpec {
                 ("wt_sys_enter_tp", Point::Tracepoint("raw_syscalls", "sys_enter")),
                 ("wt_sys_exit_tp", Point::Tracepoint("raw_syscalls", "sys_exit")),
                 ("wt_sys_task_exit_tp", Point::Tracepoint("sched", "sched_process_exit")),
+                ("wt_sys_task_exec_tp", Point::Tracepoint("sched", "sched_process_exec")),
             ],
         },
     ],

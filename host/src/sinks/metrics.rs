@@ -12,7 +12,7 @@ use std::{
     fmt,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
 };
 
@@ -82,6 +82,9 @@ struct SeriesTable {
 pub struct Series {
     labels: Vec<(String, String)>,
     value: SeriesValue,
+    /// Removed from its family: what is still written through another handle to it is
+    /// refused (counted), not kept where no scrape sees it.
+    removed: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -296,7 +299,7 @@ impl MetricFamily {
             },
         };
         let labels = self.spec.label_names.iter().cloned().zip(values.iter().cloned()).collect();
-        let series = Arc::new(Series { labels, value });
+        let series = Arc::new(Series { labels, value, removed: AtomicBool::new(false) });
         let i = table.list.len();
         table.index.insert(values.to_vec(), i);
         table.list.push(series.clone());
@@ -313,7 +316,7 @@ impl MetricFamily {
             return; // already removed, and the labels interned anew since
         }
         table.index.remove(&values);
-        table.list.swap_remove(i);
+        table.list.swap_remove(i).removed.store(true, Relaxed);
         if let Some(moved) = table.list.get(i) {
             let moved: Vec<String> = moved.labels.iter().map(|(_, v)| v.clone()).collect();
             table.index.insert(moved, i);
@@ -324,6 +327,11 @@ impl MetricFamily {
 }
 
 impl Series {
+    /// Whether the series was removed from its family.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Relaxed)
+    }
+
     /// Adds to a counter; refused (value unchanged) if it would pass `u64::MAX`.
     pub fn counter_add(&self, n: u64) -> Result<(), SeriesError> {
         match &self.value {

@@ -30,12 +30,10 @@ fn lifetime_bounds_ns() -> Vec<u64> {
     [1e-3, 1e-2, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 600.0, 3600.0, 86400.0].iter().map(|s| (s * 1e9) as u64).collect()
 }
 
-/// The container id of a cgroup, or its path outside containers.
-fn container_of(cgroup_id: u64) -> String {
-    match enrich::cgroup(cgroup_id) {
-        Some(cgroup) => cgroup.container_id.unwrap_or(cgroup.path),
-        None => "unknown".into(),
-    }
+/// The container id of a cgroup, or its path outside containers; none while the host
+/// does not know the cgroup (yet).
+fn container_of(cgroup_id: u64) -> Option<String> {
+    enrich::cgroup(cgroup_id).map(|cgroup| cgroup.container_id.unwrap_or(cgroup.path))
 }
 
 /// An exit's `code` label: the exit status, or `signal_<n>` when a signal ended it.
@@ -44,11 +42,18 @@ fn code_label(code: &i64) -> String {
 }
 
 impl ProcessChurn {
+    /// The container label of a cgroup; "unknown" (asked again next time) while the
+    /// host cannot tell.
     fn container(&mut self, cgroup_id: u64) -> String {
-        if self.containers.len() >= MAX_CGROUPS && !self.containers.contains_key(&cgroup_id) {
+        if let Some(label) = self.containers.get(&cgroup_id) {
+            return label.clone();
+        }
+        let Some(label) = container_of(cgroup_id) else { return "unknown".into() };
+        if self.containers.len() >= MAX_CGROUPS {
             self.containers.clear();
         }
-        self.containers.entry(cgroup_id).or_insert_with(|| container_of(cgroup_id)).clone()
+        self.containers.insert(cgroup_id, label.clone());
+        label
     }
 
     fn observe(&mut self, r: &ProcessRecord) {

@@ -4,7 +4,7 @@
 //! Config (all optional): `pids` (integers), `cgroups` (cgroup v2 ids), `comms` and
 //! `syscalls` (names) narrow the subscription; by default every process is observed.
 //! `container_label = true` adds a `container` label: the container id of the task's
-//! cgroup, or its cgroup path outside containers (looked up once per cgroup).
+//! cgroup, or its cgroup path outside containers (looked up for each new series).
 
 use wasmtap_sdk::{
     Config, CounterVec, Filter, HistogramVec, HostApi, HostInfo, Manifest, Plugin, Record as _, Subscription, SyscallBatch, SyscallRecord,
@@ -37,7 +37,8 @@ fn comm_label(comm: &u128) -> String {
     String::from_utf8_lossy(&comm[..len]).into_owned()
 }
 
-/// The container id of cgroup `id`, or its path outside containers.
+/// The container id of cgroup `id`, or its path outside containers (asked when a new
+/// series is made).
 fn container_label(id: &u64) -> String {
     match enrich::cgroup(*id) {
         Some(cgroup) => cgroup.container_id.unwrap_or(cgroup.path),
