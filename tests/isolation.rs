@@ -280,6 +280,7 @@ fn tenants_see_only_their_cgroups_and_one_at_quota_does_not_touch_the_other() {
     let mut config = tenant("alpha", &a.0, "series = 1000");
     config += &tenant("beta", &b.0, "series = 3, cpu_percent = 5");
     config += "[[plugin]]\nname = \"a-calls\"\nnamespace = \"calls\"\nbundled = \"syscall-latency\"\ntenant = \"alpha\"\n\n";
+    config += "[[plugin]]\nname = \"a-peek\"\nnamespace = \"peek\"\npath = \"HOSTILE\"\ntenant = \"alpha\"\nconfig = { mode = \"enrich-peek\" }\n\n";
     config += "[[plugin]]\nname = \"b-calls\"\nnamespace = \"calls\"\nbundled = \"syscall-latency\"\ntenant = \"beta\"\n\n";
     config += "[[plugin]]\nname = \"b-bomb\"\nnamespace = \"bomb\"\npath = \"HOSTILE\"\ntenant = \"beta\"\nconfig = { mode = \"series-bomb\" }\n\n";
     // 400 ms per batch against beta's 50 ms of CPU per second.
@@ -306,6 +307,9 @@ fn tenants_see_only_their_cgroups_and_one_at_quota_does_not_touch_the_other() {
     assert_eq!(latency_count(&m, "alpha_calls", &comm_a), Some(3_000.0), "tenant alpha: its own workload, exactly");
     assert_eq!(latency_count(&m, "alpha_calls", &comm_b), None, "tenant alpha sees nothing of beta");
     assert_eq!(latency_count(&m, "alpha_calls", &outside), None, "tenant alpha sees nothing outside its cgroup");
+    // Enrichment answers a tenant's plugin about its own cgroups only.
+    assert!(sample(&m, "alpha_peek_answers_total", &[("about", "own")]).unwrap_or(0.0) >= 1.0, "enrichment of its own cgroup");
+    assert_eq!(sample(&m, "alpha_peek_answers_total", &[("about", "init")]), Some(0.0), "no facts about a process outside the tenant");
     // Only the tenants' cgroups reach the ring buffer: the outside workload's 1 000
     // calls were filtered in the kernel.
     let added = daemon.probe_records() - before;
@@ -323,7 +327,7 @@ fn tenants_see_only_their_cgroups_and_one_at_quota_does_not_touch_the_other() {
     });
     // Every family of a tenant's plugin is in the tenant's namespace.
     for line in m.lines().filter(|l| l.starts_with("# TYPE ") && !l.starts_with("# TYPE wasmtap_")) {
-        assert!(line.starts_with("# TYPE alpha_calls_") || line.starts_with("# TYPE beta_"), "{line}");
+        assert!(line.starts_with("# TYPE alpha_") || line.starts_with("# TYPE beta_"), "{line}");
     }
     if let Some(problems) = promtool_problems(&m) {
         panic!("promtool: {problems}");

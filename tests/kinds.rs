@@ -18,9 +18,21 @@ fn counter(metrics: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     sample(metrics, name, labels).unwrap_or(0.0) as u64
 }
 
-/// Runs `wt-workload churn` in `cgroup`, checking each exec'd child while it lives
-/// (enrichment reads its facts then); returns once everything has exited.
-fn churn(daemon: &Daemon, cgroup: &Cgroup, comm: &str, forks: u32, codes: u32, exec_path: &str, execs: u32, container: &str, exe: &str) {
+/// One `wt-workload churn` run: `forks` children exiting with `codes` distinct codes,
+/// and `execs` children exec'ing `exec_path`.
+struct Churn<'a> {
+    comm: &'a str,
+    forks: u32,
+    codes: u32,
+    exec_path: &'a str,
+    execs: u32,
+}
+
+/// Runs `run` in `cgroup`, waiting while the exec'd children live until the plugin
+/// counted their execs as `(container, exe)` (enrichment reads their facts then);
+/// returns once everything has exited.
+fn churn(daemon: &Daemon, cgroup: &Cgroup, run: Churn<'_>, container: &str, exe: &str) {
+    let Churn { comm, forks, codes, exec_path, execs } = run;
     let mut child = Command::new(built("wt-workload"))
         .args(["churn", comm, &forks.to_string(), &codes.to_string(), exec_path, &execs.to_string()])
         .stdin(Stdio::piped())
@@ -54,10 +66,11 @@ fn process_churn_counts_forks_execs_and_exit_codes_per_container_exactly() {
 
     let plain = Cgroup::new("churn");
     let comm = unique_comm("ch");
-    churn(&daemon, &plain, &comm, forks, codes, link.to_str().unwrap(), execs, &plain.path(), &exe);
+    let exec_path = link.to_str().unwrap();
+    churn(&daemon, &plain, Churn { comm: &comm, forks, codes, exec_path, execs }, &plain.path(), &exe);
     let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     let docker = plain.child(&format!("docker-{id}.scope"));
-    churn(&daemon, &docker, &unique_comm("dk"), 5, 1, link.to_str().unwrap(), 1, id, &exe);
+    churn(&daemon, &docker, Churn { comm: &unique_comm("dk"), forks: 5, codes: 1, exec_path, execs: 1 }, id, &exe);
 
     // The workload itself and its held children exit with 0, its forks with 10, 11, 12.
     let container = plain.path();

@@ -6,27 +6,30 @@ use std::{collections::BTreeMap, mem::offset_of};
 
 use wasmtap_events::{ProcessRecord, Record, RecordHeader, SyscallRecord};
 
-/// (record name in the WIT, size, fields with their offsets) as Rust lays them out.
-fn rust_layouts() -> Vec<(&'static str, Option<usize>, Vec<(&'static str, usize)>)> {
+/// A record's layout: its size (none for the header, which has no stride of its own)
+/// and its fields with their offsets.
+type Layout<F> = (Option<usize>, Vec<(F, usize)>);
+
+/// (record name in the WIT, layout) as Rust lays them out.
+fn rust_layouts() -> Vec<(&'static str, Layout<&'static str>)> {
     macro_rules! fields {
         ($t:ty: $($field:ident),*) => { vec![$((stringify!($field), offset_of!($t, $field))),*] };
     }
     vec![
-        ("record-header", None, fields!(RecordHeader: ts_ns, cgroup_id, pid, tid, comm)),
-        ("syscall-record", Some(SyscallRecord::SIZE), fields!(SyscallRecord: header, latency_ns, ret, syscall_nr, reserved)),
+        ("record-header", (None, fields!(RecordHeader: ts_ns, cgroup_id, pid, tid, comm))),
+        ("syscall-record", (Some(SyscallRecord::SIZE), fields!(SyscallRecord: header, latency_ns, ret, syscall_nr, reserved))),
         (
             "process-record",
-            Some(ProcessRecord::SIZE),
-            fields!(ProcessRecord: header, event, ppid, uid, child_pid, exit_code, signal, lifetime_ns, filename),
+            (Some(ProcessRecord::SIZE), fields!(ProcessRecord: header, event, ppid, uid, child_pid, exit_code, signal, lifetime_ns, filename)),
         ),
     ]
 }
 
 /// What the WIT says: record → (documented size, field → documented offset).
-fn documented(wit: &str) -> BTreeMap<String, (Option<usize>, Vec<(String, usize)>)> {
+fn documented(wit: &str) -> BTreeMap<String, Layout<String>> {
     let mut records = BTreeMap::new();
     let mut docs: Vec<&str> = Vec::new();
-    let mut current: Option<(String, Option<usize>, Vec<(String, usize)>)> = None;
+    let mut current: Option<(String, Layout<String>)> = None;
     for line in wit.lines().map(str::trim) {
         if let Some(doc) = line.strip_prefix("///") {
             docs.push(doc.trim());
@@ -34,14 +37,14 @@ fn documented(wit: &str) -> BTreeMap<String, (Option<usize>, Vec<(String, usize)
         }
         let number_after = |key: &str| docs.iter().find_map(|d| d.split(key).nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok());
         if let Some(name) = line.strip_prefix("record ").and_then(|l| l.strip_suffix(" {")) {
-            current = Some((name.to_owned(), number_after("Size: "), Vec::new()));
+            current = Some((name.to_owned(), (number_after("Size: "), Vec::new())));
         } else if line == "}" {
-            if let Some((name, size, fields)) = current.take()
-                && !fields.is_empty()
+            if let Some((name, layout)) = current.take()
+                && !layout.1.is_empty()
             {
-                records.insert(name, (size, fields));
+                records.insert(name, layout);
             }
-        } else if let Some((_, _, fields)) = &mut current
+        } else if let Some((_, (_, fields))) = &mut current
             && let Some((field, _)) = line.split_once(':')
             && let Some(offset) = number_after("Offset ")
         {
@@ -58,7 +61,7 @@ fn every_documented_layout_matches_its_rust_struct() {
     let documented = documented(&wit);
     let rust = rust_layouts();
     assert_eq!(documented.keys().collect::<Vec<_>>(), { let mut names: Vec<_> = rust.iter().map(|r| r.0).collect(); names.sort(); names }, "documented layouts");
-    for (name, size, fields) in rust {
+    for (name, (size, fields)) in rust {
         let (doc_size, doc_fields) = &documented[name];
         assert_eq!(*doc_size, size, "{name}: documented size");
         let doc_fields: Vec<(&str, usize)> = doc_fields.iter().map(|(f, o)| (f.as_str(), *o)).collect();

@@ -264,7 +264,7 @@ impl Enricher {
                 event::EXEC => Generation { from_ns: at, born_ns: born, ended_ns: u64::MAX, facts: carried },
                 // An exit of a process seen neither forking nor being read: it ended
                 // unknown, and is not to be read from /proc after this.
-                _ if !processes.by_pid.get(&pid).and_then(|g| g.last()).is_some_and(|g| g.ended_ns == at) => {
+                _ if processes.by_pid.get(&pid).and_then(|g| g.last()).is_none_or(|g| g.ended_ns != at) => {
                     Generation { from_ns: previous_end, born_ns: 0, ended_ns: at, facts: None }
                 }
                 _ => continue,

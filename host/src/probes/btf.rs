@@ -114,7 +114,7 @@ impl KernelBtf {
                 if let Some(found) = self.find_member(self.resolve(member_type), name, bits) {
                     return Some(found);
                 }
-            } else if self.name(name_off) == name && bits % 8 == 0 {
+            } else if self.name(name_off) == name && bits.is_multiple_of(8) {
                 return Some(bits / 8);
             }
         }

@@ -36,8 +36,11 @@ pub struct KindSpec {
     /// Ways to attach, best first; the first whose programs all attach wins.
     pub flavours: &'static [Flavour],
     /// Globals to set in the object before loading (kernel struct offsets).
-    pub globals: fn(Option<&KernelBtf>) -> anyhow::Result<Vec<(&'static str, u32)>>,
+    pub globals: fn(Option<&KernelBtf>) -> anyhow::Result<Globals>,
 }
+
+/// (global name in the object, value).
+pub type Globals = Vec<(&'static str, u32)>;
 
 impl KindSpec {
     /// A subscription's filter: the common fields as given, and the kind's selector

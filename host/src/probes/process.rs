@@ -8,7 +8,7 @@ use wasmtap_events::{
 
 use super::{
     btf::KernelBtf,
-    kind::{Flavour, KindSpec, Point},
+    kind::{Flavour, Globals, KindSpec, Point},
 };
 
 pub static KIND: KindSpec = KindSpec {
@@ -34,7 +34,7 @@ pub static KIND: KindSpec = KindSpec {
     globals,
 };
 
-fn globals(btf: Option<&KernelBtf>) -> anyhow::Result<Vec<(&'static str, u32)>> {
+fn globals(btf: Option<&KernelBtf>) -> anyhow::Result<Globals> {
     let btf = btf.ok_or_else(|| anyhow::anyhow!("the process kind reads kernel structs and needs the kernel's BTF (/sys/kernel/btf/vmlinux)"))?;
     let task = |names: &[&str]| btf.member_offset("task_struct", names);
     Ok(vec![

@@ -71,7 +71,7 @@ impl<H: HostApi + Clone> SyscallLatency<H> {
         for r in records {
             let cgroup = if labelled { r.header.cgroup_id } else { 0 };
             let key = (u128::from_le_bytes(r.header.comm), r.syscall_nr, cgroup);
-            self.latency.observe(key, r.latency_ns, &labels);
+            self.latency.observe(key, r.latency_ns, labels);
             if let Some(errno) = r.errno() {
                 self.errors.add((key, errno), 1, |(key, errno)| {
                     let mut labels = labels(key);

@@ -69,6 +69,7 @@ impl Plugin for Hostile {
                 let f = metrics::declare_family(&desc("lookups", "h".into(), MetricKind::Counter, &[], vec![]))?;
                 series = Some(f.series(&[])?);
             }
+            "enrich-peek" => family = Some(metrics::declare_family(&desc("answers", "h".into(), MetricKind::Counter, &["about"], vec![]))?),
             "wide-labels" | "series-bomb" | "handle-bomb" => {
                 family = Some(metrics::declare_family(&desc("wide", "h".into(), MetricKind::Counter, &["v"], vec![]))?);
             }
@@ -114,6 +115,15 @@ impl Plugin for Hostile {
     fn on_syscalls(&mut self, batch: SyscallBatch<'_>) {
         self.batches += 1;
         match self.mode.as_str() {
+            // A tenant's plugin asking about its own cgroup, and about init (outside it).
+            "enrich-peek" => {
+                let Some(r) = batch.records().first() else { return };
+                let family = self.family.as_ref().unwrap();
+                for (about, answered) in [("own", enrich::cgroup(r.header.cgroup_id).is_some()), ("init", enrich::process(1, 0).is_some())] {
+                    let series = family.series(&[about.into()]).unwrap();
+                    series.counter_add(u64::from(answered));
+                }
+            }
             // Not an attack: the benchmark's measure of a cached enrichment lookup.
             "enrich-process" | "enrich-cgroup" => {
                 let Some(r) = batch.records().first() else { return };
