@@ -343,7 +343,6 @@ fn process_info(facts: &ProcessFacts) -> enrich::ProcessInfo {
         user: facts.user.clone(),
         comm: facts.comm.clone(),
         exe: facts.exe.clone(),
-        cmdline: facts.cmdline.clone(),
         cgroup: facts.cgroup.as_deref().map(cgroup_info),
     }
 }
@@ -354,13 +353,22 @@ impl PluginState {
     fn may_see(&self, id: u64) -> bool {
         self.budget.tenant.as_ref().is_none_or(|t| t.scope.contains(id))
     }
+
+    /// A process's facts, if the plugin may see the process (a tenant's plugin: one in
+    /// its scope).
+    fn visible_process(&self, pid: u32, seen_ns: u64) -> Option<Arc<ProcessFacts>> {
+        let facts = self.enricher.process(pid, seen_ns)?;
+        (self.budget.tenant.is_none() || facts.cgroup.as_ref().is_some_and(|c| self.may_see(c.id))).then_some(facts)
+    }
 }
 
 impl enrich::Host for PluginState {
     fn process(&mut self, pid: u32, seen_ns: u64) -> wasmtime::Result<Option<enrich::ProcessInfo>> {
-        let facts = self.enricher.process(pid, seen_ns);
-        let visible = |f: &ProcessFacts| self.budget.tenant.is_none() || f.cgroup.as_ref().is_some_and(|c| self.may_see(c.id));
-        Ok(facts.as_deref().filter(|f| visible(f)).map(process_info))
+        Ok(self.visible_process(pid, seen_ns).as_deref().map(process_info))
+    }
+
+    fn cmdline(&mut self, pid: u32, seen_ns: u64) -> wasmtime::Result<Option<Vec<String>>> {
+        Ok(self.visible_process(pid, seen_ns).map(|f| f.cmdline.clone()))
     }
 
     fn cgroup(&mut self, cgroup_id: u64) -> wasmtime::Result<Option<enrich::CgroupInfo>> {

@@ -3,8 +3,10 @@
 //! histogram of process lifetimes.
 //!
 //! The container comes from enrichment (the host parses the cgroup path), looked up
-//! once per cgroup; the executable from enrichment while the process lives, else the
-//! path it was exec'd by. Config (optional): `pids`, `cgroups`, `comms` narrow the
+//! once per cgroup; the executable from enrichment (its real path) while the process
+//! lives when the exec is handled, else the path it was exec'd by (which may be a
+//! symlink or relative): a process that execs and exits within one drain interval is
+//! labelled by the latter. Config (optional): `pids`, `cgroups`, `comms` narrow the
 //! subscription.
 
 use rustc_hash::FxHashMap;
