@@ -58,11 +58,6 @@ impl EventFilter {
         self.pids.is_empty() && self.cgroups.is_empty() && self.comms.is_empty() && self.selectors.is_empty()
     }
 
-    /// Entries this filter holds (what the filter budget counts).
-    pub fn entries(&self) -> usize {
-        self.pids.len() + self.cgroups.len() + self.comms.len() + self.selectors.len()
-    }
-
     /// The reference semantics `CompiledFilters` implements.
     #[cfg(test)]
     pub fn matches(&self, r: &RecordKeys) -> bool {
