@@ -11,9 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use wasmtap_tests::{Cgroup, Daemon, Prometheus, TempDir, privileged_or_skip, promtool_problems, run_workload, sample, unique_comm, wait_for, workload};
+use wasmtap_tests::{Cgroup, Daemon, HOSTILE_WASM as HOSTILE, Prometheus, TempDir, privileged_or_skip, promtool_problems, run_workload, sample, unique_comm, wait_for, workload};
 
-const HOSTILE: &str = env!("HOSTILE_WASM");
 const HOSTILE_FS: &str = env!("HOSTILE_FS_WASM");
 const MULTI_MEMORY: &str = env!("MULTI_MEMORY_WASM");
 const GETPPID_CALLS: u64 = 20_000;

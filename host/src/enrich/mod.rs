@@ -27,7 +27,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use wasmtap_events::{ProcessRecord, Record as _, process::event};
 
 use crate::{
-    events::{Batch, route::Observer},
+    events::{Batch, route::Observer, scope::walk_cgroups},
     probes::{Kind, process},
 };
 
@@ -401,7 +401,10 @@ impl Enricher {
             }
             walks.last_start = Some(Instant::now());
             let mut found = Vec::new();
-            walk_tree(root, |ino, path| found.push((ino, path.to_owned())));
+            walk_cgroups(root, MAX_CGROUPS, |ino, dir| {
+                let below = dir.strip_prefix(root).unwrap_or(dir).to_string_lossy();
+                found.push((ino, format!("/{below}")));
+            });
             walks.previous_max = walks.last_max;
             walks.last_max = found.iter().map(|(ino, _)| *ino).max().unwrap_or(0);
             let mut cgroups = self.cgroups.lock().expect("enrich lock");
@@ -428,31 +431,6 @@ impl Observer for Enricher {
     fn lost(&self, kind: Kind) {
         if kind == &process::KIND {
             self.lost_processes();
-        }
-    }
-}
-
-/// Visits every cgroup below `root` (itself as "/"), at most `MAX_CGROUPS`.
-fn walk_tree(root: &std::path::Path, mut visit: impl FnMut(u64, &str)) {
-    use std::os::unix::fs::MetadataExt as _;
-    let Ok(meta) = std::fs::metadata(root) else { return };
-    visit(meta.ino(), "/");
-    let mut dirs = vec![(root.to_path_buf(), String::new())];
-    let mut seen = 1;
-    while let Some((dir, path)) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        for entry in entries.filter_map(Result::ok) {
-            if seen >= MAX_CGROUPS {
-                return;
-            }
-            if let Ok(meta) = entry.metadata()
-                && meta.is_dir()
-            {
-                let child = format!("{path}/{}", entry.file_name().to_string_lossy());
-                visit(meta.ino(), &child);
-                seen += 1;
-                dirs.push((entry.path(), child));
-            }
         }
     }
 }

@@ -116,25 +116,40 @@ impl CgroupScope {
     }
 
     fn rescan(&self) {
-        let mut ids = HashSet::from([self.root_id]);
-        let mut dirs = vec![self.dir.clone()];
-        'walk: while let Some(dir) = dirs.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-            for entry in entries.filter_map(Result::ok) {
-                if ids.len() >= MAX_SCOPE_CGROUPS {
-                    if !self.too_big.swap(true, Relaxed) {
-                        tracing::warn!("cgroup scope {} has more than {MAX_SCOPE_CGROUPS} cgroups; the rest are out of scope", self.dir.display());
-                    }
-                    break 'walk;
-                }
-                if let Ok(meta) = entry.metadata()
-                    && meta.is_dir()
-                {
-                    ids.insert(meta.ino());
-                    dirs.push(entry.path());
-                }
-            }
+        let mut ids = HashSet::new();
+        let cut = walk_cgroups(&self.dir, MAX_SCOPE_CGROUPS, |id, _| {
+            ids.insert(id);
+        });
+        ids.insert(self.root_id);
+        if cut && !self.too_big.swap(true, Relaxed) {
+            tracing::warn!("cgroup scope {} has more than {MAX_SCOPE_CGROUPS} cgroups; the rest are out of scope", self.dir.display());
         }
         *self.inside.write().expect("scope") = ids;
     }
+}
+
+/// Visits `root` and every cgroup directory below it, at most `max` in all, with its
+/// id (the directory's inode number) and path; whether the walk was cut at `max`.
+pub fn walk_cgroups(root: &Path, max: usize, mut visit: impl FnMut(u64, &Path)) -> bool {
+    let Ok(meta) = std::fs::metadata(root) else { return false };
+    visit(meta.ino(), root);
+    let mut seen = 1;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.filter_map(Result::ok) {
+            if seen >= max {
+                return true;
+            }
+            if let Ok(meta) = entry.metadata()
+                && meta.is_dir()
+            {
+                let path = entry.path();
+                visit(meta.ino(), &path);
+                seen += 1;
+                dirs.push(path);
+            }
+        }
+    }
+    false
 }
