@@ -1,6 +1,9 @@
 //! Builds the hostile test plugins:
 //! - tests/hostile-plugin for wasm32-wasip2, twice: as is, and with its `fs` feature (a
 //!   component that imports wasi:filesystem): `HOSTILE_WASM`, `HOSTILE_FS_WASM`;
+//! - plugins/syscall-latency with its `variant` feature (other buckets, one more label),
+//!   the second build the hot-swap tests alternate with the bundled one:
+//!   `SYSCALL_LATENCY_VARIANT_WASM`;
 //! - a component with 17 linear memories (no Rust target emits one), assembled here from
 //!   a core module and the WIT world: `MULTI_MEMORY_WASM`.
 
@@ -28,7 +31,7 @@ fn multi_memory_component(root: &std::path::Path) -> Vec<u8> {
     let mut exports = ExportSection::new();
     exports.export("memory", ExportKind::Memory, 0).export("cabi_realloc", ExportKind::Func, 0);
     for (i, name) in ["init", "on-batch", "tick"].iter().enumerate() {
-        exports.export(&format!("wasmtap:plugin/handler@0.2.1#{name}"), ExportKind::Func, i as u32 + 1);
+        exports.export(&format!("wasmtap:plugin/handler@0.2.2#{name}"), ExportKind::Func, i as u32 + 1);
     }
     let mut code = CodeSection::new();
     let mut realloc = Function::new([]);
@@ -54,7 +57,7 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
-    for dir in ["tests/hostile-plugin", "tests/compat-plugin", "sdk", "wit", "host-ebpf/common"] {
+    for dir in ["tests/hostile-plugin", "tests/compat-plugin", "plugins/syscall-latency", "sdk", "wit", "host-ebpf/common"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     let target_dir = out_dir.join("hostile-target");
@@ -62,6 +65,7 @@ fn main() {
         ("hostile-plugin", None, "hostile.wasm", "HOSTILE_WASM"),
         ("hostile-plugin", Some("fs"), "hostile-fs.wasm", "HOSTILE_FS_WASM"),
         ("compat-plugin", None, "compat.wasm", "COMPAT_WASM"),
+        ("syscall-latency", Some("variant"), "syscall-latency-variant.wasm", "SYSCALL_LATENCY_VARIANT_WASM"),
     ] {
         let mut cargo = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cargo

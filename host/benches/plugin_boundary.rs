@@ -133,14 +133,14 @@ fn main() {
         enricher: Arc::new(Enricher::new()),
     };
     let config = PluginConfig::bundled("syscall-latency", "syscall-latency");
-    let spec = plugins::prepare(&services, &config, None).expect("plugin");
+    let spec = plugins::prepare(&services, &config, None, None).expect("plugin");
     let (mut instance, _) = instantiate(&spec).expect("instantiate");
     let deadline = Duration::from_secs(1);
     let wasm = measure(&batches, |b| instance.on_batch(deadline, &KIND, b, 0).expect("on-batch"));
 
     let native_sink = Arc::new(MetricSink::default());
     let budget = Arc::new(Budget::unmetered("native", PluginLimits::default()));
-    let state = PluginState::new(&namespace_for("syscall-latency"), native_sink, budget, services.enricher.clone());
+    let state = PluginState::new(&namespace_for("syscall-latency"), native_sink, budget, services.enricher.clone(), None);
     let mut plugin = SyscallLatency::new(NativeHost(Rc::new(RefCell::new(state))), false).expect("native plugin");
     let native = measure(&batches, |b| {
         let records: Vec<SyscallRecord> = b.chunks_exact(SyscallRecord::SIZE).map(SyscallRecord::read).collect();

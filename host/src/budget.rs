@@ -283,6 +283,24 @@ impl Budget {
         Ok(())
     }
 
+    /// Charges what exists already (series carried across a swap), even past a limit.
+    pub fn force_charge(&self, reason: Reason, n: u64) {
+        let quotas = [self.quota(reason), self.tenant.as_ref().and_then(|t| t.quota(reason))];
+        for q in quotas.into_iter().flatten() {
+            q.used.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Takes over what `old` (the budget of the build this one replaces) holds in the
+    /// metric sink: the series and families stay, so their charges move here. Only the
+    /// plugin's own quotas move; the tenant's already count them.
+    pub fn adopt(&self, old: &Budget) {
+        for reason in [Reason::Series, Reason::Families, Reason::MetricBytes] {
+            let (mine, theirs) = (self.quota(reason).expect("a quota"), old.quota(reason).expect("a quota"));
+            mine.used.fetch_add(theirs.used.swap(0, Relaxed), Relaxed);
+        }
+    }
+
     pub fn release(&self, reason: Reason, n: u64) {
         if let Some(q) = self.quota(reason) {
             q.release(n);

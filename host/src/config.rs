@@ -25,17 +25,32 @@ pub struct Config {
     /// `/var/cache/wasmtap` for root, `$XDG_CACHE_HOME/wasmtap` otherwise.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// The admin API's Unix socket; defaults to `/run/wasmtap/admin.sock` for root,
+    /// `$XDG_RUNTIME_DIR/wasmtap/admin.sock` (or `/tmp/wasmtap-UID/admin.sock`) otherwise.
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
     #[serde(default, rename = "tenant")]
     pub tenants: Vec<TenantConfig>,
 }
 
+/// Where the admin socket is when the config does not say.
+pub fn default_admin_socket() -> PathBuf {
+    let uid = nix::unistd::geteuid();
+    let dir = if uid.is_root() {
+        PathBuf::from("/run/wasmtap")
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR").map_or_else(|| PathBuf::from(format!("/tmp/wasmtap-{uid}")), |d| PathBuf::from(d).join("wasmtap"))
+    };
+    dir.join("admin.sock")
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9568))
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProbeSettings {
     pub drain_interval_ms: u64,
@@ -129,7 +144,7 @@ impl Default for PluginLimits {
 
 // No `deny_unknown_fields`: keys that are not fields land in `overrides`, where
 // `PluginLimits` (which does deny them) reports any unknown one.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct PluginConfig {
     /// Instance name: labels its self-metrics and log records, and (with `-` → `_`)
     /// is its metric namespace unless `namespace` is set.
@@ -171,7 +186,7 @@ pub enum ConfigNode {
 
 /// A tenant: a cgroup v2 subtree whose events its plugins see (and nothing else), a
 /// metric namespace its plugins' namespaces live in, and quotas its plugins share.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     pub name: String,
@@ -186,7 +201,7 @@ pub struct TenantConfig {
 }
 
 /// What all of a tenant's plugins together may use.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantQuota {
     /// Linear memories and tables of all its plugin instances.
@@ -258,6 +273,20 @@ impl PluginConfig {
     }
 
     /// The defaults with this section's overrides applied; unknown keys are errors.
+    /// The section as TOML again, every limit spelled out.
+    fn to_table(&self) -> anyhow::Result<toml::Table> {
+        let mut table = toml::Table::try_from(self.limits)?;
+        table.insert("name".into(), self.name.clone().into());
+        let optional = [("bundled", self.bundled.clone()), ("path", self.path.as_ref().map(|p| p.display().to_string()))];
+        for (key, value) in optional.into_iter().chain([("namespace", self.namespace.clone()), ("tenant", self.tenant.clone())]) {
+            if let Some(value) = value {
+                table.insert(key.into(), value.into());
+            }
+        }
+        table.insert("config".into(), toml::Value::Table(self.config.clone().into_iter().collect()));
+        Ok(table)
+    }
+
     fn resolve_limits(&mut self, defaults: PluginLimits) -> anyhow::Result<()> {
         let mut table = toml::Table::try_from(defaults)?;
         table.extend(std::mem::take(&mut self.overrides));
@@ -298,6 +327,24 @@ impl Config {
         }
     }
 
+    /// A plugin section given at run time (admin API): TOML with the keys of a
+    /// `[[plugin]]` section. With `base` (the running plugin's), only the keys given
+    /// change; `bundled` or `path` replaces both.
+    pub fn plugin(&self, text: &str, base: Option<&PluginConfig>) -> anyhow::Result<PluginConfig> {
+        let changes: toml::Table = toml::from_str(text).context("not a TOML plugin section")?;
+        let mut table = base.map(PluginConfig::to_table).transpose()?.unwrap_or_default();
+        if changes.contains_key("bundled") || changes.contains_key("path") {
+            table.remove("bundled");
+            table.remove("path");
+        }
+        table.extend(changes);
+        let mut plugin: PluginConfig = table.try_into()?;
+        let name = plugin.name.clone();
+        plugin.resolve_limits(self.plugin_defaults).with_context(|| format!("plugin {name:?}"))?;
+        self.validate_plugin(&plugin)?;
+        Ok(plugin)
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         let p = &self.probes;
         if !(1..=1000).contains(&p.drain_interval_ms) {
@@ -322,25 +369,27 @@ impl Config {
         }
         let mut seen = HashSet::new();
         for plugin in &self.plugins {
-            check_name("plugin", &plugin.name)?;
             if !seen.insert(&plugin.name) {
                 bail!("plugin name {:?} is used twice", plugin.name);
             }
-            if plugin.bundled.is_some() == plugin.path.is_some() {
-                bail!("plugin {:?}: set exactly one of `bundled` or `path`", plugin.name);
-            }
-            if let Some(tenant) = &plugin.tenant
-                && !tenants.contains(tenant.as_str())
-            {
-                bail!("plugin {:?}: no [[tenant]] named {tenant:?}", plugin.name);
-            }
-            let l = &plugin.limits;
-            if l.queue_batches == 0 || l.call_deadline_ms == 0 || l.memory_bytes < 65536 || l.shutdown_ms == 0 || l.max_faults == 0 {
-                bail!(
-                    "plugin {:?}: queue_batches, call_deadline_ms, shutdown_ms and max_faults must be > 0, memory_bytes >= 65536",
-                    plugin.name
-                );
-            }
+            self.validate_plugin(plugin)?;
+        }
+        Ok(())
+    }
+
+    fn validate_plugin(&self, plugin: &PluginConfig) -> anyhow::Result<()> {
+        check_name("plugin", &plugin.name)?;
+        if plugin.bundled.is_some() == plugin.path.is_some() {
+            bail!("plugin {:?}: set exactly one of `bundled` or `path`", plugin.name);
+        }
+        if let Some(tenant) = &plugin.tenant
+            && !self.tenants.iter().any(|t| &t.name == tenant)
+        {
+            bail!("plugin {:?}: no [[tenant]] named {tenant:?}", plugin.name);
+        }
+        let l = &plugin.limits;
+        if l.queue_batches == 0 || l.call_deadline_ms == 0 || l.memory_bytes < 65536 || l.shutdown_ms == 0 || l.max_faults == 0 {
+            bail!("plugin {:?}: queue_batches, call_deadline_ms, shutdown_ms and max_faults must be > 0, memory_bytes >= 65536", plugin.name);
         }
         Ok(())
     }

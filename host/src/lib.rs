@@ -5,6 +5,7 @@
 
 pub mod budget;
 pub mod check;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod enrich;

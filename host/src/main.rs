@@ -2,7 +2,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use wasmtap::{check, config::Config, daemon, plugins::bundled};
+use wasmtap::{check, cli, config::Config, daemon, plugins::bundled};
 
 #[derive(Parser)]
 #[command(version, about = "eBPF probes streamed in batches into sandboxed WebAssembly plugins")]
@@ -24,6 +24,17 @@ enum Command {
         /// Log as JSON lines instead of text.
         #[arg(long)]
         json_logs: bool,
+        /// The admin API's Unix socket (overrides the config).
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
+    },
+    /// Change the running daemon's plugins through its admin socket.
+    Plugin {
+        /// The daemon's admin socket (default: the default `admin_socket`).
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+        #[command(subcommand)]
+        verb: PluginVerb,
     },
     /// Check what this machine offers wasmtap, with a fix for each problem.
     Check,
@@ -37,28 +48,91 @@ enum Command {
     CompilePlugin { input: PathBuf, output: PathBuf, max_memory_bytes: u64 },
 }
 
+#[derive(Subcommand)]
+enum PluginVerb {
+    /// List the plugins with state, version (content hash) and stats.
+    List,
+    /// Load a plugin.
+    Load {
+        name: String,
+        #[command(flatten)]
+        source: Source,
+        /// A `key = value` line (TOML) of the plugin's config; repeat for more.
+        #[arg(long = "set")]
+        set: Vec<String>,
+    },
+    /// Replace a running plugin with a new build and/or config, without losing events.
+    Replace {
+        name: String,
+        #[command(flatten)]
+        source: Source,
+        /// A `key = value` line (TOML) of the plugin's new config; given, it replaces the
+        /// whole config; repeat for more keys.
+        #[arg(long = "set")]
+        set: Vec<String>,
+    },
+    /// Unload a plugin.
+    Unload { name: String },
+    /// Re-read the daemon's config file and apply the difference (as SIGHUP does).
+    Reload,
+}
+
+#[derive(clap::Args)]
+#[group(multiple = false)]
+struct Source {
+    /// A component file.
+    #[arg(long)]
+    path: Option<PathBuf>,
+    /// A plugin built into the daemon.
+    #[arg(long)]
+    bundled: Option<String>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config, listen, json_logs } => {
+        Command::Run { config: config_path, listen, json_logs, admin_socket } => {
             // stderr, like plugin records in JSON mode (written by the log sink).
             let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
                 EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
             );
             if json_logs { logs.json().init() } else { logs.init() }
             wasmtap::sinks::logs::use_json(json_logs);
-            let result = Config::load(config.as_deref()).and_then(|mut config| {
+            let result = Config::load(config_path.as_deref()).and_then(|mut config| {
                 if let Some(listen) = listen {
                     config.listen = listen;
+                }
+                if admin_socket.is_some() {
+                    config.admin_socket = admin_socket;
                 }
                 tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
                     .enable_all()
                     .build()?
-                    .block_on(daemon::run(config))
+                    .block_on(daemon::run(config, config_path))
             });
             match result {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Plugin { socket, verb } => {
+            let socket = socket.unwrap_or_else(wasmtap::config::default_admin_socket);
+            let request = match verb {
+                PluginVerb::List => cli::Request::List,
+                PluginVerb::Load { name, source, set } => cli::Request::Load(cli::section(Some(&name), source.path, source.bundled, &set)),
+                PluginVerb::Replace { name, source, set } => cli::Request::Replace(name, cli::section(None, source.path, source.bundled, &set)),
+                PluginVerb::Unload { name } => cli::Request::Unload(name),
+                PluginVerb::Reload => cli::Request::Reload,
+            };
+            match cli::run(&socket, request) {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("error: {e:#}");
                     ExitCode::FAILURE

@@ -46,7 +46,8 @@ pub use wasmtap_events::{ProcessRecord, Record, RecordHeader, SyscallRecord, pro
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "plugin",
+        // Every SDK plugin exports `state`; one that keeps no state answers "none".
+        world: "stateful-plugin",
         pub_export_macro: true,
         export_macro_name: "export_handler",
         default_bindings_module: "wasmtap_sdk::bindings",
@@ -80,6 +81,19 @@ pub trait Plugin: Sized + 'static {
 
     /// Periodic (and final) flush; see the manifest's `tick-interval-ms`.
     fn tick(&mut self, _now_ns: u64) {}
+
+    /// State to carry into the build that replaces this one (after the last batch and
+    /// the final tick). `None`, the default, carries nothing.
+    fn snapshot(&mut self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Takes over what the replaced build's [`Plugin::snapshot`] returned, after
+    /// `init` and before the first batch. An error aborts the replace (the old build
+    /// keeps running). The default ignores the state.
+    fn restore(&mut self, _state: Vec<u8>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Writes a log record through the host's log sink.
@@ -149,6 +163,19 @@ macro_rules! export_plugin {
                         if let Some(plugin) = s.borrow_mut().as_mut() {
                             $crate::Plugin::tick(plugin, now_ns);
                         }
+                    })
+                }
+            }
+
+            impl $crate::bindings::exports::wasmtap::plugin::state::Guest for Export {
+                fn snapshot() -> Option<::std::vec::Vec<u8>> {
+                    STATE.with(|s| s.borrow_mut().as_mut().and_then($crate::Plugin::snapshot))
+                }
+
+                fn restore(state: ::std::vec::Vec<u8>) -> Result<(), ::std::string::String> {
+                    STATE.with(|s| match s.borrow_mut().as_mut() {
+                        Some(plugin) => $crate::Plugin::restore(plugin, state),
+                        None => Err("restore before init".into()),
                     })
                 }
             }

@@ -10,6 +10,8 @@ use std::{
 
 /// The hostile test plugin (tests/hostile-plugin, built by build.rs).
 pub const HOSTILE_WASM: &str = env!("HOSTILE_WASM");
+/// syscall-latency's second build (other buckets, a `build` label), built by build.rs.
+pub const SYSCALL_LATENCY_VARIANT_WASM: &str = env!("SYSCALL_LATENCY_VARIANT_WASM");
 
 /// Returns false (after saying so loudly) when the test cannot run here; under CI a
 /// missing privilege fails the test instead.
@@ -94,7 +96,7 @@ impl Daemon {
             binary = copy;
         }
         let mut cmd = Command::new(binary);
-        cmd.args(["run", "--listen", &addr.to_string()]).args(args);
+        cmd.args(["run", "--listen", &addr.to_string()]).arg("--admin-socket").arg(dir.0.join("admin/admin.sock")).args(args);
         if let Some(uid) = uid {
             std::os::unix::process::CommandExt::uid(&mut cmd, uid);
         }
@@ -113,6 +115,28 @@ impl Daemon {
             daemon.get("/readyz", None).filter(|(code, body)| *code == ready && !body.contains("starting"))
         });
         daemon
+    }
+
+    /// The admin socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self._dir.0.join("admin/admin.sock")
+    }
+
+    /// The config file the daemon was started with (rewrite it, then [`Daemon::hup`]).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.0.join("wasmtap.toml")
+    }
+
+    /// Sends SIGHUP.
+    pub fn hup(&self) {
+        use nix::{sys::signal, unistd::Pid};
+        signal::kill(Pid::from_raw(self.child.id() as i32), signal::Signal::SIGHUP).expect("SIGHUP");
+    }
+
+    /// Runs `wasmtap plugin --socket <admin> ARGS`: (success, stdout, stderr).
+    pub fn plugin_cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(built("wasmtap")).arg("plugin").arg("--socket").arg(self.admin_socket()).args(args).output().expect("run wasmtap plugin");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
     /// Records the syscall probe has read so far.
@@ -183,6 +207,20 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             .then(|| value.parse().ok())
             .flatten()
     })
+}
+
+/// The sum of every sample `name{…}` whose labels include `labels` (others free).
+pub fn sum_samples(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let got: Vec<&str> = rest.trim_end_matches('}').split(',').collect();
+            (metric == name && want.iter().all(|w| got.contains(&w.as_str()))).then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
 }
 
 /// A unique 15-byte task name for one test's workload.

@@ -228,9 +228,13 @@ impl Enricher {
         &self.node
     }
 
-    /// From now on process events reach `observe`: process facts may be cached.
-    pub fn start_tracking(&self) {
-        self.tracking.store(true, Relaxed);
+    /// Whether process events reach `observe` from now on (process facts may be cached
+    /// only then). Turned off, what is cached is forgotten: it can no longer be kept right.
+    pub fn set_tracking(&self, on: bool) {
+        if !self.tracking.swap(on, Relaxed) || on {
+            return;
+        }
+        self.lost_processes();
     }
 
     /// Learns lifetimes from a batch of `process` records.
@@ -449,7 +453,7 @@ mod tests {
     #[test]
     fn answers_for_the_process_that_had_the_pid_then() {
         let enricher = Enricher::new();
-        enricher.start_tracking();
+        enricher.set_tracking(true);
         let me = std::process::id();
         // A moment more than a tick after this process started (/proc knows starts to the
         // tick; a younger process is not surely the pid's owner at `now`).

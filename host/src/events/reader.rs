@@ -26,27 +26,55 @@ pub struct Reader {
     pub interval: Duration,
 }
 
-impl Reader {
-    /// Runs `readers` on one thread until `stop`; each drains once more, then it returns.
-    pub fn spawn_all(readers: Vec<Reader>, stop: CancellationToken) -> anyhow::Result<thread::JoinHandle<()>> {
+/// The thread all kinds' readers run on: kinds are attached and detached while it runs.
+pub struct ReaderThread {
+    runtime: tokio::runtime::Handle,
+    stop: CancellationToken,
+    thread: thread::JoinHandle<()>,
+}
+
+/// One kind's reader, running on the [`ReaderThread`].
+pub struct RunningReader {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl ReaderThread {
+    pub fn start() -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        thread::Builder::new()
+        let handle = runtime.handle().clone();
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        let thread = thread::Builder::new()
             .name("wasmtap-reader".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let tasks: Vec<_> = readers.into_iter().map(|r| tokio::spawn(r.run(stop.clone()))).collect();
-                    for task in tasks {
-                        match task.await {
-                            Ok(Err(e)) => tracing::error!("reader stopped: {e:#}"),
-                            Err(e) => tracing::error!("reader stopped: {e}"),
-                            Ok(Ok(())) => {}
-                        }
-                    }
-                })
-            })
-            .context("spawning the reader thread")
+            .spawn(move || runtime.block_on(until.cancelled()))
+            .context("spawning the reader thread")?;
+        Ok(Self { runtime: handle, stop, thread })
     }
 
+    pub fn spawn(&self, reader: Reader) -> RunningReader {
+        let stop = CancellationToken::new();
+        RunningReader { task: self.runtime.spawn(reader.run(stop.clone())), stop }
+    }
+
+    /// Stops the reader: `reader` drains its ring once more and is done. Blocking.
+    pub fn finish(&self, reader: RunningReader) {
+        reader.stop.cancel();
+        match self.runtime.block_on(reader.task) {
+            Ok(Err(e)) => tracing::error!("reader stopped: {e:#}"),
+            Err(e) => tracing::error!("reader stopped: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+
+    /// Ends the thread (finish every reader first).
+    pub fn join(self) {
+        self.stop.cancel();
+        let _ = self.thread.join();
+    }
+}
+
+impl Reader {
     async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
         let Self { stream, router, counters, interval } = self;
         let ProbeStream { kind, ring, drops } = stream;

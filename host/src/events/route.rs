@@ -8,7 +8,7 @@ use std::sync::{
 };
 
 use super::{Batch, CgroupScope, CompiledFilters, EventFilter, RecordKeys};
-use crate::{probes::Kind, sinks::self_metrics::PluginCounters};
+use crate::{plugins::worker::Work, probes::Kind, sinks::self_metrics::PluginCounters};
 
 /// One plugin's subscription to one kind, and its bounded queue (shared by the
 /// plugin's subscriptions to other kinds).
@@ -22,7 +22,7 @@ pub struct Subscriber {
     pub compiled: CompiledFilters,
     /// A tenant's plugin only ever gets records of cgroups in its tenant's scope.
     pub scope: Option<Arc<CgroupScope>>,
-    pub queue: SyncSender<Batch>,
+    pub queue: SyncSender<Work>,
     /// Records dropped since the plugin's last batch (reported to it, then reset).
     pub pending_dropped: Arc<AtomicU64>,
     pub counters: PluginCounters,
@@ -60,36 +60,44 @@ pub trait Observer: Send + Sync {
     fn lost(&self, kind: Kind);
 }
 
-/// The current set of subscribers; swapped whole when plugins change.
+/// The current subscribers and observers; swapped whole when plugins change.
 #[derive(Default)]
 pub struct Router {
-    subscribers: RwLock<Arc<Vec<Arc<Subscriber>>>>,
+    routes: RwLock<Routes>,
+}
+
+#[derive(Default)]
+struct Routes {
+    subscribers: Vec<Arc<Subscriber>>,
     observers: Vec<Arc<dyn Observer>>,
 }
 
 impl Router {
     pub fn new(subscribers: Vec<Arc<Subscriber>>, observers: Vec<Arc<dyn Observer>>) -> Self {
-        Self { subscribers: RwLock::new(Arc::new(subscribers)), observers }
+        Self { routes: RwLock::new(Routes { subscribers, observers }) }
     }
 
-    pub fn subscribers(&self) -> Arc<Vec<Arc<Subscriber>>> {
-        self.subscribers.read().expect("router lock").clone()
+    pub fn subscribers(&self) -> Vec<Arc<Subscriber>> {
+        self.routes.read().expect("router lock").subscribers.clone()
     }
 
-    /// Replaces the subscribers; dropping the old ones closes their queues.
-    pub fn set(&self, subscribers: Vec<Arc<Subscriber>>) {
-        *self.subscribers.write().expect("router lock") = Arc::new(subscribers);
+    /// Replaces the subscribers and observers. A dispatch holds the routes for its whole
+    /// batch, so once this returns no batch goes to a subscriber left out: a plugin
+    /// replaced between two batches gets neither fewer nor more than its share.
+    pub fn set(&self, subscribers: Vec<Arc<Subscriber>>, observers: Vec<Arc<dyn Observer>>) {
+        *self.routes.write().expect("router lock") = Routes { subscribers, observers };
     }
 
     /// Tells the observers that records of `kind` were lost in the kernel.
     pub fn lost(&self, kind: Kind) {
-        self.observers.iter().for_each(|o| o.lost(kind));
+        self.routes.read().expect("router lock").observers.iter().for_each(|o| o.lost(kind));
     }
 
     /// Hands `batch` to every subscriber of its kind, filtered per subscriber.
     pub fn dispatch(&self, batch: &Batch) {
-        self.observers.iter().for_each(|o| o.observe(batch));
-        for sub in self.subscribers().iter().filter(|s| s.kind == batch.kind) {
+        let routes = self.routes.read().expect("router lock");
+        routes.observers.iter().for_each(|o| o.observe(batch));
+        for sub in routes.subscribers.iter().filter(|s| s.kind == batch.kind) {
             let mine = if sub.wants_all() {
                 batch.clone()
             } else {
@@ -100,7 +108,7 @@ impl Router {
                 Batch { kind: batch.kind, records: Arc::new(selected) }
             };
             let n = mine.len();
-            match sub.queue.try_send(mine) {
+            match sub.queue.try_send(Work::Batch(mine)) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => sub.drop_records(n),
             }
@@ -145,11 +153,15 @@ mod tests {
         let batch = Batch { kind: &KIND, records: Arc::new(records(&[1, 2, 2, 3])) };
         router.dispatch(&batch);
         router.dispatch(&batch);
-        let first = all_rx.try_recv().unwrap();
+        let batch_of = |w: Work| match w {
+            Work::Batch(b) => b,
+            Work::Handoff(_) => panic!("a batch"),
+        };
+        let first = batch_of(all_rx.try_recv().unwrap());
         assert!(Arc::ptr_eq(&first.records, &batch.records), "unfiltered subscribers share the buffer");
         assert!(all_rx.try_recv().is_err());
         assert_eq!(router.subscribers()[0].pending_dropped.load(Relaxed), 4);
-        assert_eq!(one_rx.try_recv().unwrap().len(), 2);
-        assert_eq!(one_rx.try_recv().unwrap().records.as_slice(), records(&[2, 2]).as_slice());
+        assert_eq!(batch_of(one_rx.try_recv().unwrap()).len(), 2);
+        assert_eq!(batch_of(one_rx.try_recv().unwrap()).records.as_slice(), records(&[2, 2]).as_slice());
     }
 }

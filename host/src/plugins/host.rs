@@ -19,7 +19,7 @@ use crate::{
     sinks::{
         MetricFamily, MetricSink, Series,
         logs::{Level, LogSink},
-        metrics::{FamilySpec, MetricKind, SeriesError},
+        metrics::{FamilySpec, MetricKind, SeriesError, Staging},
     },
 };
 
@@ -33,7 +33,25 @@ bindgen!({
     },
 });
 
+/// The optional `state` export: the same contract seen through the world that exports
+/// it, used only to look that export up (its imports are the ones above).
+mod stateful {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "stateful-plugin",
+        imports: { default: trappable },
+        with: {
+            "wasmtap:plugin/types": super::wasmtap::plugin::types,
+            "wasmtap:plugin/metrics": super::wasmtap::plugin::metrics,
+            "wasmtap:plugin/logs": super::wasmtap::plugin::logs,
+            "wasmtap:plugin/names": super::wasmtap::plugin::names,
+            "wasmtap:plugin/enrich": super::wasmtap::plugin::enrich,
+        },
+    });
+}
+
 pub use exports::wasmtap::plugin::handler::Guest as Handler;
+pub use stateful::exports::wasmtap::plugin::state::{Guest as StateExport, GuestIndices as StateIndices};
 pub use wasmtap::plugin::types::{ConfigValue, HostInfo, Manifest};
 use wasmtap::plugin::{enrich, logs, metrics, names};
 
@@ -41,6 +59,8 @@ use wasmtap::plugin::{enrich, logs, metrics, names};
 pub struct PluginState {
     namespace: String,
     sink: Arc<MetricSink>,
+    /// Set while the instance is a build being swapped in (see `MetricSink::declare`).
+    staging: Option<Arc<Staging>>,
     budget: Arc<Budget>,
     /// Metric family and series handles (apart from the WASI handles, so neither can
     /// crowd out the other), at most `series + families` of them.
@@ -55,12 +75,13 @@ pub struct PluginState {
 }
 
 impl PluginState {
-    pub fn new(namespace: &str, sink: Arc<MetricSink>, budget: Arc<Budget>, enricher: Arc<Enricher>) -> Self {
+    pub fn new(namespace: &str, sink: Arc<MetricSink>, budget: Arc<Budget>, enricher: Arc<Enricher>, staging: Option<Arc<Staging>>) -> Self {
         let logs = LogSink::new(budget.clone());
         let (wasi, outputs) = wasi::context(&logs);
         Self {
             namespace: namespace.to_owned(),
             sink,
+            staging,
             handles: ResourceTable::new(),
             handle_count: 0,
             enricher,
@@ -75,6 +96,10 @@ impl PluginState {
             },
             outputs,
         }
+    }
+
+    pub fn end_staging(&mut self) {
+        self.staging = None;
     }
 
     /// The WASI context and the resource table its handles live in.
@@ -246,7 +271,7 @@ impl metrics::Host for PluginState {
         if let Err(e) = self.room_for_handle() {
             return Ok(Err(e));
         }
-        match self.sink.declare(&self.namespace, spec, &self.budget) {
+        match self.sink.declare(&self.namespace, spec, &self.budget, self.staging.as_deref()) {
             Ok(family) => Ok(Ok(self.handle(FamilyHandle(family))?)),
             Err(refusal) => Ok(Err(refusal.to_string())),
         }

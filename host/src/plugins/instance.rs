@@ -8,7 +8,7 @@ use wasmtime::Store;
 
 use super::{
     engine::PluginEngine,
-    host::{HostInfo, Manifest, Plugin, PluginState},
+    host::{HostInfo, Manifest, Plugin, PluginState, StateExport},
     worker::PluginSpec,
 };
 use crate::{probes::Kind, sinks::logs::sanitize};
@@ -20,21 +20,28 @@ pub const MAX_ERROR_BYTES: usize = 1024;
 pub struct Instance {
     store: Store<PluginState>,
     bindings: Plugin,
+    /// The optional `state` export (carried across a replace).
+    state: Option<StateExport>,
 }
 
 /// Creates a fresh Store (memory budget, deadline trap), instantiates and runs `init`.
 pub fn instantiate(spec: &PluginSpec) -> anyhow::Result<(Instance, Manifest)> {
-    let state = PluginState::new(&spec.namespace, spec.sink.clone(), spec.budget.clone(), spec.enricher.clone());
+    let state = PluginState::new(&spec.namespace, spec.sink.clone(), spec.budget.clone(), spec.enricher.clone(), spec.staging.clone());
     let mut store = Store::new(spec.engine.engine(), state);
     store.limiter(|s| &mut s.limiter);
     store.epoch_deadline_trap();
     let deadline = PluginEngine::ticks(Duration::from_millis(spec.budget.limits.call_deadline_ms));
     store.set_epoch_deadline(deadline);
-    let bindings = match spec.pre.instantiate(&mut store) {
-        Ok(bindings) => bindings,
+    let instantiated = spec.pre.instance_pre().instantiate(&mut store).and_then(|raw| {
+        let bindings = Plugin::new(&mut store, &raw)?;
+        let state = spec.state.as_ref().map(|indices| indices.load(&mut store, &raw)).transpose()?;
+        Ok((bindings, state))
+    });
+    let (bindings, state) = match instantiated {
+        Ok(parts) => parts,
         Err(e) => return Err(explain(store.data(), e).context("instantiating")),
     };
-    let mut instance = Instance { store, bindings };
+    let mut instance = Instance { store, bindings, state };
     instance.store.data_mut().begin_call();
     let host = HostInfo {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -85,6 +92,34 @@ impl Instance {
         self.store.data_mut().begin_call();
         let result = self.bindings.wasmtap_plugin_handler().call_tick(&mut self.store, now);
         self.finish(result).context("tick trapped")
+    }
+
+    /// The build is no longer being swapped in: what it declares from now on is live.
+    pub fn end_staging(&mut self) {
+        self.store.data_mut().end_staging();
+    }
+
+    /// Whether the build exports the `state` interface.
+    pub fn is_stateful(&self) -> bool {
+        self.state.is_some()
+    }
+
+    /// The state to carry into the next build (none without the `state` export).
+    pub fn snapshot(&mut self, deadline: Duration) -> anyhow::Result<Option<Vec<u8>>> {
+        let Some(state) = self.state.clone() else { return Ok(None) };
+        self.store.set_epoch_deadline(PluginEngine::ticks(deadline));
+        self.store.data_mut().begin_call();
+        let result = state.call_snapshot(&mut self.store);
+        self.finish(result).context("snapshot trapped")
+    }
+
+    /// Hands the previous build's state to this one.
+    pub fn restore(&mut self, deadline: Duration, bytes: &[u8]) -> anyhow::Result<()> {
+        let Some(state) = self.state.clone() else { return Ok(()) };
+        self.store.set_epoch_deadline(PluginEngine::ticks(deadline));
+        self.store.data_mut().begin_call();
+        let result = state.call_restore(&mut self.store, bytes);
+        self.finish(result).context("restore trapped")?.map_err(|e| anyhow!("restore refused: {}", sanitize(&e, MAX_ERROR_BYTES)))
     }
 
     /// Linear memory and tables the instance holds.

@@ -5,6 +5,7 @@ pub mod bundled;
 pub mod engine;
 pub mod host;
 pub mod instance;
+pub mod registry;
 pub mod wasi;
 pub mod worker;
 
@@ -20,7 +21,7 @@ use crate::{
     budget::{Budget, Reason, Refusal, TenantBudget},
     config::{ConfigNode, PluginConfig},
     enrich::Enricher,
-    sinks::{MetricSink, SelfMetrics, metrics::namespace_for},
+    sinks::{MetricSink, SelfMetrics, metrics::{Staging, namespace_for}},
 };
 
 /// What every plugin shares from the host.
@@ -32,17 +33,9 @@ pub struct HostServices {
     pub enricher: Arc<Enricher>,
 }
 
-/// Loads, compiles, instantiates and initialises one configured plugin.
-pub fn start(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<TenantBudget>>) -> anyhow::Result<(PluginHandle, bool)> {
-    let scope = tenant.as_ref().map(|t| t.scope.clone());
-    let spec = prepare(host, config, tenant)?;
-    let uses_enrichment = spec.uses_enrichment;
-    Ok((worker::start(spec, host.metrics.plugin(&config.name), scope)?, uses_enrichment))
-}
-
 /// Claims the plugin's namespace, then loads and compiles it, linked and ready to
-/// instantiate.
-pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<TenantBudget>>) -> anyhow::Result<PluginSpec> {
+/// instantiate. `staging`: the build is to replace a running one.
+pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<TenantBudget>>, staging: Option<Arc<Staging>>) -> anyhow::Result<PluginSpec> {
     let HostServices { engine, sink, metrics, enricher } = host;
     let own = config.namespace.clone().unwrap_or_else(|| namespace_for(&config.name));
     let namespace = match &tenant {
@@ -54,13 +47,7 @@ pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<Te
     if let Err(e) = sink.claim(&namespace, &config.name, parent.as_deref()) {
         return Err(budget.refuse(Refusal::new(Reason::Namespace, e)).into());
     }
-    let bytes: std::borrow::Cow<'static, [u8]> = match (&config.bundled, &config.path) {
-        (Some(name), _) => bundled::get(name)
-            .with_context(|| format!("no bundled plugin {name:?}; bundled: {}", bundled::names().collect::<Vec<_>>().join(", ")))?
-            .into(),
-        (None, Some(path)) => read_bounded(path, config.limits.component_bytes)?.into(),
-        (None, None) => anyhow::bail!("neither `bundled` nor `path` set"),
-    };
+    let bytes = component_bytes(config)?;
     let component = engine.compile(&bytes, &config.limits).map_err(|e| match e {
         engine::CompileError::Refused(refusal) => anyhow::Error::from(budget.refuse(refusal)),
         engine::CompileError::Invalid(e) => e.context("not a valid wasmtap plugin component"),
@@ -71,6 +58,7 @@ pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<Te
         .imports(engine.engine())
         .any(|(name, _)| name.starts_with("wasmtap:plugin/enrich@"));
     let pre = engine.prepare(&component).context("the component does not fit the wasmtap:plugin world")?;
+    let state = host::StateIndices::new(pre.instance_pre()).ok();
     Ok(PluginSpec {
         name: config.name.clone(),
         namespace,
@@ -81,6 +69,20 @@ pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<Te
         sink: sink.clone(),
         enricher: enricher.clone(),
         uses_enrichment,
+        version: registry::hash(&bytes),
+        state,
+        staging,
+    })
+}
+
+/// The component a plugin config names (at most `component_bytes` and one more byte).
+pub fn component_bytes(config: &PluginConfig) -> anyhow::Result<std::borrow::Cow<'static, [u8]>> {
+    Ok(match (&config.bundled, &config.path) {
+        (Some(name), _) => bundled::get(name)
+            .with_context(|| format!("no bundled plugin {name:?}; bundled: {}", bundled::names().collect::<Vec<_>>().join(", ")))?
+            .into(),
+        (None, Some(path)) => read_bounded(path, config.limits.component_bytes)?.into(),
+        (None, None) => anyhow::bail!("neither `bundled` nor `path` set"),
     })
 }
 

@@ -8,7 +8,7 @@ use std::{
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering::Relaxed},
-        mpsc::{Receiver, RecvTimeoutError, sync_channel},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel},
     },
     thread,
     time::{Duration, Instant},
@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::{
     engine::PluginEngine,
-    host::{ConfigValue, Manifest, PluginPre, PluginState},
+    host::{ConfigValue, Manifest, PluginPre, PluginState, StateIndices},
     instance::{Instance, instantiate},
 };
 use crate::{
@@ -27,7 +27,7 @@ use crate::{
     enrich::Enricher,
     events::{Batch, CgroupScope, CompiledFilters, EventFilter, Subscriber, filter::MAX_FILTERS},
     probes::{self, Kind},
-    sinks::{MetricSink, logs::sanitize, self_metrics::PluginCounters},
+    sinks::{MetricSink, logs::sanitize, metrics::Staging, self_metrics::PluginCounters},
 };
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -50,6 +50,37 @@ pub struct PluginSpec {
     /// Whether the component imports the enrichment interface (then the host observes
     /// process events to keep its answers right).
     pub uses_enrichment: bool,
+    /// The component's content hash (sha256, hex): which build this is.
+    pub version: String,
+    /// Where to find its optional `state` export.
+    pub state: Option<StateIndices>,
+    /// Set while the build is being swapped in: its differing metric declarations wait
+    /// here for the commit.
+    pub staging: Option<Arc<Staging>>,
+}
+
+/// What a plugin's queue carries: batches, in order, and at most one handoff marker,
+/// after the last batch routed to it before a replace.
+pub enum Work {
+    Batch(Batch),
+    Handoff(Handoff),
+}
+
+/// The old build's part in a replace: it finishes every batch before the marker, ticks
+/// a last time, hands over its state, and waits for the verdict.
+pub struct Handoff {
+    /// Whether to take a snapshot (the new build exports `state`).
+    pub snapshot: bool,
+    pub ready: SyncSender<anyhow::Result<Option<Vec<u8>>>>,
+    pub verdict: Receiver<Verdict>,
+}
+
+pub enum Verdict {
+    /// The new build took over: the old one stops.
+    Commit,
+    /// The replace failed: the old build runs on, first with the batches routed to the
+    /// new one meanwhile.
+    Abort(Vec<Batch>),
 }
 
 /// What `/status` shows of a plugin.
@@ -60,6 +91,8 @@ pub struct PluginStatus {
     pub tenant: Option<String>,
     /// running, restarting, quarantined, stopped (or failed: never started).
     pub state: &'static str,
+    /// Content hash of the running build.
+    pub version: String,
     pub faults: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -70,6 +103,11 @@ pub struct PluginHandle {
     /// One per kind it subscribed to, sharing its queue.
     pub subscribers: Vec<Arc<Subscriber>>,
     pub status: Arc<Mutex<PluginStatus>>,
+    pub uses_enrichment: bool,
+    pub version: String,
+    pub counters: PluginCounters,
+    /// The plugin's queue (for the handoff marker).
+    queue: SyncSender<Work>,
     shutdown: Arc<OnceLock<Instant>>,
     thread: thread::JoinHandle<()>,
 }
@@ -86,8 +124,34 @@ impl PluginHandle {
     pub fn join(self) {
         self.begin_shutdown();
         drop(self.subscribers);
+        drop(self.queue);
         let _ = self.thread.join();
     }
+
+    /// Puts the handoff marker behind the batches already queued (waiting for room).
+    pub fn hand_off(&self, handoff: Handoff) -> anyhow::Result<()> {
+        self.queue.send(Work::Handoff(handoff)).map_err(|_| anyhow!("the running build's worker is gone"))
+    }
+
+    /// Waits for a worker that has handed off and been told to stop.
+    pub fn retire(self) {
+        drop(self.subscribers);
+        drop(self.queue);
+        let _ = self.thread.join();
+    }
+}
+
+/// A plugin instantiated and initialised, with its subscriptions and queue, whose
+/// worker has not started: a replace routes batches to it, restores state into it, and
+/// starts (or discards) it.
+pub struct Staged {
+    pub spec: PluginSpec,
+    pub instance: Instance,
+    pub subscribers: Vec<Arc<Subscriber>>,
+    queue: SyncSender<Work>,
+    rx: Receiver<Work>,
+    counters: PluginCounters,
+    tick: Option<Duration>,
 }
 
 /// The manifest's subscriptions as host filters per kind, within the plugin's
@@ -130,6 +194,11 @@ fn subscriptions(manifest: &Manifest, budget: &Budget) -> anyhow::Result<Vec<(Ki
 
 /// Instantiates and initialises the plugin, then hands it to its own worker thread.
 pub fn start(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<CgroupScope>>) -> anyhow::Result<PluginHandle> {
+    stage(spec, counters, scope)?.start()
+}
+
+/// Instantiates and initialises the plugin and makes its subscriptions and queue.
+pub fn stage(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<CgroupScope>>) -> anyhow::Result<Staged> {
     let (instance, manifest) = instantiate(&spec)?;
     let (queue, rx) = sync_channel(spec.budget.limits.queue_batches);
     let subscribers: Vec<Arc<Subscriber>> = subscriptions(&manifest, &spec.budget)?
@@ -147,31 +216,48 @@ pub fn start(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<Cgrou
             })
         })
         .collect();
-    drop(queue); // the subscribers hold it: it closes when the router lets go of them
-    let status = Arc::new(Mutex::new(PluginStatus {
-        name: spec.name.clone(),
-        tenant: spec.budget.tenant.as_ref().map(|t| t.name.clone()),
-        state: "running",
-        faults: 0,
-        last_error: None,
-    }));
     let tick = (manifest.tick_interval_ms > 0).then(|| Duration::from_millis(manifest.tick_interval_ms.into()).max(MIN_TICK));
-    let shutdown = Arc::new(OnceLock::new());
-    let worker = Worker {
-        spec,
-        instance: Some(instance),
-        counters,
-        pending_dropped: subscribers.iter().map(|s| (s.kind, s.pending_dropped.clone())).collect(),
-        status: status.clone(),
-        tick,
-        shutdown: shutdown.clone(),
-        supervisor: Supervisor::default(),
-    };
-    let thread = thread::Builder::new()
-        .name(format!("plugin-{}", worker.spec.name))
-        .spawn(move || worker.run(rx))
-        .context("spawning the plugin worker")?;
-    Ok(PluginHandle { subscribers, status, shutdown, thread })
+    Ok(Staged { spec, instance, subscribers, queue, rx, counters, tick })
+}
+
+impl Staged {
+    /// The batches routed to it so far (when its replace is aborted).
+    pub fn take_batches(&self) -> Vec<Batch> {
+        self.rx.try_iter().filter_map(|w| if let Work::Batch(b) = w { Some(b) } else { None }).collect()
+    }
+
+    /// Starts its worker thread.
+    pub fn start(self) -> anyhow::Result<PluginHandle> {
+        let Staged { mut spec, instance, subscribers, queue, rx, counters, tick } = self;
+        spec.staging = None; // restarts after this declare like any instance
+        let status = Arc::new(Mutex::new(PluginStatus {
+            name: spec.name.clone(),
+            tenant: spec.budget.tenant.as_ref().map(|t| t.name.clone()),
+            state: "running",
+            version: spec.version.clone(),
+            faults: 0,
+            last_error: None,
+        }));
+        let shutdown = Arc::new(OnceLock::new());
+        let (uses_enrichment, version) = (spec.uses_enrichment, spec.version.clone());
+        let mut instance = instance;
+        instance.end_staging();
+        let worker = Worker {
+            spec,
+            instance: Some(instance),
+            counters: counters.clone(),
+            pending_dropped: subscribers.iter().map(|s| (s.kind, s.pending_dropped.clone())).collect(),
+            status: status.clone(),
+            tick,
+            shutdown: shutdown.clone(),
+            supervisor: Supervisor::default(),
+        };
+        let thread = thread::Builder::new()
+            .name(format!("plugin-{}", worker.spec.name))
+            .spawn(move || worker.run(rx))
+            .context("spawning the plugin worker")?;
+        Ok(PluginHandle { subscribers, status, uses_enrichment, version, counters, queue, shutdown, thread })
+    }
 }
 
 /// Fault history of one plugin.
@@ -213,7 +299,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, rx: Receiver<Batch>) {
+    fn run(mut self, rx: Receiver<Work>) {
         let mut next_tick = self.tick.map(|every| Instant::now() + every);
         let mut unprocessed = 0u64;
         loop {
@@ -222,11 +308,18 @@ impl Worker {
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match next {
-                Ok(batch) if self.out_of_shutdown_time() => {
+                Ok(Work::Batch(batch)) if self.out_of_shutdown_time() => {
                     unprocessed += batch.len() as u64;
                     self.drop_batch(batch.kind, batch.len() as u64);
                 }
-                Ok(batch) => self.deliver(&batch),
+                Ok(Work::Batch(batch)) => self.deliver(&batch),
+                Ok(Work::Handoff(handoff)) => match self.hand_off(handoff) {
+                    Some(batches) => batches.iter().for_each(|b| self.deliver(b)),
+                    None => {
+                        self.set_status("replaced", None);
+                        return;
+                    }
+                },
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -244,6 +337,32 @@ impl Worker {
         }
         if !self.supervisor.quarantined {
             self.set_status("stopped", None);
+        }
+    }
+
+    /// The old build's side of a replace: a final tick, the snapshot, then the verdict.
+    /// The batches to handle first if the replace was aborted; `None` once committed.
+    fn hand_off(&mut self, handoff: Handoff) -> Option<Vec<Batch>> {
+        self.call_tick();
+        let deadline = self.deadline();
+        let snapshot = match self.instance.as_mut().filter(|_| handoff.snapshot) {
+            Some(instance) => {
+                let started = Instant::now();
+                let result = instance.snapshot(deadline);
+                self.spent(started.elapsed());
+                result.map_err(|e| {
+                    let message = format!("the running build's snapshot failed: {e:#}");
+                    self.fault(e);
+                    anyhow!(message)
+                })
+            }
+            None => Ok(None),
+        };
+        let _ = handoff.ready.send(snapshot);
+        match handoff.verdict.recv() {
+            Ok(Verdict::Commit) => None,
+            Ok(Verdict::Abort(batches)) => Some(batches),
+            Err(_) => Some(Vec::new()), // the replace went away undecided: run on
         }
     }
 

@@ -5,6 +5,7 @@
 //! Adding a kind: its kernel program (`host-ebpf/src/bin/`), its layout module in
 //! `wasmtap-events`, a descriptor module here, and one line in [`KINDS`].
 
+pub mod attached;
 pub mod btf;
 pub mod kind;
 pub mod process;

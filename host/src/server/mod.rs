@@ -8,6 +8,7 @@
 //! cannot multiply the exposition's size in memory (which the plugins' metric budgets
 //! bound).
 
+pub mod admin;
 pub mod status;
 
 use std::{

@@ -194,8 +194,11 @@ impl MetricSink {
     }
 
     /// Declares (or finds the identical existing) family `<namespace>_<spec.name>`,
-    /// charging the plugin's budget for it.
-    pub fn declare(&self, namespace: &str, spec: FamilySpec, budget: &Budget) -> Result<Arc<MetricFamily>, Refusal> {
+    /// charging the plugin's budget for it. A build being swapped in passes its
+    /// `staging`: a family it declares differently from the live one is made apart
+    /// (unseen by scrapes) and takes the live one's place, series and all, when the swap
+    /// commits ([`MetricSink::commit`]).
+    pub fn declare(&self, namespace: &str, spec: FamilySpec, budget: &Budget, staging: Option<&Staging>) -> Result<Arc<MetricFamily>, Refusal> {
         let refuse = |reason, message: String| Err(budget.refuse(Refusal::new(reason, message)));
         let limits = &budget.limits;
         if !valid_name(&spec.name) {
@@ -241,14 +244,17 @@ impl MetricSink {
             MetricKind::Histogram => ["", "_bucket", "_count", "_sum"].iter().map(|s| format!("{name}{s}")).collect(),
         };
         let mut families = self.families.write().expect("metric sink lock");
-        if let Some(existing) = families.iter().find(|f| f.name == name) {
-            return if existing.namespace == namespace && existing.spec == spec {
-                Ok(existing.clone())
-            } else {
-                refuse(Reason::InvalidMetric, format!("metric {name} is already declared differently"))
-            };
+        let mut staged = staging.map(|s| s.0.lock().expect("staging lock"));
+        if let Some((_, new)) = staged.as_ref().and_then(|s| s.iter().find(|(_, new)| new.name == name)) {
+            return if new.spec == spec { Ok(new.clone()) } else { refuse(Reason::InvalidMetric, format!("metric {name} is already declared differently")) };
         }
-        if let Some(other) = families.iter().find(|f| f.sample_names.iter().any(|n| sample_names.contains(n))) {
+        let replaces = match families.iter().find(|f| f.name == name) {
+            Some(existing) if existing.namespace == namespace && existing.spec == spec => return Ok(existing.clone()),
+            Some(existing) if existing.namespace == namespace && staged.is_some() => Some(existing.clone()),
+            Some(_) => return refuse(Reason::InvalidMetric, format!("metric {name} is already declared differently")),
+            None => None,
+        };
+        if let Some(other) = families.iter().find(|f| f.name != name && f.sample_names.iter().any(|n| sample_names.contains(n))) {
             return refuse(Reason::InvalidMetric, format!("metric {name}'s sample names clash with those of {}", other.name));
         }
         budget.charge(Reason::Families, 1)?;
@@ -258,12 +264,100 @@ impl MetricSink {
             return Err(e);
         }
         let family = Arc::new(MetricFamily { namespace: namespace.to_owned(), name, spec, sample_names, series: RwLock::default() });
-        families.push(family.clone());
+        match (replaces, staged.as_mut()) {
+            (Some(live), Some(staged)) => staged.push((live, family.clone())),
+            _ => families.push(family.clone()),
+        }
         Ok(family)
+    }
+
+    /// Puts a swapped-in build's redefined families in place of the live ones, carrying
+    /// every series across (see [`MetricFamily::migrate`]). Called once the old build has
+    /// made its last write and before the new one makes its first batch's.
+    pub fn commit(&self, staging: &Staging, old_budget: &Budget, new_budget: &Budget) {
+        let staged = std::mem::take(&mut *staging.0.lock().expect("staging lock"));
+        let mut families = self.families.write().expect("metric sink lock");
+        for (live, new) in staged {
+            new.migrate(&live, old_budget, new_budget);
+            if let Some(slot) = families.iter_mut().find(|f| Arc::ptr_eq(f, &live)) {
+                *slot = new;
+            }
+        }
+    }
+
+    /// Forgets a build's staged families (its swap was aborted), giving back their charges.
+    pub fn discard(&self, staging: &Staging, budget: &Budget) {
+        for (_, new) in std::mem::take(&mut *staging.0.lock().expect("staging lock")) {
+            new.release_all(budget);
+        }
     }
 }
 
+/// Families a build being swapped in declared differently from the live ones: (live,
+/// staged) pairs.
+#[derive(Debug, Default)]
+pub struct Staging(Mutex<Vec<(Arc<MetricFamily>, Arc<MetricFamily>)>>);
+
 impl MetricFamily {
+    /// Takes over `old`'s series when a swap changes a family's definition, so that no
+    /// series Prometheus already knows goes down (no fake counter reset):
+    /// - labels are matched by name; a label the new definition adds reads "" (which
+    ///   Prometheus treats as absent, so the series keeps its identity); series that a
+    ///   removed label told apart are summed into one;
+    /// - each old histogram bucket's count moves to the first new bucket whose bound
+    ///   covers it: buckets both layouts share keep their exact cumulative counts, and
+    ///   `_count` and `_sum` carry over exactly;
+    /// - a changed kind renders other sample names (`_total`, `_bucket`…), so nothing is
+    ///   carried: the new family starts at zero.
+    ///
+    /// `old`'s charges leave `old_budget`; the carried series are charged to `new_budget`
+    /// even past its limits (they exist already; new ones are refused until it is back
+    /// under them).
+    fn migrate(&self, old: &MetricFamily, old_budget: &Budget, new_budget: &Budget) {
+        let old_series = old.release_all(old_budget);
+        if old.spec.kind != self.spec.kind {
+            return;
+        }
+        let label_map: Vec<Option<usize>> = self.spec.label_names.iter().map(|n| old.spec.label_names.iter().position(|o| o == n)).collect();
+        let bucket_map: Vec<usize> =
+            old.spec.buckets.iter().map(|&b| self.spec.buckets.partition_point(|&n| n < b)).chain([self.spec.buckets.len()]).collect();
+        for series in old_series {
+            let values: Vec<String> = label_map.iter().map(|i| i.map_or_else(String::new, |i| series.labels[i].1.clone())).collect();
+            let target = self.intern(&values, new_budget, true).expect("forced interning");
+            match (&series.value, &target.value) {
+                (SeriesValue::Counter(from), SeriesValue::Counter(to)) => {
+                    let _ = add_u64(to, from.load(Relaxed));
+                }
+                (SeriesValue::Gauge(from), SeriesValue::Gauge(to)) => {
+                    let _ = add_f64(to, f64::from_bits(from.load(Relaxed)));
+                }
+                (SeriesValue::Histogram { buckets, .. }, SeriesValue::Histogram { .. }) => {
+                    let mut counts = vec![0u64; self.spec.buckets.len() + 1];
+                    for (i, b) in buckets.iter().enumerate() {
+                        counts[bucket_map[i]] = counts[bucket_map[i]].saturating_add(b.load(Relaxed));
+                    }
+                    let SeriesValue::Histogram { sum, .. } = &series.value else { unreachable!() };
+                    let _ = target.histogram_merge(&counts, f64::from_bits(sum.load(Relaxed)));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Empties the family, giving back to `budget` what it and its series were charged.
+    fn release_all(&self, budget: &Budget) -> Vec<Arc<Series>> {
+        let table = std::mem::take(&mut *self.series.write().expect("series lock"));
+        for s in &table.list {
+            s.removed.store(true, Relaxed);
+            let values: Vec<String> = s.labels.iter().map(|(_, v)| v.clone()).collect();
+            budget.release(Reason::MetricBytes, series_cost(&self.name, &self.spec, &values));
+        }
+        budget.release(Reason::Series, table.list.len() as u64);
+        budget.release(Reason::Families, 1);
+        budget.release(Reason::MetricBytes, family_cost(&self.name, &self.spec));
+        table.list
+    }
+
     /// Interns one label set, charging the plugin's budget for a new one.
     pub fn series(&self, values: &[String], budget: &Budget) -> Result<Arc<Series>, Refusal> {
         if values.len() != self.spec.label_names.len() {
@@ -280,14 +374,25 @@ impl MetricFamily {
             let message = format!("{}: a label value of {} bytes; the limit is {} (label_value_bytes)", self.name, v.len(), budget.limits.label_value_bytes);
             return Err(budget.refuse(Refusal::new(Reason::LabelBytes, message)));
         }
+        self.intern(values, budget, false)
+    }
+
+    /// The series of `values`, made (and charged; `forced`: even past the limits) if new.
+    fn intern(&self, values: &[String], budget: &Budget, forced: bool) -> Result<Arc<Series>, Refusal> {
         let mut table = self.series.write().expect("series lock");
         if let Some(&i) = table.index.get(values) {
             return Ok(table.list[i].clone());
         }
-        budget.charge(Reason::Series, 1)?;
-        if let Err(e) = budget.charge(Reason::MetricBytes, series_cost(&self.name, &self.spec, values)) {
-            budget.release(Reason::Series, 1);
-            return Err(e);
+        let cost = series_cost(&self.name, &self.spec, values);
+        if forced {
+            budget.force_charge(Reason::Series, 1);
+            budget.force_charge(Reason::MetricBytes, cost);
+        } else {
+            budget.charge(Reason::Series, 1)?;
+            if let Err(e) = budget.charge(Reason::MetricBytes, cost) {
+                budget.release(Reason::Series, 1);
+                return Err(e);
+            }
         }
         let value = match self.spec.kind {
             MetricKind::Counter => SeriesValue::Counter(AtomicU64::new(0)),
@@ -475,7 +580,7 @@ mod tests {
     fn merged_histogram_encodes_exact_cumulative_counts() {
         let sink = Arc::new(MetricSink::default());
         let b = budget();
-        let h = sink.declare("ns", spec("lat_seconds", MetricKind::Histogram, vec![0.1, 1.0]), &b).unwrap();
+        let h = sink.declare("ns", spec("lat_seconds", MetricKind::Histogram, vec![0.1, 1.0]), &b, None).unwrap();
         let s = h.series(&["x".into()], &b).unwrap();
         s.histogram_merge(&[3, 0, 2], 7.5).unwrap();
         s.histogram_merge(&[1, 1, 0], 0.5).unwrap();
@@ -491,23 +596,23 @@ mod tests {
     fn same_declaration_shares_series_and_conflicts_fail() {
         let sink = MetricSink::default();
         let bu = budget();
-        let a = sink.declare("ns", spec("errors", MetricKind::Counter, vec![]), &bu).unwrap();
-        let b = sink.declare("ns", spec("errors", MetricKind::Counter, vec![]), &bu).unwrap();
+        let a = sink.declare("ns", spec("errors", MetricKind::Counter, vec![]), &bu, None).unwrap();
+        let b = sink.declare("ns", spec("errors", MetricKind::Counter, vec![]), &bu, None).unwrap();
         a.series(&["x".into()], &bu).unwrap().counter_add(2).unwrap();
         b.series(&["x".into()], &bu).unwrap().counter_add(3).unwrap();
         let SeriesValue::Counter(c) = &a.series(&["x".into()], &bu).unwrap().value else { panic!() };
         assert_eq!(c.load(Relaxed), 5);
         let reason = |r: Result<Arc<MetricFamily>, Refusal>| r.unwrap_err().reason;
-        assert_eq!(reason(sink.declare("ns", spec("errors", MetricKind::Gauge, vec![]), &bu)), Reason::InvalidMetric);
-        assert_eq!(reason(sink.declare("ns", spec("errors_total", MetricKind::Counter, vec![]), &bu)), Reason::InvalidMetric);
+        assert_eq!(reason(sink.declare("ns", spec("errors", MetricKind::Gauge, vec![]), &bu, None)), Reason::InvalidMetric);
+        assert_eq!(reason(sink.declare("ns", spec("errors_total", MetricKind::Counter, vec![]), &bu, None)), Reason::InvalidMetric);
         // A gauge named like the counter's sample would render a second `ns_errors_total`.
-        assert_eq!(reason(sink.declare("ns", spec("errors_total", MetricKind::Gauge, vec![]), &bu)), Reason::InvalidMetric);
-        let h = sink.declare("ns", spec("lat", MetricKind::Histogram, vec![1.0]), &bu).unwrap();
-        assert_eq!(reason(sink.declare("ns", spec("lat_count", MetricKind::Gauge, vec![]), &bu)), Reason::InvalidMetric);
-        assert_eq!(reason(sink.declare("ns", spec("bad-name", MetricKind::Gauge, vec![]), &bu)), Reason::InvalidMetric);
-        assert_eq!(reason(sink.declare("ns", spec("h", MetricKind::Histogram, vec![1.0, 1.0]), &bu)), Reason::InvalidMetric);
+        assert_eq!(reason(sink.declare("ns", spec("errors_total", MetricKind::Gauge, vec![]), &bu, None)), Reason::InvalidMetric);
+        let h = sink.declare("ns", spec("lat", MetricKind::Histogram, vec![1.0]), &bu, None).unwrap();
+        assert_eq!(reason(sink.declare("ns", spec("lat_count", MetricKind::Gauge, vec![]), &bu, None)), Reason::InvalidMetric);
+        assert_eq!(reason(sink.declare("ns", spec("bad-name", MetricKind::Gauge, vec![]), &bu, None)), Reason::InvalidMetric);
+        assert_eq!(reason(sink.declare("ns", spec("h", MetricKind::Histogram, vec![1.0, 1.0]), &bu, None)), Reason::InvalidMetric);
         let dup = FamilySpec { label_names: vec!["a".into(), "a".into()], ..spec("d", MetricKind::Gauge, vec![]) };
-        assert_eq!(reason(sink.declare("ns", dup, &bu)), Reason::InvalidMetric);
+        assert_eq!(reason(sink.declare("ns", dup, &bu, None)), Reason::InvalidMetric);
         assert!(a.series(&[], &bu).is_err());
         assert!(matches!(a.series(&["x".into()], &bu).unwrap().gauge_set(1.0), Err(SeriesError::Misuse(_))));
         assert!(matches!(h.series(&["x".into()], &bu).unwrap().counter_add(1), Err(SeriesError::Misuse(_))));
@@ -518,13 +623,13 @@ mod tests {
         let sink = MetricSink::default();
         let limits = PluginLimits { families: 2, series: 2, buckets: 4, help_bytes: 10, label_value_bytes: 8, ..Default::default() };
         let b = Budget::unmetered("p", limits);
-        let f = sink.declare("ns", spec("a", MetricKind::Gauge, vec![]), &b).unwrap();
+        let f = sink.declare("ns", spec("a", MetricKind::Gauge, vec![]), &b, None).unwrap();
         let many = (1..=5).map(f64::from).collect();
-        assert_eq!(sink.declare("ns", spec("h", MetricKind::Histogram, many), &b).unwrap_err().reason, Reason::Buckets);
+        assert_eq!(sink.declare("ns", spec("h", MetricKind::Histogram, many), &b, None).unwrap_err().reason, Reason::Buckets);
         let long_help = FamilySpec { help: "x".repeat(11), ..spec("b", MetricKind::Gauge, vec![]) };
-        assert_eq!(sink.declare("ns", long_help, &b).unwrap_err().reason, Reason::Help);
-        sink.declare("ns", spec("b", MetricKind::Gauge, vec![]), &b).unwrap();
-        assert_eq!(sink.declare("ns", spec("c", MetricKind::Gauge, vec![]), &b).unwrap_err().reason, Reason::Families);
+        assert_eq!(sink.declare("ns", long_help, &b, None).unwrap_err().reason, Reason::Help);
+        sink.declare("ns", spec("b", MetricKind::Gauge, vec![]), &b, None).unwrap();
+        assert_eq!(sink.declare("ns", spec("c", MetricKind::Gauge, vec![]), &b, None).unwrap_err().reason, Reason::Families);
         assert_eq!(f.series(&["123456789".into()], &b).unwrap_err().reason, Reason::LabelBytes);
         f.series(&["1".into()], &b).unwrap();
         f.series(&["2".into()], &b).unwrap();
@@ -532,7 +637,7 @@ mod tests {
         assert_eq!(f.series(&["3".into()], &b).unwrap_err().reason, Reason::Series);
 
         let small = Budget::unmetered("q", PluginLimits { metric_bytes: 1000, ..Default::default() });
-        let g = sink.declare("q", spec("g", MetricKind::Gauge, vec![]), &small).unwrap();
+        let g = sink.declare("q", spec("g", MetricKind::Gauge, vec![]), &small, None).unwrap();
         let refused = (0..100).map(|i| g.series(&[format!("{i:0>100}")], &small)).find_map(Result::err).unwrap();
         assert_eq!(refused.reason, Reason::MetricBytes);
         assert!(small.used(Reason::MetricBytes) <= 1000);
@@ -544,7 +649,7 @@ mod tests {
         let b = budget();
         for help in ["x\n# EOF", "a\\b", "say \"hi\"", "nul\0"] {
             let bad = FamilySpec { help: help.into(), ..spec("g", MetricKind::Gauge, vec![]) };
-            assert_eq!(sink.declare("ns", bad, &b).unwrap_err().reason, Reason::Help, "{help:?}");
+            assert_eq!(sink.declare("ns", bad, &b, None).unwrap_err().reason, Reason::Help, "{help:?}");
         }
     }
 
@@ -552,15 +657,15 @@ mod tests {
     fn values_never_overflow_or_render_non_finite() {
         let sink = Arc::new(MetricSink::default());
         let b = budget();
-        let c = sink.declare("ns", spec("c", MetricKind::Counter, vec![]), &b).unwrap().series(&["x".into()], &b).unwrap();
+        let c = sink.declare("ns", spec("c", MetricKind::Counter, vec![]), &b, None).unwrap().series(&["x".into()], &b).unwrap();
         c.counter_add(u64::MAX).unwrap();
         assert!(matches!(c.counter_add(1), Err(SeriesError::Refused(Reason::Overflow))));
-        let g = sink.declare("ns", spec("g", MetricKind::Gauge, vec![]), &b).unwrap().series(&["x".into()], &b).unwrap();
+        let g = sink.declare("ns", spec("g", MetricKind::Gauge, vec![]), &b, None).unwrap().series(&["x".into()], &b).unwrap();
         assert!(matches!(g.gauge_set(f64::INFINITY), Err(SeriesError::Refused(Reason::NonFinite))));
         assert!(matches!(g.gauge_set(f64::NAN), Err(SeriesError::Refused(Reason::NonFinite))));
         g.gauge_set(f64::MAX).unwrap();
         assert!(matches!(g.gauge_add(f64::MAX), Err(SeriesError::Refused(Reason::NonFinite))));
-        let h = sink.declare("ns", spec("h", MetricKind::Histogram, vec![1.0]), &b).unwrap().series(&["x".into()], &b).unwrap();
+        let h = sink.declare("ns", spec("h", MetricKind::Histogram, vec![1.0]), &b, None).unwrap().series(&["x".into()], &b).unwrap();
         h.histogram_merge(&[u64::MAX - 1, 0], 1.0).unwrap();
         assert!(matches!(h.histogram_merge(&[1, 1], 1.0), Err(SeriesError::Refused(Reason::Overflow))));
         h.histogram_merge(&[0, 1], 1.0).unwrap();

@@ -36,6 +36,7 @@ pub struct SelfMetrics {
     plugin_busy: Family<PluginLabels, Counter<f64, AtomicU64>>,
     plugin_traps: Family<PluginLabels, Counter>,
     plugin_restarts: Family<PluginLabels, Counter>,
+    plugin_replaces: Family<PluginLabels, Counter>,
     plugin_memory: Family<PluginLabels, Gauge>,
     plugin_metric_bytes: Family<PluginLabels, Gauge>,
     plugin_series: Family<PluginLabels, Gauge>,
@@ -63,6 +64,7 @@ pub struct PluginCounters {
     pub busy_seconds: Counter<f64, AtomicU64>,
     pub traps: Counter,
     pub restarts: Counter,
+    pub replaces: Counter,
     pub memory_bytes: Gauge,
     pub metric_bytes: Gauge,
     pub series: Gauge,
@@ -95,6 +97,7 @@ impl SelfMetrics {
         r.register("plugin_busy_seconds", "Time spent inside a plugin's calls.", m.plugin_busy.clone());
         r.register("plugin_traps", "Calls into a plugin that trapped.", m.plugin_traps.clone());
         r.register("plugin_restarts", "Times a plugin was re-instantiated after a fault.", m.plugin_restarts.clone());
+        r.register("plugin_replaces", "Times a plugin was replaced by a new build or config (admin API, SIGHUP).", m.plugin_replaces.clone());
         r.register("plugin_memory_bytes", "Linear memory and tables a plugin's instance holds.", m.plugin_memory.clone());
         r.register("plugin_metric_bytes", "Host bytes a plugin's metric families and series take.", m.plugin_metric_bytes.clone());
         r.register("plugin_series", "Series in a plugin's metric families.", m.plugin_series.clone());
@@ -125,6 +128,7 @@ impl SelfMetrics {
             busy_seconds: self.plugin_busy.get_or_create(&l).clone(),
             traps: self.plugin_traps.get_or_create(&l).clone(),
             restarts: self.plugin_restarts.get_or_create(&l).clone(),
+            replaces: self.plugin_replaces.get_or_create(&l).clone(),
             memory_bytes: self.plugin_memory.get_or_create(&l).clone(),
             metric_bytes: self.plugin_metric_bytes.get_or_create(&l).clone(),
             series: self.plugin_series.get_or_create(&l).clone(),

@@ -26,10 +26,15 @@ pub struct SyscallLatency<H: HostApi + Clone = Wit> {
     container_label: bool,
 }
 
-/// Upper bounds in nanoseconds: powers of two from 128 ns to ~8.6 s.
+/// Upper bounds in nanoseconds: powers of two from 128 ns to ~8.6 s (the `variant`
+/// build: powers of four from 256 ns).
 pub fn latency_bounds_ns() -> Vec<u64> {
-    (7..=33).map(|shift| 1u64 << shift).collect()
+    let step = if cfg!(feature = "variant") { 2 } else { 1 };
+    (7 + step - 1..=33).step_by(step).map(|shift| 1u64 << shift).collect()
 }
+
+/// The `variant` build's extra label (name, value).
+const VARIANT_LABEL: Option<(&str, &str)> = if cfg!(feature = "variant") { Some(("build", "variant")) } else { None };
 
 fn comm_label(comm: &u128) -> String {
     let comm = comm.to_le_bytes();
@@ -48,11 +53,13 @@ fn container_label(id: &u64) -> String {
 
 impl<H: HostApi + Clone> SyscallLatency<H> {
     pub fn new(host: H, container_label: bool) -> Result<Self, String> {
-        let labels: &[&str] = if container_label { &["comm", "syscall", "container"] } else { &["comm", "syscall"] };
-        let error_labels: &[&str] = if container_label { &["comm", "syscall", "container", "errno"] } else { &["comm", "syscall", "errno"] };
+        let mut labels = vec!["comm", "syscall"];
+        labels.extend(container_label.then_some("container"));
+        labels.extend(VARIANT_LABEL.map(|(name, _)| name));
+        let error_labels = [labels.as_slice(), &["errno"]].concat();
         Ok(Self {
-            latency: HistogramVec::declare(host.clone(), "seconds", "Latency of completed system calls.", labels, latency_bounds_ns(), 1e-9)?,
-            errors: CounterVec::declare(host, "errors", "System calls that returned an error.", error_labels)?,
+            latency: HistogramVec::declare(host.clone(), "seconds", "Latency of completed system calls.", &labels, latency_bounds_ns(), 1e-9)?,
+            errors: CounterVec::declare(host, "errors", "System calls that returned an error.", &error_labels)?,
             container_label,
         })
     }
@@ -66,6 +73,7 @@ impl<H: HostApi + Clone> SyscallLatency<H> {
             if labelled {
                 labels.push(container_label(cgroup));
             }
+            labels.extend(VARIANT_LABEL.map(|(_, value)| value.to_owned()));
             labels
         };
         for r in records {

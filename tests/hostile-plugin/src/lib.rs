@@ -1,7 +1,7 @@
 //! A hostile plugin for the isolation tests: `mode` (from the plugin's config) picks the
 //! attack. Every mode subscribes to all syscalls (of `comm`, if given), so it runs under
 //! load beside the healthy plugin. The `enrich-*` modes are the enrichment benchmark's
-//! plugin. Built by `tests/build.rs`; never bundled.
+//! plugin; `stateful`, `init-fail` and `restore-fail` are the hot-swap tests' builds. Built by `tests/build.rs`; never bundled.
 // Only the Wasm build exports (and so uses) the plugin; natively it is all dead code.
 #![cfg_attr(not(target_family = "wasm"), allow(dead_code))]
 
@@ -24,6 +24,8 @@ struct Hostile {
     /// Handles kept alive on purpose (handle-bomb).
     hoard: Vec<metrics::Series>,
     token: String,
+    /// Records seen, kept in the guest and carried across a replace (stateful).
+    count: u64,
 }
 
 fn desc(name: &str, help: String, kind: MetricKind, labels: &[&str], buckets: Vec<f64>) -> FamilyDesc {
@@ -39,8 +41,11 @@ impl Plugin for Hostile {
         let mode: String = config.get("mode")?.unwrap_or_default();
         let token: String = config.get("token")?.unwrap_or_default();
         let mut subscriptions = vec![all()];
-        if let Some(comm) = config.get::<String>("comm")? {
-            subscriptions[0].filter.comms = vec![comm];
+        let filter = &mut subscriptions[0].filter;
+        filter.comms = config.get::<String>("comm")?.into_iter().collect();
+        filter.pids = config.get::<u32>("pid")?.into_iter().collect();
+        if let Some(syscall) = config.get::<String>("syscall")? {
+            filter.params = vec![("syscalls".into(), vec![syscall])];
         }
         let mut tick_interval_ms = 0;
         let mut family = None;
@@ -106,9 +111,13 @@ impl Plugin for Hostile {
                 subscriptions = vec![Subscription { kind: SyscallRecord::KIND.into(), filter: Filter { pids, ..Filter::default() } }];
             }
             "huge-error" => return Err("E".repeat(20 << 20)),
+            "init-fail" => return Err("init refused on purpose".into()),
+            "stateful" => {
+                series = Some(metrics::declare_family(&desc("guest_records", "h".into(), MetricKind::Gauge, &[], vec![]))?.series(&[])?);
+            }
             _ => {}
         }
-        let state = Self { mode, batches: 0, series, family, hoard: Vec::new(), token };
+        let state = Self { mode, batches: 0, series, family, hoard: Vec::new(), token, count: 0 };
         Ok((state, Manifest { subscriptions, tick_interval_ms }))
     }
 
@@ -178,6 +187,10 @@ impl Plugin for Hostile {
             }
             // Blocking in the host would escape the call deadline: the clock returns at once.
             "sleep" => std::thread::sleep(std::time::Duration::from_secs(3600)),
+            "stateful" => {
+                self.count += batch.records().len() as u64;
+                self.series.as_ref().unwrap().gauge_set(self.count as f64);
+            }
             "memory-bomb" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
@@ -192,6 +205,22 @@ impl Plugin for Hostile {
         if self.mode == "ticks" {
             self.series.as_ref().unwrap().counter_add(1);
         }
+    }
+
+    fn snapshot(&mut self) -> Option<Vec<u8>> {
+        (self.mode == "stateful").then(|| self.count.to_le_bytes().to_vec())
+    }
+
+    fn restore(&mut self, state: Vec<u8>) -> Result<(), String> {
+        if self.mode == "restore-fail" {
+            return Err("restore refused on purpose".into());
+        }
+        if self.mode == "stateful" {
+            let bytes: [u8; 8] = state.try_into().map_err(|_| "a stateful snapshot is 8 bytes")?;
+            self.count = u64::from_le_bytes(bytes);
+            self.series.as_ref().unwrap().gauge_set(self.count as f64);
+        }
+        Ok(())
     }
 }
 

@@ -8,6 +8,8 @@
 //!   lives until its stdin closes); prints "spawned", waits for another line, lets the
 //!   held children go, waits for all and exits 0.
 //! - `wt-workload hold`: reads stdin to its end, exits 0.
+//! - `wt-workload rounds COMM GETPPID_CALLS`: per line read from stdin, makes the calls
+//!   and answers "done"; exits at the end of stdin.
 //! - `wt-workload reuse COMM ROUNDS`: per round, forks a child that exits at once, then
 //!   sets the kernel's last pid so the next fork reuses the child's pid, and forks a
 //!   child that exits at once again; prints how many rounds did reuse the pid (needs
@@ -87,6 +89,19 @@ fn main() {
             churn(comm, forks.parse().expect("FORKS"), codes.parse().expect("CODES"), exec_path, execs.parse().expect("EXECS"))
         }
         [_, "reuse", comm, rounds] => reuse(comm, rounds.parse().expect("ROUNDS")),
+        // N getppid calls per line read from stdin, each round answered with a line.
+        [_, "rounds", comm, getppid] => {
+            let getppid: u64 = getppid.parse().expect("GETPPID_CALLS");
+            set_comm(comm);
+            let mut line = String::new();
+            while std::io::stdin().read_line(&mut line).expect("stdin") > 0 {
+                for _ in 0..getppid {
+                    std::hint::black_box(nix::unistd::getppid());
+                }
+                println!("done");
+                line.clear();
+            }
+        }
         [_, comm, getppid, openat, rest @ ..] => {
             let getppid: u64 = getppid.parse().expect("GETPPID_CALLS");
             let openat: u64 = openat.parse().expect("OPENAT_CALLS");
