@@ -180,7 +180,11 @@ fn failed_replaces_leave_the_old_build_running() {
         // The old build still counts, and lost nothing queued while the replace ran.
         run_workload(&comm, 1000, 0);
         expected += 1000;
-        wait_for(Duration::from_secs(20), "the old build to count on", || (guest(&daemon) == expected).then_some(()));
+        let counted = wait_for(Duration::from_secs(20), "the old build to count on", || {
+            let n = guest(&daemon);
+            (n >= expected).then_some(n)
+        });
+        assert_eq!(counted, expected, "after {args:?}:\n{}", daemon.log());
     }
     let (ok, out, _) = daemon.plugin_cli(&["list"]);
     assert!(ok && out.contains("st ") && out.contains(&version[..12]), "{out}");

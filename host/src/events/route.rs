@@ -8,7 +8,11 @@ use std::sync::{
 };
 
 use super::{Batch, CgroupScope, CompiledFilters, EventFilter, RecordKeys};
-use crate::{plugins::worker::Work, probes::Kind, sinks::self_metrics::PluginCounters};
+use crate::{
+    plugins::worker::Work,
+    probes::Kind,
+    sinks::{SelfMetrics, self_metrics::PluginCounters},
+};
 
 /// One plugin's subscription to one kind, and its bounded queue (shared by the
 /// plugin's subscriptions to other kinds).
@@ -44,6 +48,29 @@ impl Subscriber {
             .flatten()
             .copied()
             .collect()
+    }
+
+    /// The same subscription delivering into `queue`, counting its drops apart (a
+    /// replace holds an old build's records there until its verdict).
+    pub fn shadow(&self, queue: SyncSender<Work>) -> Self {
+        Self {
+            plugin: self.plugin.clone(),
+            kind: self.kind,
+            filters: self.filters.clone(),
+            compiled: self.compiled.clone(),
+            scope: self.scope.clone(),
+            queue,
+            pending_dropped: Arc::default(),
+            counters: SelfMetrics::default().plugin(&self.plugin),
+        }
+    }
+
+    /// Counts what `shadow` dropped as this subscriber's own drops.
+    pub fn adopt_drops(&self, shadow: &Subscriber) {
+        let n = shadow.pending_dropped.load(Relaxed);
+        if n > 0 {
+            self.drop_records(n as usize);
+        }
     }
 
     fn drop_records(&self, n: usize) {

@@ -27,7 +27,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{
     HostServices, PluginHandle,
-    worker::{self, Handoff, Verdict},
+    worker::{self, Handoff, Verdict, Work},
 };
 use crate::{
     budget::{Budget, TenantBudget},
@@ -268,8 +268,14 @@ impl Registry {
         let (ready_tx, ready) = sync_channel(1);
         let (verdict, verdict_rx) = sync_channel(1);
         let snapshot = staged.instance.is_stateful();
+        // Until the verdict, what the old build would get is also held aside: an abort
+        // hands it back (what the new build got was chosen by the new filters).
+        let (hold, held) = sync_channel(old_budget.limits.queue_batches);
+        let shadows: Vec<Arc<Subscriber>> = inner.running[i].handle.subscribers.iter().map(|s| Arc::new(s.shadow(hold.clone()))).collect();
+        drop(hold);
         let mut routes: Vec<Arc<Subscriber>> = self.subscribers(inner).into_iter().filter(|s| s.plugin != config.name).collect();
         routes.extend(staged.subscribers.iter().cloned());
+        routes.extend(shadows.iter().cloned());
         self.router.set(routes, self.observers(inner, staged.spec.uses_enrichment));
         let handed = inner.running[i].handle.hand_off(Handoff { snapshot, ready: ready_tx, verdict: verdict_rx }).and_then(|()| {
             let wait = Duration::from_millis(old_budget.limits.shutdown_ms) + HANDOFF_SLACK;
@@ -284,9 +290,11 @@ impl Registry {
             _ => Ok(()),
         });
         if let Err(e) = restored {
-            // Back to the old build, with what was queued for the new one first.
+            // Back to the old build, with what was held for it first.
             self.reroute(inner);
-            let _ = verdict.send(Verdict::Abort(staged.take_batches()));
+            let back = held.try_iter().filter_map(|w| if let Work::Batch(b) = w { Some(b) } else { None }).collect();
+            inner.running[i].handle.subscribers.iter().zip(&shadows).for_each(|(old, shadow)| old.adopt_drops(shadow));
+            let _ = verdict.send(Verdict::Abort(back));
             self.services.sink.discard(&staging, &new_budget);
             return Err(e.context("the replace was aborted; the running build carries on"));
         }

@@ -221,11 +221,6 @@ pub fn stage(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<Cgrou
 }
 
 impl Staged {
-    /// The batches routed to it so far (when its replace is aborted).
-    pub fn take_batches(&self) -> Vec<Batch> {
-        self.rx.try_iter().filter_map(|w| if let Work::Batch(b) = w { Some(b) } else { None }).collect()
-    }
-
     /// Starts its worker thread.
     pub fn start(self) -> anyhow::Result<PluginHandle> {
         let Staged { mut spec, instance, subscribers, queue, rx, counters, tick } = self;

@@ -677,6 +677,48 @@ mod tests {
     }
 
     #[test]
+    fn a_swap_carries_series_into_a_changed_definition() {
+        let sink = Arc::new(MetricSink::default());
+        let (old, new) = (budget(), budget());
+        let lat = |labels: &[&str], buckets: Vec<f64>| FamilySpec {
+            label_names: labels.iter().map(|s| s.to_string()).collect(),
+            ..spec("lat", MetricKind::Histogram, buckets)
+        };
+        let live = sink.declare("ns", lat(&["a", "b"], vec![1.0, 2.0, 4.0]), &old, None).unwrap();
+        live.series(&["x".into(), "1".into()], &old).unwrap().histogram_merge(&[1, 2, 3, 4], 20.0).unwrap();
+        live.series(&["x".into(), "2".into()], &old).unwrap().histogram_merge(&[1, 0, 0, 1], 9.0).unwrap();
+        let errors = sink.declare("ns", spec("errors", MetricKind::Counter, vec![]), &old, None).unwrap();
+        errors.series(&["x".into()], &old).unwrap().counter_add(5).unwrap();
+
+        // The new build drops label `b`, adds `c`, keeps bound 2, turns 1 and 4 into 3;
+        // `errors` becomes a gauge.
+        let staging = Staging::default();
+        let staged = sink.declare("ns", lat(&["a", "c"], vec![2.0, 3.0]), &new, Some(&staging)).unwrap();
+        sink.declare("ns", spec("errors", MetricKind::Gauge, vec![]), &new, Some(&staging)).unwrap();
+        assert!(!scrape(&sink, false).contains("c=\"\""), "staged families stay out of sight until the commit");
+        sink.commit(&staging, &old, &new);
+        new.adopt(&old);
+
+        let text = scrape(&sink, false);
+        // x/1 and x/2 summed; each old bucket in the first new bucket covering it.
+        assert!(text.contains("ns_lat_bucket{a=\"x\",c=\"\",le=\"2\"} 4\n"), "{text}");
+        assert!(text.contains("ns_lat_bucket{a=\"x\",c=\"\",le=\"3\"} 4\n"), "{text}");
+        assert!(text.contains("ns_lat_bucket{a=\"x\",c=\"\",le=\"+Inf\"} 12\n"), "{text}");
+        assert!(text.contains("ns_lat_count{a=\"x\",c=\"\"} 12\n"), "{text}");
+        assert!(text.contains("ns_lat_sum{a=\"x\",c=\"\"} 29.0\n"), "{text}");
+        assert!(!text.contains("ns_errors_total") && !text.contains("ns_errors{"), "a changed kind starts over: {text}");
+        assert_eq!((old.used(Reason::Series), new.used(Reason::Series)), (0, 1), "charges moved to the new build");
+        assert_eq!(new.used(Reason::Families), 2);
+        assert!(staged.series(&["x".into(), "".into()], &new).is_ok());
+        // Adding a label keeps identities (the new one reads ""), so the counts go on.
+        let staging = Staging::default();
+        let widened = sink.declare("ns", lat(&["a", "c", "d"], vec![2.0, 3.0]), &new, Some(&staging)).unwrap();
+        sink.commit(&staging, &new, &new);
+        widened.series(&["x".into(), "".into(), "".into()], &new).unwrap().histogram_merge(&[1, 0, 0], 1.0).unwrap();
+        assert!(scrape(&sink, false).contains("ns_lat_count{a=\"x\",c=\"\",d=\"\"} 13\n"));
+    }
+
+    #[test]
     fn namespaces_are_owned() {
         let sink = MetricSink::default();
         sink.claim("syscall_latency", "syscall-latency", None).unwrap();
