@@ -1,5 +1,5 @@
-//! Traced-workload overhead and host CPU per event, the process kind's cost, and the
-//! cost of an enrichment lookup.
+//! Traced-workload overhead and host CPU per event, the process kind's cost, the cost
+//! of an enrichment lookup, hot-swap latency and plugin load time.
 //!
 //! Runs the same getppid loop untraced, under wasmtap (embedded default config:
 //! syscall-latency observing every process), and under bpftrace running the same
@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use wasmtap_tests::{Daemon, HOSTILE_WASM, sample, wait_for};
+use wasmtap_tests::{Daemon, HOSTILE_WASM, SYSCALL_LATENCY_VARIANT_WASM, TempDir, admin_call, sample, wait_for};
 
 const CALLS: u64 = 3_000_000;
 const ROUNDS: usize = 6;
@@ -201,6 +201,28 @@ fn main() {
         let _ = Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]).status();
     }
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    // One section only: `wasmtap-bench overhead|process|enrichment|swap|load`.
+    let only = std::env::args().nth(1);
+    let run = |section: &str| only.as_deref().is_none_or(|o| o == section);
+    if run("overhead") {
+        overhead(cpus);
+    }
+    if run("process") {
+        process_kind(cpus);
+    }
+    if run("enrichment") {
+        enrichment();
+    }
+    if run("swap") {
+        swap();
+    }
+    if run("load") {
+        cold_load();
+    }
+}
+
+/// The traced workload (untraced, wasmtap, bpftrace) and host CPU per event.
+fn overhead(cpus: usize) {
     // (cpu, untraced, wasmtap, bpftrace, wasmtap CPU ns/event) per round.
     let mut rounds = Vec::new();
     for round in 0..ROUNDS {
@@ -233,6 +255,78 @@ fn main() {
     }
     let cpu = median(rounds.iter().map(|r| r.4).collect());
     println!("host CPU per event (daemon user+sys / events delivered): {cpu:.1} ns   (target <= 40)");
-    process_kind(cpus);
-    enrichment();
+}
+
+
+const SWAPS: usize = 40;
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Replaces syscall-latency (default config: every process) over and over, alternating
+/// its two builds, while a getppid loop feeds it: the time from each replace request to
+/// the first batch the new build handled (the daemon measures it: `swap_us` in the admin
+/// API's plugin list), and the request's round trip (it answers once the new build runs).
+fn swap() {
+    let daemon = Daemon::start(None);
+    let socket = daemon.admin_socket();
+    let events = |d: &Daemon| sample(&d.metrics(), "wasmtap_plugin_events_total", &[("plugin", "syscall-latency")]).unwrap_or(0.0);
+    let mut feed = Command::new(loop_binary()).arg("4000000000").spawn().expect("run wt-syscall-loop");
+    wait_for(Duration::from_secs(10), "the feed to flow", || (events(&daemon) > 1e6).then_some(()));
+    let (e0, t0) = (events(&daemon), std::time::Instant::now());
+    let (mut first_batch, mut round_trip) = (Vec::new(), Vec::new());
+    for i in 0..SWAPS {
+        let body = if i % 2 == 0 { format!("path = {:?}", SYSCALL_LATENCY_VARIANT_WASM) } else { "bundled = \"syscall-latency\"".into() };
+        let started = std::time::Instant::now();
+        let (code, answer) = admin_call(&socket, "PUT", "/v1/plugins/syscall-latency", &body);
+        round_trip.push(started.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(code, 200, "{answer}");
+        let version = answer["version"].as_str().expect("version").to_owned();
+        let us = wait_for(Duration::from_secs(10), "the new build's first batch", || {
+            let (_, list) = admin_call(&socket, "GET", "/v1/plugins", "");
+            list.as_array()?.iter().find(|p| p["name"] == "syscall-latency" && p["version"] == version.as_str())?["swap_us"].as_f64()
+        });
+        first_batch.push(us / 1e3);
+    }
+    let rate = (events(&daemon) - e0) / t0.elapsed().as_secs_f64();
+    let _ = feed.kill();
+    let _ = feed.wait();
+    println!("hot swap: {SWAPS} replaces of syscall-latency alternating two builds, fed {:.2} M events/s", rate / 1e6);
+    println!(
+        "  request to the new build's first batch: p50 {:.2} ms  p99 {:.2} ms  (target p99 < 5 ms)",
+        percentile(first_batch.clone(), 0.5),
+        percentile(first_batch, 0.99)
+    );
+    println!("  request round trip (answered once the new build runs): p50 {:.2} ms  p99 {:.2} ms", percentile(round_trip.clone(), 0.5), percentile(round_trip, 0.99));
+}
+
+/// Loading a plugin through the admin API (request to running) with an empty
+/// precompiled cache (compiled in a child process) and with the cache filled. The
+/// bundled syscall-latency keeps the kinds attached, so no probe attach is counted.
+fn cold_load() {
+    let cache = TempDir::new();
+    let config = format!("cache_dir = {:?}\n[[plugin]]\nname = \"syscall-latency\"\nbundled = \"syscall-latency\"\n", cache.0.display().to_string());
+    let daemon = Daemon::start(Some(&config));
+    let socket = daemon.admin_socket();
+    let body = format!("name = \"v\"\npath = {:?}\n", SYSCALL_LATENCY_VARIANT_WASM);
+    let load = || {
+        let started = std::time::Instant::now();
+        let (code, answer) = admin_call(&socket, "POST", "/v1/plugins", &body);
+        assert_eq!(code, 201, "{answer}");
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        assert_eq!(admin_call(&socket, "DELETE", "/v1/plugins/v", "").0, 200);
+        ms
+    };
+    let (mut cold, mut cached) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        for entry in std::fs::read_dir(&cache.0).expect("cache dir").filter_map(Result::ok) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+        cold.push(load());
+        cached.push(load());
+    }
+    println!("plugin load (syscall-latency variant, {} KiB, request to running), medians of 3:", std::fs::metadata(SYSCALL_LATENCY_VARIANT_WASM).map_or(0, |m| m.len() / 1024));
+    println!("  compiled (empty cache) {:.0} ms   precompiled cache {:.1} ms", median(cold), median(cached));
 }

@@ -262,6 +262,18 @@ pub fn run_workload(comm: &str, getppid: u64, openat: u64) {
     assert!(status.success(), "wt-workload failed: {status}");
 }
 
+/// One admin API call over the daemon's Unix socket: (status, JSON answer).
+pub fn admin_call(socket: &Path, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("connect to the admin socket");
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: wasmtap\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read the answer");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP answer");
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { unchunk(body) } else { body.to_owned() };
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status");
+    (status, serde_json::from_str(&body).expect("a JSON answer"))
+}
+
 /// Minimal HTTP/1.1 GET against a loopback server; (status, body), or None when it
 /// does not answer.
 pub fn http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Option<(u16, String)> {

@@ -6,7 +6,7 @@
 use std::{sync::Arc, thread, time::Duration};
 
 use anyhow::Context as _;
-use tokio::io::unix::AsyncFd;
+use tokio::{io::unix::AsyncFd, sync::Notify};
 use tokio_util::sync::CancellationToken;
 use wasmtap_events::counter;
 
@@ -36,7 +36,15 @@ pub struct ReaderThread {
 /// One kind's reader, running on the [`ReaderThread`].
 pub struct RunningReader {
     stop: CancellationToken,
+    wake: Arc<Notify>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningReader {
+    /// Drains now rather than at the next tick (a replaced plugin's first batch).
+    pub fn drain_now(&self) {
+        self.wake.notify_one();
+    }
 }
 
 impl ReaderThread {
@@ -53,8 +61,8 @@ impl ReaderThread {
     }
 
     pub fn spawn(&self, reader: Reader) -> RunningReader {
-        let stop = CancellationToken::new();
-        RunningReader { task: self.runtime.spawn(reader.run(stop.clone())), stop }
+        let (stop, wake) = (CancellationToken::new(), Arc::new(Notify::new()));
+        RunningReader { task: self.runtime.spawn(reader.run(stop.clone(), wake.clone())), stop, wake }
     }
 
     /// Stops the reader: `reader` drains its ring once more and is done. Blocking.
@@ -75,7 +83,7 @@ impl ReaderThread {
 }
 
 impl Reader {
-    async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+    async fn run(self, stop: CancellationToken, wake: Arc<Notify>) -> anyhow::Result<()> {
         let Self { stream, router, counters, interval } = self;
         let ProbeStream { kind, ring, drops } = stream;
         {
@@ -92,6 +100,7 @@ impl Reader {
                     biased;
                     () = stop.cancelled() => break,
                     _ = timer.tick() => {}
+                    () = wake.notified() => {}
                     ready = ring.readable_mut() => {
                         if let Ok(mut guard) = ready {
                             guard.clear_ready();

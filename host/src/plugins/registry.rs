@@ -18,7 +18,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, mpsc::sync_channel},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow, bail};
@@ -58,6 +58,9 @@ pub struct PluginInfo {
     pub faults: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Microseconds from the replace request that started this build to its first batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap_us: Option<u64>,
 }
 
 /// What applying a desired set did.
@@ -176,6 +179,7 @@ impl Registry {
             dropped: 0,
             faults: 0,
             last_error: Some(e.clone()),
+            swap_us: None,
         }));
         list
     }
@@ -245,6 +249,7 @@ impl Registry {
     }
 
     fn replace_in(&self, inner: &mut Inner, config: &PluginConfig) -> anyhow::Result<()> {
+        let requested = Instant::now();
         let i = inner.running.iter().position(|r| r.config.name == config.name).ok_or_else(|| anyhow!("no plugin {:?} is loaded", config.name))?;
         let tenant = self.tenant(config)?;
         let scope: Option<Arc<CgroupScope>> = tenant.as_ref().map(|t| t.scope.clone());
@@ -277,6 +282,8 @@ impl Registry {
         routes.extend(staged.subscribers.iter().cloned());
         routes.extend(shadows.iter().cloned());
         self.router.set(routes, self.observers(inner, staged.spec.uses_enrichment));
+        // What the kernel holds now is the new build's first batch, waiting when it starts.
+        staged.subscribers.iter().for_each(|s| inner.attached.drain_now(s.kind));
         let handed = inner.running[i].handle.hand_off(Handoff { snapshot, ready: ready_tx, verdict: verdict_rx }).and_then(|()| {
             let wait = Duration::from_millis(old_budget.limits.shutdown_ms) + HANDOFF_SLACK;
             ready.recv_timeout(wait).map_err(|_| anyhow!("the running build did not hand over within {wait:?}"))?
@@ -302,7 +309,7 @@ impl Registry {
         self.services.sink.commit(&staging, &old_budget, &new_budget);
         new_budget.adopt(&old_budget);
         let _ = verdict.send(Verdict::Commit);
-        let handle = staged.start()?;
+        let handle = staged.start(Some(requested))?;
         handle.counters.replaces.inc();
         let old = std::mem::replace(&mut inner.running[i], Running { config: config.clone(), budget: new_budget, handle });
         tracing::info!(plugin = %config.name, from = %old.handle.version, to = %inner.running[i].handle.version, "plugin replaced");
@@ -358,6 +365,7 @@ fn info_of(inner: &Inner, name: &str) -> Option<PluginInfo> {
         dropped: r.handle.counters.dropped.get(),
         faults: status.faults,
         last_error: status.last_error,
+        swap_us: status.swap_us,
     })
 }
 

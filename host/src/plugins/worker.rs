@@ -93,6 +93,10 @@ pub struct PluginStatus {
     pub state: &'static str,
     /// Content hash of the running build.
     pub version: String,
+    /// For a build that replaced another: microseconds from the replace request to its
+    /// first batch handled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap_us: Option<u64>,
     pub faults: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -194,7 +198,7 @@ fn subscriptions(manifest: &Manifest, budget: &Budget) -> anyhow::Result<Vec<(Ki
 
 /// Instantiates and initialises the plugin, then hands it to its own worker thread.
 pub fn start(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<CgroupScope>>) -> anyhow::Result<PluginHandle> {
-    stage(spec, counters, scope)?.start()
+    stage(spec, counters, scope)?.start(None)
 }
 
 /// Instantiates and initialises the plugin and makes its subscriptions and queue.
@@ -221,8 +225,8 @@ pub fn stage(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<Cgrou
 }
 
 impl Staged {
-    /// Starts its worker thread.
-    pub fn start(self) -> anyhow::Result<PluginHandle> {
+    /// Starts its worker thread; `requested`: when the replace that brought it was asked for.
+    pub fn start(self, requested: Option<Instant>) -> anyhow::Result<PluginHandle> {
         let Staged { mut spec, instance, subscribers, queue, rx, counters, tick } = self;
         spec.staging = None; // restarts after this declare like any instance
         let status = Arc::new(Mutex::new(PluginStatus {
@@ -230,6 +234,7 @@ impl Staged {
             tenant: spec.budget.tenant.as_ref().map(|t| t.name.clone()),
             state: "running",
             version: spec.version.clone(),
+            swap_us: None,
             faults: 0,
             last_error: None,
         }));
@@ -246,6 +251,7 @@ impl Staged {
             tick,
             shutdown: shutdown.clone(),
             supervisor: Supervisor::default(),
+            requested,
         };
         let thread = thread::Builder::new()
             .name(format!("plugin-{}", worker.spec.name))
@@ -291,6 +297,8 @@ struct Worker {
     tick: Option<Duration>,
     shutdown: Arc<OnceLock<Instant>>,
     supervisor: Supervisor,
+    /// Until its first batch: when the replace that brought it was asked for.
+    requested: Option<Instant>,
 }
 
 impl Worker {
@@ -389,6 +397,9 @@ impl Worker {
         self.spent(started.elapsed());
         match result {
             Ok(()) => {
+                if let Some(requested) = self.requested.take() {
+                    self.status.lock().expect("status lock").swap_us = Some(requested.elapsed().as_micros() as u64);
+                }
                 self.pending(batch.kind).fetch_sub(dropped, Relaxed);
                 self.counters.events.inc_by(n);
                 self.counters.batches.inc();

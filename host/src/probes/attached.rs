@@ -94,6 +94,11 @@ impl Attached {
         }
     }
 
+    /// Has `kind`'s reader drain at once.
+    pub fn drain_now(&self, kind: Kind) {
+        self.kinds.iter().filter(|(p, _)| p.kind == kind).for_each(|(_, r)| r.drain_now());
+    }
+
     /// What `/status` shows of the probes.
     pub fn status(&self) -> (Vec<ProbeStatus>, Vec<(&'static str, String)>) {
         let probes = self
