@@ -49,6 +49,30 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 21] = [
+        Reason::MetricBytes,
+        Reason::Series,
+        Reason::Families,
+        Reason::Buckets,
+        Reason::Labels,
+        Reason::LabelBytes,
+        Reason::Help,
+        Reason::InvalidMetric,
+        Reason::Namespace,
+        Reason::Overflow,
+        Reason::NonFinite,
+        Reason::LogBytes,
+        Reason::Memory,
+        Reason::Cpu,
+        Reason::Subscriptions,
+        Reason::FilterEntries,
+        Reason::ComponentBytes,
+        Reason::CompileTime,
+        Reason::Import,
+        Reason::Handles,
+        Reason::RemovedSeries,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Reason::MetricBytes => "metric_bytes",
@@ -213,6 +237,13 @@ impl TenantBudget {
     }
 }
 
+/// The quotas of what a plugin holds in the metric sink, which outlive its builds.
+const SHARED: [Reason; 3] = [Reason::Series, Reason::Families, Reason::MetricBytes];
+
+/// What a replacing build reserved of the running build's usage.
+#[derive(Debug, Clone, Copy)]
+pub struct Reserved([u64; 3]);
+
 /// One plugin's budget; shared by every instance of it and by its sinks.
 #[derive(Debug)]
 pub struct Budget {
@@ -291,12 +322,24 @@ impl Budget {
         }
     }
 
-    /// Takes over what `old` (the budget of the build this one replaces) holds in the
-    /// metric sink: the series and families stay, so their charges move here. Only the
-    /// plugin's own quotas move; the tenant's already count them.
-    pub fn adopt(&self, old: &Budget) {
-        for reason in [Reason::Series, Reason::Families, Reason::MetricBytes] {
+    /// The metric quotas a plugin's builds share: what the running build holds counts
+    /// against the build that replaces it from the start (its `init` cannot add a whole
+    /// second quota). Returns what was reserved, for [`Budget::take_over`].
+    pub fn reserve(&self, old: &Budget) -> Reserved {
+        Reserved(SHARED.map(|reason| {
+            let n = old.quota(reason).expect("a quota").used();
+            self.quota(reason).expect("a quota").used.fetch_add(n, Relaxed);
+            n
+        }))
+    }
+
+    /// At the commit of a replace: the reservation ends, and what `old` still holds in
+    /// the metric sink (the families and series stay) is charged here instead. Only the
+    /// plugin's quotas move; its tenant's already count it.
+    pub fn take_over(&self, old: &Budget, reserved: Reserved) {
+        for (reason, n) in SHARED.into_iter().zip(reserved.0) {
             let (mine, theirs) = (self.quota(reason).expect("a quota"), old.quota(reason).expect("a quota"));
+            mine.release(n);
             mine.used.fetch_add(theirs.used.swap(0, Relaxed), Relaxed);
         }
     }

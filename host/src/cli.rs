@@ -56,13 +56,19 @@ pub fn run(socket: &Path, request: Request) -> anyhow::Result<String> {
     Ok(match request {
         Request::List => list(&answer),
         Request::Load(_) => format!("loaded {}\n", plugin_line(&answer)),
-        Request::Replace(..) => format!("replaced: now {}\n", plugin_line(&answer)),
+        Request::Replace(..) => format!("replaced: now {}; state {}\n", plugin_line(&answer), answer["state_handoff"].as_str().unwrap_or("none")),
         Request::Unload(name) => format!("unloaded {name}\n"),
         Request::Reload => {
             let names = |key: &str| answer[key].as_array().map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")).unwrap_or_default();
-            let mut out = format!("loaded: {}\nreplaced: {}\nunloaded: {}\n", names("loaded"), names("replaced"), names("unloaded"));
-            for failed in answer["failed"].as_array().into_iter().flatten() {
-                out += &format!("failed: {}: {}\n", failed[0].as_str().unwrap_or("?"), failed[1].as_str().unwrap_or("?"));
+            let out = format!("loaded: {}\nreplaced: {}\nunloaded: {}\n", names("loaded"), names("replaced"), names("unloaded"));
+            let failed: Vec<String> = answer["failed"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|f| format!("{}: {}", f[0].as_str().unwrap_or("?"), f[1].as_str().unwrap_or("?")))
+                .collect();
+            if !failed.is_empty() {
+                bail!("{out}not applied (the rest was):\n{}", failed.join("\n"));
             }
             out
         }

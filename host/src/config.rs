@@ -272,7 +272,6 @@ impl PluginConfig {
         nodes
     }
 
-    /// The defaults with this section's overrides applied; unknown keys are errors.
     /// The section as TOML again, every limit spelled out.
     fn to_table(&self) -> anyhow::Result<toml::Table> {
         let mut table = toml::Table::try_from(self.limits)?;
@@ -287,6 +286,7 @@ impl PluginConfig {
         Ok(table)
     }
 
+    /// The defaults with this section's overrides applied; unknown keys are errors.
     fn resolve_limits(&mut self, defaults: PluginLimits) -> anyhow::Result<()> {
         let mut table = toml::Table::try_from(defaults)?;
         table.extend(std::mem::take(&mut self.overrides));
@@ -329,9 +329,12 @@ impl Config {
 
     /// A plugin section given at run time (admin API): TOML with the keys of a
     /// `[[plugin]]` section. With `base` (the running plugin's), only the keys given
-    /// change; `bundled` or `path` replaces both.
+    /// change (not `name`); `bundled` or `path` replaces both.
     pub fn plugin(&self, text: &str, base: Option<&PluginConfig>) -> anyhow::Result<PluginConfig> {
         let changes: toml::Table = toml::from_str(text).context("not a TOML plugin section")?;
+        if base.is_some() && changes.contains_key("name") {
+            bail!("a replace keeps the plugin's name; `name` cannot change");
+        }
         let mut table = base.map(PluginConfig::to_table).transpose()?.unwrap_or_default();
         if changes.contains_key("bundled") || changes.contains_key("path") {
             table.remove("bundled");

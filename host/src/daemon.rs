@@ -16,13 +16,17 @@ use crate::{
     events::Router,
     plugins::{HostServices, PluginEngine, engine::Compiler, registry::Registry},
     probes::attached::Attached,
-    server::{self, AppState, admin},
+    server::{
+        self, AppState,
+        admin::{self, Overrides},
+    },
     sinks::{MetricSink, SelfMetrics},
 };
 
 /// Runs until SIGINT/SIGTERM. `config_path` is re-read on SIGHUP (none: the embedded
-/// default, which never changes).
-pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+/// default, which never changes); `overrides` (the command line's) win over it.
+pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
+    let config = overrides.apply(Config::load(config_path.as_deref())?);
     // Before anything can report healthy, so a SIGTERM always takes the orderly path.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -54,15 +58,17 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     // Compiling and calling into plugins blocks: off the async workers.
     {
         let (registry, plugins) = (registry.clone(), config.plugins.clone());
-        tokio::task::spawn_blocking(move || registry.apply(&plugins)).await??;
+        tokio::task::spawn_blocking(move || registry.apply_file(&plugins)).await??;
     }
     state.report.write().expect("report").starting = false;
 
     let socket = config.admin_socket.clone().unwrap_or_else(default_admin_socket);
     let admin = Arc::new(admin::Admin {
         registry: registry.clone(),
-        reload: Box::new(move || Config::load(config_path.as_deref())),
+        path: config_path,
+        overrides,
         config: std::sync::RwLock::new(config),
+        reloading: std::sync::Mutex::default(),
     });
     let stop_admin = CancellationToken::new();
     let admin_server = match admin::bind(&socket) {
@@ -81,13 +87,13 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         tokio::select! {
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: re-reading the config");
+                // Off the signal loop: a SIGTERM meanwhile is taken at once (shutdown
+                // then waits for the change under way).
                 let admin = admin.clone();
-                match tokio::task::spawn_blocking(move || admin::reload(&admin)).await? {
-                    Ok(applied) => for (plugin, e) in applied.failed {
-                        tracing::error!(%plugin, "not applied: {e}");
-                    },
+                tokio::task::spawn_blocking(move || match admin::reload(&admin) {
+                    Ok(applied) => applied.failed.iter().for_each(|(plugin, e)| tracing::error!(%plugin, "not applied: {e}")),
                     Err(e) => tracing::error!("config not reloaded, nothing changed: {e:#}"),
-                }
+                });
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break }

@@ -2,7 +2,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use wasmtap::{check, cli, config::Config, daemon, plugins::bundled};
+use wasmtap::{check, cli, daemon, plugins::bundled};
 
 #[derive(Parser)]
 #[command(version, about = "eBPF probes streamed in batches into sandboxed WebAssembly plugins")]
@@ -98,19 +98,13 @@ fn main() -> ExitCode {
             );
             if json_logs { logs.json().init() } else { logs.init() }
             wasmtap::sinks::logs::use_json(json_logs);
-            let result = Config::load(config_path.as_deref()).and_then(|mut config| {
-                if let Some(listen) = listen {
-                    config.listen = listen;
-                }
-                if admin_socket.is_some() {
-                    config.admin_socket = admin_socket;
-                }
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()?
-                    .block_on(daemon::run(config, config_path))
-            });
+            let overrides = wasmtap::server::admin::Overrides { listen, admin_socket };
+            let result = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| runtime.block_on(daemon::run(config_path, overrides)));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

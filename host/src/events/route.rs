@@ -16,7 +16,7 @@ use crate::{
 
 /// One plugin's subscription to one kind, and its bounded queue (shared by the
 /// plugin's subscriptions to other kinds).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Subscriber {
     pub plugin: String,
     pub kind: Kind,
@@ -53,16 +53,13 @@ impl Subscriber {
     /// The same subscription delivering into `queue`, counting its drops apart (a
     /// replace holds an old build's records there until its verdict).
     pub fn shadow(&self, queue: SyncSender<Work>) -> Self {
-        Self {
-            plugin: self.plugin.clone(),
-            kind: self.kind,
-            filters: self.filters.clone(),
-            compiled: self.compiled.clone(),
-            scope: self.scope.clone(),
-            queue,
-            pending_dropped: Arc::default(),
-            counters: SelfMetrics::default().plugin(&self.plugin),
-        }
+        Self { queue, pending_dropped: Arc::default(), counters: SelfMetrics::default().plugin(&self.plugin), ..self.clone() }
+    }
+
+    /// The same subscription (queue and drops pending included), counting its drops in
+    /// `counters`.
+    pub fn with_counters(&self, counters: PluginCounters) -> Self {
+        Self { counters, ..self.clone() }
     }
 
     /// Counts what `shadow` dropped as this subscriber's own drops.
@@ -100,10 +97,12 @@ struct Routes {
 }
 
 impl Router {
+    #[cfg(test)]
     pub fn new(subscribers: Vec<Arc<Subscriber>>, observers: Vec<Arc<dyn Observer>>) -> Self {
         Self { routes: RwLock::new(Routes { subscribers, observers }) }
     }
 
+    #[cfg(test)]
     pub fn subscribers(&self) -> Vec<Arc<Subscriber>> {
         self.routes.read().expect("router lock").subscribers.clone()
     }

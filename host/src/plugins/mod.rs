@@ -37,11 +37,7 @@ pub struct HostServices {
 /// instantiate. `staging`: the build is to replace a running one.
 pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<TenantBudget>>, staging: Option<Arc<Staging>>) -> anyhow::Result<PluginSpec> {
     let HostServices { engine, sink, metrics, enricher } = host;
-    let own = config.namespace.clone().unwrap_or_else(|| namespace_for(&config.name));
-    let namespace = match &tenant {
-        Some(tenant) => format!("{}_{own}", tenant.namespace),
-        None => own,
-    };
+    let namespace = namespace_of(config, tenant.as_deref());
     let parent = tenant.as_ref().map(|t| t.owner());
     let budget = Arc::new(Budget::new(&config.name, config.limits, tenant, metrics));
     if let Err(e) = sink.claim(&namespace, &config.name, parent.as_deref()) {
@@ -75,6 +71,15 @@ pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<Te
     })
 }
 
+/// The metric namespace a plugin owns: its own (or its name's), below its tenant's.
+pub fn namespace_of(config: &PluginConfig, tenant: Option<&TenantBudget>) -> String {
+    let own = config.namespace.clone().unwrap_or_else(|| namespace_for(&config.name));
+    match tenant {
+        Some(tenant) => format!("{}_{own}", tenant.namespace),
+        None => own,
+    }
+}
+
 /// The component a plugin config names (at most `component_bytes` and one more byte).
 pub fn component_bytes(config: &PluginConfig) -> anyhow::Result<std::borrow::Cow<'static, [u8]>> {
     Ok(match (&config.bundled, &config.path) {
@@ -100,8 +105,16 @@ fn config_value(node: ConfigNode) -> ConfigValue {
 
 /// Reads a component file, refusing one larger than `max` without reading it whole.
 fn read_bounded(path: &std::path::Path, max: usize) -> anyhow::Result<Vec<u8>> {
-    use std::io::Read as _;
-    let file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    // Non-blocking, so that a FIFO or device at the path cannot hold the open.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        anyhow::bail!("{} is not a regular file", path.display());
+    }
     let mut bytes = Vec::new();
     file.take(max as u64 + 1).read_to_end(&mut bytes).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(bytes) // one byte over `max` is enough for `compile` to refuse it with the reason

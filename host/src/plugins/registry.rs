@@ -1,23 +1,26 @@
 //! The live plugin registry: the running set of plugins, changed one step at a time
-//! (load, replace, unload) or to match a desired set (start-up, SIGHUP). Each change
-//! updates the router, the kernel filters and attachments, and the status report.
+//! (load, replace, unload) through the admin API, or by an edit of the config file
+//! (start-up, SIGHUP). Each change updates the router, the kernel filters and
+//! attachments, and the status report. Changes run one at a time; reading the list
+//! does not wait for one (compiling a plugin can take seconds).
 //!
 //! Replace protocol (no event lost or counted twice):
 //! 1. compile the new build (or take it from the cache), instantiate it and run `init`;
-//!    metric families it declares differently from the running build are staged;
+//!    the metric families it declares are staged, unseen by scrapes;
 //! 2. widen the kernel filters to both builds' subscriptions (add before remove);
-//! 3. switch the router between two batches: from here batches queue for the new build;
+//! 3. switch the router between two batches: from here batches queue for the new build
+//!    (and what the old build's own filters select is held aside until the verdict);
 //! 4. the old build handles every batch it was given, ticks a last time and, when both
 //!    builds export `state`, takes a snapshot, which the new build `restore`s;
 //! 5. commit: the staged families replace the live ones (series carried over), the old
 //!    build stops, the new one starts on its queue, and the kernel filters narrow.
 //!
-//! A failure in 1 leaves everything as it was; a failure in 4 switches the router back
-//! and hands the old build the batches queued for the new one, before any newer ones.
+//! A failure in 1 leaves everything as it was; a failure of `restore` in 4 switches the
+//! router back and hands the old build the batches held for it, before any newer ones.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, mpsc::sync_channel},
+    sync::{Arc, Mutex, MutexGuard, mpsc::sync_channel},
     time::{Duration, Instant},
 };
 
@@ -26,7 +29,7 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    HostServices, PluginHandle,
+    HostServices, PluginHandle, PluginSpec,
     worker::{self, Handoff, Verdict, Work},
 };
 use crate::{
@@ -35,7 +38,10 @@ use crate::{
     events::{CgroupScope, Router, Subscriber, route::Observer},
     probes::attached::Attached,
     server::AppState,
-    sinks::{logs::sanitize, metrics::Staging, metrics::namespace_for},
+    sinks::{
+        logs::sanitize,
+        metrics::{Staging, namespace_for},
+    },
 };
 
 /// How long a replace waits for the old build to finish its queue and hand over, past
@@ -61,29 +67,34 @@ pub struct PluginInfo {
     /// Microseconds from the replace request that started this build to its first batch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub swap_us: Option<u64>,
+    /// In a replace's answer: whether the old build's state was carried over.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_handoff: Option<String>,
 }
 
-/// What applying a desired set did.
+/// What applying a config file did.
 #[derive(Debug, Default, Serialize)]
 pub struct Applied {
     pub loaded: Vec<String>,
     pub replaced: Vec<String>,
     pub unloaded: Vec<String>,
-    pub unchanged: Vec<String>,
     /// (plugin, error) for changes that failed (the plugin's previous state stands).
     pub failed: Vec<(String, String)>,
 }
 
 struct Running {
     config: PluginConfig,
+    namespace: String,
     budget: Arc<Budget>,
     handle: PluginHandle,
 }
 
 struct Inner {
     running: Vec<Running>,
-    /// Configured plugins that could not start: (config, error).
-    failed: Vec<(PluginConfig, String)>,
+    /// Configured plugins that could not start: (config, version, error).
+    failed: Vec<(PluginConfig, String, String)>,
+    /// The config file's plugins as last applied, with their component's version.
+    file: Vec<(PluginConfig, String)>,
     attached: Attached,
 }
 
@@ -92,70 +103,95 @@ pub struct Registry {
     state: Arc<AppState>,
     router: Arc<Router>,
     tenants: HashMap<String, Result<Arc<TenantBudget>, String>>,
+    /// Held for a whole change, so changes run one at a time.
+    changes: Mutex<()>,
+    /// Held briefly; `None` once shut down.
     inner: Mutex<Option<Inner>>,
 }
 
 impl Registry {
     pub fn new(services: HostServices, state: Arc<AppState>, router: Arc<Router>, attached: Attached, config: &Config) -> Self {
         let tenants = open_tenants(config, &services);
-        let inner = Inner { running: Vec::new(), failed: Vec::new(), attached };
-        Self { services, state, router, tenants, inner: Mutex::new(Some(inner)) }
+        let inner = Inner { running: Vec::new(), failed: Vec::new(), file: Vec::new(), attached };
+        Self { services, state, router, tenants, changes: Mutex::new(()), inner: Mutex::new(Some(inner)) }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> anyhow::Result<T>) -> anyhow::Result<T> {
-        let mut inner = self.inner.lock().expect("registry lock");
-        let inner = inner.as_mut().ok_or_else(|| anyhow!("the daemon is shutting down"))?;
+    fn inner(&self) -> anyhow::Result<MutexGuard<'_, Option<Inner>>> {
+        let inner = self.inner.lock().expect("registry lock");
+        if inner.is_none() {
+            bail!("the daemon is shutting down");
+        }
+        Ok(inner)
+    }
+
+    /// Runs `f` on the state, then publishes it to the status report.
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> anyhow::Result<T> {
+        let mut guard = self.inner()?;
+        let inner = guard.as_mut().expect("checked");
         let result = f(inner);
         self.publish(inner);
-        result
+        Ok(result)
     }
 
-    /// Makes the running set `desired`: loads what is new, unloads what is gone,
-    /// replaces what changed (its config or its component's bytes). Blocking.
-    pub fn apply(&self, desired: &[PluginConfig]) -> anyhow::Result<Applied> {
+    /// Applies an edit of the config file: plugins added to it are loaded, plugins
+    /// removed from it unloaded, plugins whose section or component bytes changed
+    /// replaced. Plugins it did not change are left alone (also when the admin API
+    /// changed them), except that those that failed to start are tried again.
+    pub fn apply_file(&self, desired: &[PluginConfig]) -> anyhow::Result<Applied> {
+        let _change = self.changes.lock().expect("changes lock");
+        let (previous, failed) = self.with(|inner| (std::mem::take(&mut inner.file), inner.failed.iter().map(|(c, ..)| c.name.clone()).collect::<Vec<_>>()))?;
+        let mut applied = Applied::default();
+        let mut file = Vec::new();
+        for (old, _) in previous.iter().filter(|(old, _)| !desired.iter().any(|d| d.name == old.name)) {
+            match self.unload_now(&old.name) {
+                Ok(()) => applied.unloaded.push(old.name.clone()),
+                Err(e) => applied.failed.push((old.name.clone(), format!("{e:#}"))),
+            }
+        }
+        for config in desired {
+            let version = version_of(config).unwrap_or_default();
+            let before = previous.iter().find(|(c, _)| c.name == config.name);
+            let changed = before.is_none_or(|(c, v)| c != config || *v != version);
+            let running = self.with(|inner| inner.running.iter().any(|r| r.config.name == config.name))?;
+            let result = match (changed, running) {
+                (true, true) => self.replace_now(config).map(|_| Some(&mut applied.replaced)),
+                (true, false) => self.load_now(config, true).map(|()| Some(&mut applied.loaded)),
+                (false, false) if failed.contains(&config.name) => self.load_now(config, true).map(|()| Some(&mut applied.loaded)),
+                (false, _) => Ok(None),
+            };
+            match result {
+                Ok(list) => list.into_iter().for_each(|l| l.push(config.name.clone())),
+                Err(e) => applied.failed.push((config.name.clone(), format!("{e:#}"))),
+            }
+            file.push((config.clone(), version));
+        }
         self.with(|inner| {
-            let mut applied = Applied::default();
-            let gone: Vec<String> = inner.running.iter().map(|r| r.config.name.clone()).filter(|n| !desired.iter().any(|d| &d.name == n)).collect();
-            for name in gone {
-                self.unload_in(inner, &name)?;
-                applied.unloaded.push(name);
-            }
-            inner.failed.retain(|(c, _)| desired.iter().any(|d| d.name == c.name));
-            for config in desired {
-                let name = config.name.clone();
-                let result = match inner.running.iter().find(|r| r.config.name == name) {
-                    None => self.load_in(inner, config, true).map(|_| &mut applied.loaded),
-                    Some(r) if r.config == *config && version_of(config).is_ok_and(|v| v == r.handle.version) => Ok(&mut applied.unchanged),
-                    Some(_) => self.replace_in(inner, config).map(|_| &mut applied.replaced),
-                };
-                match result {
-                    Ok(list) => list.push(name),
-                    Err(e) => applied.failed.push((name, format!("{e:#}"))),
-                }
-            }
-            Ok(applied)
-        })
+            inner.failed.retain(|(c, ..)| desired.iter().any(|d| d.name == c.name));
+            inner.file = file;
+        })?;
+        Ok(applied)
     }
 
     pub fn load(&self, config: &PluginConfig) -> anyhow::Result<PluginInfo> {
-        self.with(|inner| {
-            if inner.running.iter().any(|r| r.config.name == config.name) {
-                bail!("plugin {:?} is already running; replace it or unload it first", config.name);
-            }
-            self.load_in(inner, config, false)?;
-            Ok(info_of(inner, &config.name).expect("just loaded"))
-        })
+        let _change = self.changes.lock().expect("changes lock");
+        if self.with(|inner| inner.running.iter().any(|r| r.config.name == config.name))? {
+            bail!("plugin {:?} is already running; replace it or unload it first", config.name);
+        }
+        self.load_now(config, false)?;
+        self.info(&config.name)
     }
 
     pub fn replace(&self, config: &PluginConfig) -> anyhow::Result<PluginInfo> {
-        self.with(|inner| {
-            self.replace_in(inner, config)?;
-            Ok(info_of(inner, &config.name).expect("just replaced"))
-        })
+        let _change = self.changes.lock().expect("changes lock");
+        let handoff = self.replace_now(config)?;
+        let mut info = self.info(&config.name)?;
+        info.state_handoff = Some(handoff);
+        Ok(info)
     }
 
     pub fn unload(&self, name: &str) -> anyhow::Result<()> {
-        self.with(|inner| self.unload_in(inner, name))
+        let _change = self.changes.lock().expect("changes lock");
+        self.unload_now(name)
     }
 
     /// The running build's config of `name`, to derive a replacement from.
@@ -167,11 +203,11 @@ impl Registry {
     pub fn list(&self) -> Vec<PluginInfo> {
         let inner = self.inner.lock().expect("registry lock");
         let Some(inner) = inner.as_ref() else { return Vec::new() };
-        let mut list: Vec<PluginInfo> = inner.running.iter().filter_map(|r| info_of(inner, &r.config.name)).collect();
-        list.extend(inner.failed.iter().map(|(c, e)| PluginInfo {
+        let mut list: Vec<PluginInfo> = inner.running.iter().map(info_of).collect();
+        list.extend(inner.failed.iter().map(|(c, version, e)| PluginInfo {
             name: c.name.clone(),
             state: "failed".into(),
-            version: version_of(c).unwrap_or_default(),
+            version: version.clone(),
             source: source_of(c),
             tenant: c.tenant.clone(),
             kinds: Vec::new(),
@@ -180,13 +216,21 @@ impl Registry {
             faults: 0,
             last_error: Some(e.clone()),
             swap_us: None,
+            state_handoff: None,
         }));
         list
     }
 
-    /// Stops everything in order: probes detached and drained, then each plugin
-    /// finishes its queue (within its shutdown time, all at once) and ticks a last time.
+    fn info(&self, name: &str) -> anyhow::Result<PluginInfo> {
+        let inner = self.inner()?;
+        inner.as_ref().and_then(|i| i.running.iter().find(|r| r.config.name == name)).map(info_of).ok_or_else(|| anyhow!("plugin {name:?} is gone"))
+    }
+
+    /// Stops everything in order (after the change under way): probes detached and
+    /// drained, then each plugin finishes its queue (within its shutdown time, all at
+    /// once) and ticks a last time.
     pub fn shutdown(&self) {
+        let _change = self.changes.lock().expect("changes lock");
         let Some(inner) = self.inner.lock().expect("registry lock").take() else { return };
         inner.attached.shutdown();
         inner.running.iter().for_each(|r| r.handle.begin_shutdown());
@@ -205,117 +249,171 @@ impl Registry {
         }
     }
 
-    /// `configured`: the plugin is in the desired set (a failure is kept and shown, and
-    /// retried on the next apply); otherwise only the caller hears of a failure.
-    fn load_in(&self, inner: &mut Inner, config: &PluginConfig, configured: bool) -> anyhow::Result<()> {
-        inner.failed.retain(|(c, _)| c.name != config.name);
-        let started = self.tenant(config).and_then(|tenant| {
-            let scope = tenant.as_ref().map(|t| t.scope.clone());
-            let spec = super::prepare(&self.services, config, tenant, None)?;
-            let budget = spec.budget.clone();
-            Ok((worker::start(spec, self.services.metrics.plugin(&config.name), scope)?, budget))
-        });
-        match started {
-            Ok((handle, budget)) => {
-                let kinds: Vec<_> = handle.subscribers.iter().map(|s| s.kind.name).collect();
-                tracing::info!(plugin = %config.name, version = %handle.version, ?kinds, "plugin started");
-                inner.running.push(Running { config: config.clone(), budget, handle });
-                self.reroute(inner);
-                Ok(())
-            }
-            Err(e) => {
-                let error = sanitize(&format!("{e:#}"), super::instance::MAX_ERROR_BYTES);
-                tracing::error!("plugin {:?} not started: {error}", config.name);
-                if configured {
-                    inner.failed.push((config.clone(), error.clone()));
-                }
-                Err(anyhow!(error))
-            }
-        }
+    /// Compiles and prepares a build, its declarations staged (outside the state lock).
+    fn prepare(&self, config: &PluginConfig) -> anyhow::Result<(PluginSpec, Arc<Staging>, Option<Arc<CgroupScope>>)> {
+        let tenant = self.tenant(config)?;
+        let scope = tenant.as_ref().map(|t| t.scope.clone());
+        let staging = Arc::new(Staging::default());
+        let spec = super::prepare(&self.services, config, tenant, Some(staging.clone()))?;
+        Ok((spec, staging, scope))
     }
 
-    fn unload_in(&self, inner: &mut Inner, name: &str) -> anyhow::Result<()> {
-        if let Some(i) = inner.failed.iter().position(|(c, _)| c.name == name) {
-            inner.failed.remove(i);
-            return Ok(());
+    /// `configured`: the plugin is in the config file (a failure is kept and shown,
+    /// and tried again on the next reload); otherwise only the caller hears of it.
+    fn load_now(&self, config: &PluginConfig, configured: bool) -> anyhow::Result<()> {
+        let namespace = self.tenant(config).ok().map(|t| super::namespace_of(config, t.as_deref()));
+        let started = self.prepare(config).and_then(|(spec, staging, scope)| {
+            let budget = spec.budget.clone();
+            let staged = worker::stage(spec, self.services.metrics.plugin(&config.name), scope);
+            let staged = staged.inspect_err(|_| self.services.sink.discard(&staging, &budget))?;
+            self.services.sink.commit(&staging, None, &budget);
+            let namespace = staged.spec.namespace.clone();
+            Ok((staged.start(None)?, budget, namespace))
+        });
+        self.with(|inner| {
+            inner.failed.retain(|(c, ..)| c.name != config.name);
+            match started {
+                Ok((handle, budget, namespace)) => {
+                    let kinds: Vec<_> = handle.subscribers.iter().map(|s| s.kind.name).collect();
+                    tracing::info!(plugin = %config.name, version = %handle.version, ?kinds, "plugin started");
+                    inner.running.push(Running { config: config.clone(), namespace, budget, handle });
+                    self.reroute(inner);
+                    Ok(())
+                }
+                Err(e) => {
+                    if let Some(namespace) = &namespace {
+                        self.services.sink.release_claim(namespace, &config.name);
+                    }
+                    let error = sanitize(&format!("{e:#}"), super::instance::MAX_ERROR_BYTES);
+                    tracing::error!("plugin {:?} not started: {error}", config.name);
+                    if configured {
+                        inner.failed.push((config.clone(), version_of(config).unwrap_or_default(), error.clone()));
+                    }
+                    Err(anyhow!(error))
+                }
+            }
+        })?
+    }
+
+    fn unload_now(&self, name: &str) -> anyhow::Result<()> {
+        let running = self.with(|inner| {
+            if let Some(i) = inner.failed.iter().position(|(c, ..)| c.name == name) {
+                inner.failed.remove(i);
+                return anyhow::Ok(None);
+            }
+            let i = inner.running.iter().position(|r| r.config.name == name).ok_or_else(|| anyhow!("no plugin {name:?} is loaded"))?;
+            let running = inner.running.remove(i);
+            // Out of the routes first (its queue then ends), then the kernel narrows.
+            self.reroute(inner);
+            Ok(Some(running))
+        })??;
+        if let Some(running) = running {
+            running.handle.join();
+            // Its metrics go with it (they go stale in Prometheus), and so do its claim
+            // and its self-metric series: a name that never comes back costs nothing.
+            self.services.sink.remove_namespace(&running.namespace, &running.budget);
+            self.services.metrics.forget_plugin(name);
+            tracing::info!(plugin = %name, "plugin unloaded");
         }
-        let i = inner.running.iter().position(|r| r.config.name == name).ok_or_else(|| anyhow!("no plugin {name:?} is loaded"))?;
-        let running = inner.running.remove(i);
-        // Out of the routes first (its queue then ends), then the kernel narrows.
-        self.reroute(inner);
-        running.handle.join();
-        tracing::info!(plugin = %name, "plugin unloaded");
         Ok(())
     }
 
-    fn replace_in(&self, inner: &mut Inner, config: &PluginConfig) -> anyhow::Result<()> {
+    /// Replaces a running plugin; says whether its state was carried over.
+    fn replace_now(&self, config: &PluginConfig) -> anyhow::Result<String> {
         let requested = Instant::now();
-        let i = inner.running.iter().position(|r| r.config.name == config.name).ok_or_else(|| anyhow!("no plugin {:?} is loaded", config.name))?;
-        let tenant = self.tenant(config)?;
-        let scope: Option<Arc<CgroupScope>> = tenant.as_ref().map(|t| t.scope.clone());
-        let staging = Arc::new(Staging::default());
-        let spec = super::prepare(&self.services, config, tenant, Some(staging.clone()))?;
-        let new_budget = spec.budget.clone();
-        let staged = match worker::stage(spec, self.services.metrics.plugin(&config.name), scope) {
-            Ok(staged) => staged,
-            Err(e) => {
-                self.services.sink.discard(&staging, &new_budget);
-                return Err(e.context("the new build did not start; the running build is untouched"));
+        let (old_budget, old_namespace, old_queue, old_subscribers) = self.with(|inner| {
+            let r = inner.running.iter().find(|r| r.config.name == config.name).ok_or_else(|| anyhow!("no plugin {:?} is loaded", config.name))?;
+            if r.config.tenant != config.tenant {
+                bail!("a replace cannot move a plugin to another tenant: unload it and load it again");
             }
-        };
+            Ok((r.budget.clone(), r.namespace.clone(), r.handle.queue(), r.handle.subscribers.clone()))
+        })??;
+        let (spec, staging, scope) = self.prepare(config)?;
+        if spec.namespace != old_namespace {
+            self.services.sink.discard(&staging, &spec.budget);
+            bail!("a replace cannot change a plugin's metric namespace ({old_namespace}): unload it and load it again");
+        }
+        let new_budget = spec.budget.clone();
+        let reserved = new_budget.reserve(&old_budget);
+        let staged = worker::stage(spec, self.services.metrics.plugin(&config.name), scope)
+            .inspect_err(|_| self.services.sink.discard(&staging, &new_budget))
+            .context("the new build did not start; the running build is untouched")?;
 
-        // Add before remove: the kernel records for both builds while they overlap.
-        let mut both = self.subscribers(inner);
-        both.extend(staged.subscribers.iter().cloned());
-        inner.attached.sync(&both, self.enrichment(inner) || staged.spec.uses_enrichment);
-
-        let old_budget = inner.running[i].budget.clone();
-        let (ready_tx, ready) = sync_channel(1);
-        let (verdict, verdict_rx) = sync_channel(1);
-        let snapshot = staged.instance.is_stateful();
         // Until the verdict, what the old build would get is also held aside: an abort
         // hands it back (what the new build got was chosen by the new filters).
         let (hold, held) = sync_channel(old_budget.limits.queue_batches);
-        let shadows: Vec<Arc<Subscriber>> = inner.running[i].handle.subscribers.iter().map(|s| Arc::new(s.shadow(hold.clone()))).collect();
+        let shadows: Vec<Arc<Subscriber>> = old_subscribers.iter().map(|s| Arc::new(s.shadow(hold.clone()))).collect();
         drop(hold);
-        let mut routes: Vec<Arc<Subscriber>> = self.subscribers(inner).into_iter().filter(|s| s.plugin != config.name).collect();
-        routes.extend(staged.subscribers.iter().cloned());
-        routes.extend(shadows.iter().cloned());
-        self.router.set(routes, self.observers(inner, staged.spec.uses_enrichment));
-        // What the kernel holds now is the new build's first batch, waiting when it starts.
-        staged.subscribers.iter().for_each(|s| inner.attached.drain_now(s.kind));
-        let handed = inner.running[i].handle.hand_off(Handoff { snapshot, ready: ready_tx, verdict: verdict_rx }).and_then(|()| {
-            let wait = Duration::from_millis(old_budget.limits.shutdown_ms) + HANDOFF_SLACK;
-            ready.recv_timeout(wait).map_err(|_| anyhow!("the running build did not hand over within {wait:?}"))?
-        });
+        let uses_enrichment = staged.spec.uses_enrichment;
+        self.with(|inner| {
+            // Add before remove: the kernel records for both builds while they overlap.
+            let mut both = self.subscribers(inner);
+            both.extend(staged.subscribers.iter().cloned());
+            inner.attached.sync(&both, self.enrichment(inner) || uses_enrichment);
+            let mut routes: Vec<Arc<Subscriber>> = self.subscribers(inner).into_iter().filter(|s| s.plugin != config.name).collect();
+            routes.extend(staged.subscribers.iter().cloned());
+            routes.extend(shadows.iter().cloned());
+            self.router.set(routes, self.observers(inner, uses_enrichment));
+            // What the kernel holds now is the new build's first batch, waiting when it starts.
+            staged.subscribers.iter().for_each(|s| inner.attached.drain_now(s.kind));
+        })?;
+
+        let (ready_tx, ready) = sync_channel(1);
+        let (verdict, verdict_rx) = sync_channel(1);
+        let snapshot = staged.instance.is_stateful();
+        let wait = Duration::from_millis(old_budget.limits.shutdown_ms) + HANDOFF_SLACK;
+        let handed = old_queue
+            .send(Work::Handoff(Handoff { snapshot, ready: ready_tx, verdict: verdict_rx }))
+            .map_err(|_| anyhow!("the running build's worker is gone"))
+            .and_then(|()| ready.recv_timeout(wait).map_err(|_| anyhow!("the running build did not hand over within {wait:?}")));
         let mut staged = staged;
-        let restored = handed.and_then(|state| match state {
-            Some(bytes) if snapshot => {
+        let mut state_handoff = "none".to_owned();
+        let restored = handed.and_then(|handed| match handed {
+            Ok(Some(bytes)) => {
                 let deadline = Duration::from_millis(staged.spec.budget.limits.call_deadline_ms);
+                state_handoff = format!("carried ({} bytes)", bytes.len());
                 staged.instance.restore(deadline, &bytes)
             }
-            _ => Ok(()),
+            Ok(None) => Ok(()),
+            Err(why) => {
+                // The old build is down: replacing it is the fix, so go on without state.
+                tracing::warn!(plugin = %config.name, "replaced without its state: {why}");
+                state_handoff = format!("lost: {why}");
+                Ok(())
+            }
         });
         if let Err(e) = restored {
             // Back to the old build, with what was held for it first.
-            self.reroute(inner);
+            self.with(|inner| self.reroute(inner))?;
             let back = held.try_iter().filter_map(|w| if let Work::Batch(b) = w { Some(b) } else { None }).collect();
-            inner.running[i].handle.subscribers.iter().zip(&shadows).for_each(|(old, shadow)| old.adopt_drops(shadow));
+            old_subscribers.iter().zip(&shadows).for_each(|(old, shadow)| old.adopt_drops(shadow));
             let _ = verdict.send(Verdict::Abort(back));
             self.services.sink.discard(&staging, &new_budget);
             return Err(e.context("the replace was aborted; the running build carries on"));
         }
 
-        self.services.sink.commit(&staging, &old_budget, &new_budget);
-        new_budget.adopt(&old_budget);
+        self.services.sink.commit(&staging, Some(&old_budget), &new_budget);
+        new_budget.take_over(&old_budget, reserved);
         let _ = verdict.send(Verdict::Commit);
-        let handle = staged.start(Some(requested))?;
-        handle.counters.replaces.inc();
-        let old = std::mem::replace(&mut inner.running[i], Running { config: config.clone(), budget: new_budget, handle });
-        tracing::info!(plugin = %config.name, from = %old.handle.version, to = %inner.running[i].handle.version, "plugin replaced");
-        old.handle.retire();
-        self.reroute(inner);
-        Ok(())
+        self.with(|inner| {
+            let i = inner.running.iter().position(|r| r.config.name == config.name).expect("changes run one at a time");
+            let old = inner.running.remove(i);
+            match staged.start(Some(requested)) {
+                Ok(handle) => {
+                    handle.counters.replaces.inc();
+                    tracing::info!(plugin = %config.name, from = %old.handle.version, to = %handle.version, state = %state_handoff, "plugin replaced");
+                    inner.running.insert(i, Running { config: config.clone(), namespace: old.namespace.clone(), budget: new_budget, handle });
+                }
+                Err(e) => {
+                    let error = format!("replaced, but the new build's worker did not start: {e:#}");
+                    tracing::error!(plugin = %config.name, "{error}");
+                    inner.failed.push((config.clone(), version_of(config).unwrap_or_default(), error));
+                }
+            }
+            self.reroute(inner);
+            old.handle.join();
+        })?;
+        Ok(state_handoff)
     }
 
     fn subscribers(&self, inner: &Inner) -> Vec<Arc<Subscriber>> {
@@ -333,10 +431,6 @@ impl Registry {
     /// Routes to the running set, then fits the kernel to it.
     fn reroute(&self, inner: &mut Inner) {
         self.router.set(self.subscribers(inner), self.observers(inner, false));
-        self.sync_kernel(inner);
-    }
-
-    fn sync_kernel(&self, inner: &mut Inner) {
         let (subscribers, enrichment) = (self.subscribers(inner), self.enrichment(inner));
         inner.attached.sync(&subscribers, enrichment);
     }
@@ -347,14 +441,13 @@ impl Registry {
         report.probes = probes;
         report.probe_errors = probe_errors;
         report.plugins = inner.running.iter().map(|r| r.handle.status.clone()).collect();
-        report.failed_plugins = inner.failed.iter().map(|(c, e)| (c.name.clone(), e.clone())).collect();
+        report.failed_plugins = inner.failed.iter().map(|(c, _, e)| (c.name.clone(), e.clone())).collect();
     }
 }
 
-fn info_of(inner: &Inner, name: &str) -> Option<PluginInfo> {
-    let r = inner.running.iter().find(|r| r.config.name == name)?;
+fn info_of(r: &Running) -> PluginInfo {
     let status = r.handle.status.lock().expect("status lock").clone();
-    Some(PluginInfo {
+    PluginInfo {
         name: status.name,
         state: status.state.into(),
         version: r.handle.version.clone(),
@@ -366,7 +459,8 @@ fn info_of(inner: &Inner, name: &str) -> Option<PluginInfo> {
         faults: status.faults,
         last_error: status.last_error,
         swap_us: status.swap_us,
-    })
+        state_handoff: None,
+    }
 }
 
 fn source_of(config: &PluginConfig) -> String {

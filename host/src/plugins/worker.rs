@@ -27,7 +27,7 @@ use crate::{
     enrich::Enricher,
     events::{Batch, CgroupScope, CompiledFilters, EventFilter, Subscriber, filter::MAX_FILTERS},
     probes::{self, Kind},
-    sinks::{MetricSink, logs::sanitize, metrics::Staging, self_metrics::PluginCounters},
+    sinks::{MetricSink, SelfMetrics, logs::sanitize, metrics::Staging, self_metrics::PluginCounters},
 };
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -71,15 +71,20 @@ pub enum Work {
 pub struct Handoff {
     /// Whether to take a snapshot (the new build exports `state`).
     pub snapshot: bool,
-    pub ready: SyncSender<anyhow::Result<Option<Vec<u8>>>>,
+    pub ready: SyncSender<HandedOver>,
     pub verdict: Receiver<Verdict>,
 }
+
+/// What the old build handed over: its state (none without the `state` export, or when
+/// it keeps none), or why it has none to give (it was down, or faulted in its last tick
+/// or in `snapshot`: it is restarting, its state is gone either way).
+pub type HandedOver = Result<Option<Vec<u8>>, String>;
 
 pub enum Verdict {
     /// The new build took over: the old one stops.
     Commit,
-    /// The replace failed: the old build runs on, first with the batches routed to the
-    /// new one meanwhile.
+    /// The replace failed: the old build runs on, first with the batches its own
+    /// filters selected meanwhile (held aside for it).
     Abort(Vec<Batch>),
 }
 
@@ -89,7 +94,7 @@ pub struct PluginStatus {
     pub name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
-    /// running, restarting, quarantined, stopped (or failed: never started).
+    /// running, restarting, quarantined, stopped, replaced (or failed: never started).
     pub state: &'static str,
     /// Content hash of the running build.
     pub version: String,
@@ -132,16 +137,9 @@ impl PluginHandle {
         let _ = self.thread.join();
     }
 
-    /// Puts the handoff marker behind the batches already queued (waiting for room).
-    pub fn hand_off(&self, handoff: Handoff) -> anyhow::Result<()> {
-        self.queue.send(Work::Handoff(handoff)).map_err(|_| anyhow!("the running build's worker is gone"))
-    }
-
-    /// Waits for a worker that has handed off and been told to stop.
-    pub fn retire(self) {
-        drop(self.subscribers);
-        drop(self.queue);
-        let _ = self.thread.join();
+    /// The queue, to put the handoff marker behind the batches already in it.
+    pub fn queue(&self) -> SyncSender<Work> {
+        self.queue.clone()
     }
 }
 
@@ -151,6 +149,8 @@ impl PluginHandle {
 pub struct Staged {
     pub spec: PluginSpec,
     pub instance: Instance,
+    /// Its subscriptions; until it starts, their drops are counted apart (a replace
+    /// that aborts lost nothing of the old build's).
     pub subscribers: Vec<Arc<Subscriber>>,
     queue: SyncSender<Work>,
     rx: Receiver<Work>,
@@ -216,7 +216,7 @@ pub fn stage(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<Cgrou
                 scope: scope.clone(),
                 queue: queue.clone(),
                 pending_dropped: Arc::default(),
-                counters: counters.clone(),
+                counters: SelfMetrics::default().plugin(&spec.name),
             })
         })
         .collect();
@@ -229,6 +229,10 @@ impl Staged {
     pub fn start(self, requested: Option<Instant>) -> anyhow::Result<PluginHandle> {
         let Staged { mut spec, instance, subscribers, queue, rx, counters, tick } = self;
         spec.staging = None; // restarts after this declare like any instance
+        // Records dropped while it waited count now, and its drops from here on.
+        let subscribers: Vec<Arc<Subscriber>> = subscribers.iter().map(|s| Arc::new(s.with_counters(counters.clone()))).collect();
+        counters.dropped.inc_by(subscribers.iter().map(|s| s.pending_dropped.load(Relaxed)).sum());
+        counters.quarantined.set(0);
         let status = Arc::new(Mutex::new(PluginStatus {
             name: spec.name.clone(),
             tenant: spec.budget.tenant.as_ref().map(|t| t.name.clone()),
@@ -334,7 +338,7 @@ impl Worker {
                 next_tick = Some((at + every).max(Instant::now()));
             }
         }
-        self.call_tick();
+        self.final_tick();
         if unprocessed > 0 {
             tracing::warn!(plugin = %self.spec.name, unprocessed, "plugin ran out of shutdown time (shutdown_ms); its last events were dropped");
         }
@@ -346,22 +350,26 @@ impl Worker {
     /// The old build's side of a replace: a final tick, the snapshot, then the verdict.
     /// The batches to handle first if the replace was aborted; `None` once committed.
     fn hand_off(&mut self, handoff: Handoff) -> Option<Vec<Batch>> {
-        self.call_tick();
+        let was_up = self.instance.is_some();
+        self.final_tick();
         let deadline = self.deadline();
-        let snapshot = match self.instance.as_mut().filter(|_| handoff.snapshot) {
-            Some(instance) => {
+        let handed: HandedOver = match self.instance.as_mut() {
+            Some(instance) if handoff.snapshot => {
                 let started = Instant::now();
                 let result = instance.snapshot(deadline);
                 self.spent(started.elapsed());
                 result.map_err(|e| {
-                    let message = format!("the running build's snapshot failed: {e:#}");
+                    let message = format!("its snapshot failed: {e:#}");
                     self.fault(e);
-                    anyhow!(message)
+                    message
                 })
             }
-            None => Ok(None),
+            Some(_) => Ok(None),
+            None if !handoff.snapshot => Ok(None),
+            None if was_up => Err(format!("its last tick failed: {}", self.status.lock().expect("status lock").last_error.clone().unwrap_or_default())),
+            None => Err("it was down (restarting or quarantined)".into()),
         };
-        let _ = handoff.ready.send(snapshot);
+        let _ = handoff.ready.send(handed);
         match handoff.verdict.recv() {
             Ok(Verdict::Commit) => None,
             Ok(Verdict::Abort(batches)) => Some(batches),
@@ -421,11 +429,18 @@ impl Worker {
     }
 
     fn call_tick(&mut self) {
-        if self.spec.budget.cpu_exhausted() {
+        if self.spec.budget.cpu_exhausted() || self.live_instance().is_none() {
             return;
         }
+        self.final_tick();
+    }
+
+    /// A tick of the instance as it is (none is restarted for it), past the tenant's CPU
+    /// share (still within the call deadline): the last one before the instance goes, so
+    /// that nothing it aggregated is lost.
+    fn final_tick(&mut self) {
         let deadline = self.deadline();
-        let Some(instance) = self.live_instance() else { return };
+        let Some(instance) = self.instance.as_mut() else { return };
         let started = Instant::now();
         let result = instance.tick(deadline);
         self.spent(started.elapsed());

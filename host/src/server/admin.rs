@@ -1,6 +1,6 @@
-//! The admin API: HTTP/JSON on a Unix socket, for the daemon's own user only (the
-//! socket's directory is 0700, the socket 0600, and each connection's peer uid is
-//! checked). `wasmtap plugin …` is its client.
+//! The admin API: HTTP/JSON on a Unix socket, for the daemon's own user (and root)
+//! only: the socket's directory is 0700, the socket 0600, and each connection's peer
+//! uid is checked. `wasmtap plugin …` is its client.
 //!
 //! - `GET /v1/plugins`: every plugin with state, version (content hash) and stats;
 //! - `POST /v1/plugins`: load; the body is a `[[plugin]]` section in TOML;
@@ -9,8 +9,8 @@
 //! - `DELETE /v1/plugins/NAME`: unload;
 //! - `POST /v1/reload`: re-read the config file and apply the difference (as SIGHUP).
 //!
-//! Answers are JSON; a failed change answers 4xx with `{"error": "…"}` and changes
-//! nothing. Bounded like the public server: few connections, a header deadline, small
+//! Answers are JSON; a failed change answers 404 (no such plugin) or 422 with
+//! `{"error": "…"}` and changes nothing (400, 403, 408, 413 for bad requests). Bounded like the public server: few connections, a header deadline, small
 //! bodies, one change at a time (the registry's lock).
 
 use std::{
@@ -37,37 +37,65 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{config::Config, plugins::registry::Registry};
 
+
 const MAX_CONNECTIONS: usize = 8;
 const MAX_BODY_BYTES: usize = 64 * 1024;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// What the admin API acts on.
 pub struct Admin {
     pub registry: Arc<Registry>,
-    /// Re-reads the config file (SIGHUP does the same).
-    pub reload: Box<dyn Fn() -> anyhow::Result<Config> + Send + Sync>,
+    /// The config file (none: the embedded default), and the command-line settings that
+    /// override it.
+    pub path: Option<PathBuf>,
+    pub overrides: Overrides,
     /// The config in force (its plugin defaults complete a section given at run time).
     pub config: std::sync::RwLock<Config>,
+    /// Held from reading the file to applying it, so reloads apply in order.
+    pub reloading: std::sync::Mutex<()>,
 }
 
-/// Binds the socket in a directory only this user can enter. A live socket of another
-/// daemon at the path is an error; a stale one is replaced.
+/// Settings given on the command line, which win over the config file's.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<std::net::SocketAddr>,
+    pub admin_socket: Option<PathBuf>,
+}
+
+impl Overrides {
+    pub fn apply(&self, mut config: Config) -> Config {
+        config.listen = self.listen.unwrap_or(config.listen);
+        config.admin_socket = self.admin_socket.clone().or(config.admin_socket);
+        config
+    }
+}
+
+/// Binds the socket in a directory only this user can enter: made 0700 when missing;
+/// an existing one must be the daemon user's and 0700 already (it is never changed: it
+/// could be /run or /tmp). A live socket at the path is an error, a stale one is
+/// replaced, anything else there is left alone (an error).
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !dir.exists() {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    use std::os::unix::fs::MetadataExt as _;
     let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
-    if meta.uid() != nix::unistd::geteuid().as_raw() {
-        bail!("{} belongs to uid {}, not to the daemon's user: choose another admin_socket", dir.display(), meta.uid());
+    if meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+        bail!(
+            "{} must be a directory of the daemon's user that no one else may enter (0700): give admin_socket a directory of its own, e.g. /run/wasmtap/admin.sock",
+            dir.display()
+        );
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("making {} private", dir.display()))?;
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another daemon answers on {}: give this one its own admin_socket", path.display());
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => bail!("{} exists and is not a socket: choose another admin_socket", path.display()),
+        Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => {
+            bail!("another daemon answers on {}: give this one its own admin_socket", path.display())
         }
-        std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
+        Ok(_) => std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?,
+        Err(_) => {}
     }
     let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
@@ -88,7 +116,9 @@ pub async fn serve(listener: UnixListener, path: PathBuf, admin: Arc<Admin>, sto
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
+                    // E.g. out of file descriptors: wait rather than spin.
                     tracing::warn!("admin accept failed: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
@@ -130,9 +160,13 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Full<B
 
 async fn handle(req: Request<Incoming>, admin: Arc<Admin>) -> Response<Full<Bytes>> {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let body = match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, format_args!("bodies are at most {MAX_BODY_BYTES} bytes")),
+    let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), MAX_BODY_BYTES).collect()).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, format_args!("bodies are at most {MAX_BODY_BYTES} bytes"));
+        }
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, format_args!("reading the body: {e}")),
+        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, format_args!("the body did not arrive within {BODY_TIMEOUT:?}")),
     };
     let Ok(body) = String::from_utf8(body.to_vec()) else { return error(StatusCode::BAD_REQUEST, "the body is not UTF-8") };
     let name = path.strip_prefix("/v1/plugins/").map(str::to_owned);
@@ -145,12 +179,12 @@ async fn handle(req: Request<Incoming>, admin: Arc<Admin>) -> Response<Full<Byte
                 let config = admin.config.read().expect("config").plugin(&body, None);
                 (StatusCode::CREATED, config.and_then(|c| registry.load(&c)).map(|info| json!(info)))
             }
+            (&Method::PUT | &Method::DELETE, _, Some(name)) if registry.config_of(&name).is_none() => {
+                (StatusCode::NOT_FOUND, Err(anyhow::anyhow!("no plugin {name:?} is loaded")))
+            }
             (&Method::PUT, _, Some(name)) => {
-                let Some(base) = registry.config_of(&name) else {
-                    return (StatusCode::NOT_FOUND, Err(anyhow::anyhow!("no plugin {name:?} is loaded")));
-                };
-                let body = format!("{body}\nname = {}\n", toml::Value::from(name.as_str()));
-                let config = admin.config.read().expect("config").plugin(&body, Some(&base));
+                let base = registry.config_of(&name);
+                let config = admin.config.read().expect("config").plugin(&body, base.as_ref());
                 (StatusCode::OK, config.and_then(|c| registry.replace(&c)).map(|info| json!(info)))
             }
             (&Method::DELETE, _, Some(name)) => (StatusCode::OK, registry.unload(&name).map(|()| json!({ "unloaded": name }))),
@@ -166,17 +200,20 @@ async fn handle(req: Request<Incoming>, admin: Arc<Admin>) -> Response<Full<Byte
     }
 }
 
-/// Re-reads the config file and applies its plugins' difference. Other settings
-/// (listen address, probes, tenants) take a restart; a change to them is said in the log.
+/// Re-reads the config file and applies the edit of its plugins. Other settings
+/// (listen address, probes, tenants, cache, admin socket) take a restart; a change to
+/// them is said in the log.
 pub fn reload(admin: &Admin) -> anyhow::Result<crate::plugins::registry::Applied> {
-    let config = (admin.reload)()?;
+    let _reloading = admin.reloading.lock().expect("reload lock");
+    let config = admin.overrides.apply(Config::load(admin.path.as_deref())?);
     {
-        let current = admin.config.read().expect("config");
-        if current.listen != config.listen || current.probes != config.probes || current.tenants != config.tenants || current.admin_socket != config.admin_socket {
-            tracing::warn!("the config's listen, probes, tenants or admin_socket changed: those take a restart; applying the plugins only");
+        let c = admin.config.read().expect("config");
+        let restart = (c.listen, &c.probes, &c.tenants, &c.cache_dir, &c.admin_socket) != (config.listen, &config.probes, &config.tenants, &config.cache_dir, &config.admin_socket);
+        if restart {
+            tracing::warn!("the config's listen, probes, tenants, cache_dir or admin_socket changed: those take a restart; applying the plugins only");
         }
     }
-    let applied = admin.registry.apply(&config.plugins)?;
+    let applied = admin.registry.apply_file(&config.plugins)?;
     *admin.config.write().expect("config") = config;
     tracing::info!(loaded = ?applied.loaded, replaced = ?applied.replaced, unloaded = ?applied.unloaded, failed = applied.failed.len(), "config reloaded");
     Ok(applied)

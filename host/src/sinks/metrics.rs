@@ -248,13 +248,17 @@ impl MetricSink {
         if let Some((_, new)) = staged.as_ref().and_then(|s| s.iter().find(|(_, new)| new.name == name)) {
             return if new.spec == spec { Ok(new.clone()) } else { refuse(Reason::InvalidMetric, format!("metric {name} is already declared differently")) };
         }
-        let replaces = match families.iter().find(|f| f.name == name) {
-            Some(existing) if existing.namespace == namespace && existing.spec == spec => return Ok(existing.clone()),
-            Some(existing) if existing.namespace == namespace && staged.is_some() => Some(existing.clone()),
-            Some(_) => return refuse(Reason::InvalidMetric, format!("metric {name} is already declared differently")),
-            None => None,
-        };
-        if let Some(other) = families.iter().find(|f| f.name != name && f.sample_names.iter().any(|n| sample_names.contains(n))) {
+        let live = families.iter().find(|f| f.name == name).cloned();
+        match &live {
+            Some(live) if live.namespace == namespace && live.spec == spec && staged.is_none() => return Ok(live.clone()),
+            Some(live) if live.namespace != namespace || staged.is_none() => {
+                return refuse(Reason::InvalidMetric, format!("metric {name} is already declared differently"));
+            }
+            _ => {}
+        }
+        // Against every other family, live or staged (what a staged one replaces aside).
+        let others = families.iter().filter(|f| f.name != name).chain(staged.iter().flat_map(|s| s.iter().map(|(_, new)| new)));
+        if let Some(other) = others.clone().find(|f| f.sample_names.iter().any(|n| sample_names.contains(n))) {
             return refuse(Reason::InvalidMetric, format!("metric {name}'s sample names clash with those of {}", other.name));
         }
         budget.charge(Reason::Families, 1)?;
@@ -264,39 +268,65 @@ impl MetricSink {
             return Err(e);
         }
         let family = Arc::new(MetricFamily { namespace: namespace.to_owned(), name, spec, sample_names, series: RwLock::default() });
-        match (replaces, staged.as_mut()) {
-            (Some(live), Some(staged)) => staged.push((live, family.clone())),
-            _ => families.push(family.clone()),
+        match staged.as_mut() {
+            Some(staged) => staged.push((live, family.clone())),
+            None => families.push(family.clone()),
         }
         Ok(family)
     }
 
-    /// Puts a swapped-in build's redefined families in place of the live ones, carrying
-    /// every series across (see [`MetricFamily::migrate`]). Called once the old build has
-    /// made its last write and before the new one makes its first batch's.
-    pub fn commit(&self, staging: &Staging, old_budget: &Budget, new_budget: &Budget) {
+    /// Makes a build's staged families live: each takes the place of the live family of
+    /// its name (if any), carrying its series across (see [`MetricFamily::migrate`]).
+    /// Called once the build it replaces (charged to `old_budget`) has made its last
+    /// write, and before the new one handles its first batch.
+    pub fn commit(&self, staging: &Staging, old_budget: Option<&Budget>, new_budget: &Budget) {
         let staged = std::mem::take(&mut *staging.0.lock().expect("staging lock"));
         let mut families = self.families.write().expect("metric sink lock");
         for (live, new) in staged {
-            new.migrate(&live, old_budget, new_budget);
-            if let Some(slot) = families.iter_mut().find(|f| Arc::ptr_eq(f, &live)) {
-                *slot = new;
+            match live.and_then(|live| families.iter().position(|f| Arc::ptr_eq(f, &live))) {
+                Some(i) => {
+                    new.migrate(&families[i], old_budget.unwrap_or(new_budget), new_budget);
+                    families[i] = new;
+                }
+                None => families.push(new),
             }
         }
     }
 
-    /// Forgets a build's staged families (its swap was aborted), giving back their charges.
+    /// Forgets a build's staged families (it did not start), giving back their charges.
     pub fn discard(&self, staging: &Staging, budget: &Budget) {
         for (_, new) in std::mem::take(&mut *staging.0.lock().expect("staging lock")) {
             new.release_all(budget);
         }
     }
+
+    /// Removes every family of `namespace` (an unloaded plugin's) and its claim, giving
+    /// back their charges.
+    pub fn remove_namespace(&self, namespace: &str, budget: &Budget) {
+        let mut families = self.families.write().expect("metric sink lock");
+        families.retain(|f| {
+            let keep = f.namespace != namespace;
+            if !keep {
+                f.release_all(budget);
+            }
+            keep
+        });
+        self.claims.lock().expect("claims").retain(|c| c.namespace != namespace);
+    }
+
+    /// Gives up `owner`'s claim of `namespace` (a plugin that did not load).
+    pub fn release_claim(&self, namespace: &str, owner: &str) {
+        self.claims.lock().expect("claims").retain(|c| c.namespace != namespace || c.owner != owner);
+    }
 }
 
-/// Families a build being swapped in declared differently from the live ones: (live,
-/// staged) pairs.
+/// What a build declared before it started (at load, or while it is swapped in):
+/// (the live family of the name, if any; the staged one). Unseen by scrapes until
+/// committed.
 #[derive(Debug, Default)]
-pub struct Staging(Mutex<Vec<(Arc<MetricFamily>, Arc<MetricFamily>)>>);
+pub struct Staging(Mutex<Vec<StagedFamily>>);
+
+type StagedFamily = (Option<Arc<MetricFamily>>, Arc<MetricFamily>);
 
 impl MetricFamily {
     /// Takes over `old`'s series when a swap changes a family's definition, so that no
@@ -324,20 +354,22 @@ impl MetricFamily {
         for series in old_series {
             let values: Vec<String> = label_map.iter().map(|i| i.map_or_else(String::new, |i| series.labels[i].1.clone())).collect();
             let target = self.intern(&values, new_budget, true).expect("forced interning");
+            // Sums saturate (never wrap or go down) at the limits a single series has.
+            let add = |cell: &AtomicU64, n: u64| {
+                let _ = cell.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_add(n)));
+            };
+            let add_float = |cell: &AtomicU64, x: f64| {
+                let _ = cell.fetch_update(Relaxed, Relaxed, |v| Some((f64::from_bits(v) + x).clamp(f64::MIN, f64::MAX).to_bits()));
+            };
             match (&series.value, &target.value) {
-                (SeriesValue::Counter(from), SeriesValue::Counter(to)) => {
-                    let _ = add_u64(to, from.load(Relaxed));
-                }
-                (SeriesValue::Gauge(from), SeriesValue::Gauge(to)) => {
-                    let _ = add_f64(to, f64::from_bits(from.load(Relaxed)));
-                }
-                (SeriesValue::Histogram { buckets, .. }, SeriesValue::Histogram { .. }) => {
-                    let mut counts = vec![0u64; self.spec.buckets.len() + 1];
-                    for (i, b) in buckets.iter().enumerate() {
-                        counts[bucket_map[i]] = counts[bucket_map[i]].saturating_add(b.load(Relaxed));
+                (SeriesValue::Counter(from), SeriesValue::Counter(to)) => add(to, from.load(Relaxed)),
+                (SeriesValue::Gauge(from), SeriesValue::Gauge(to)) => add_float(to, f64::from_bits(from.load(Relaxed))),
+                (SeriesValue::Histogram { buckets: from, count: from_count, sum: from_sum }, SeriesValue::Histogram { buckets: to, count, sum }) => {
+                    for (i, b) in from.iter().enumerate() {
+                        add(&to[bucket_map[i]], b.load(Relaxed));
                     }
-                    let SeriesValue::Histogram { sum, .. } = &series.value else { unreachable!() };
-                    let _ = target.histogram_merge(&counts, f64::from_bits(sum.load(Relaxed)));
+                    add(count, from_count.load(Relaxed));
+                    add_float(sum, f64::from_bits(from_sum.load(Relaxed)));
                 }
                 _ => {}
             }
@@ -534,7 +566,7 @@ impl MetricFamily {
                         .collect();
                     // Never past u64::MAX: the adds that feed the buckets keep their
                     // total (`count`) within it.
-                    let count = counts.iter().map(|(_, n)| n).sum();
+                    let count = counts.iter().fold(0u64, |total, (_, n)| total.saturating_add(*n));
                     metric.encode_histogram::<NoLabelSet>(f64::from_bits(sum.load(Relaxed)), count, &counts, None)?
                 }
             }
@@ -691,13 +723,16 @@ mod tests {
         errors.series(&["x".into()], &old).unwrap().counter_add(5).unwrap();
 
         // The new build drops label `b`, adds `c`, keeps bound 2, turns 1 and 4 into 3;
-        // `errors` becomes a gauge.
+        // `errors` becomes a gauge. What the old build holds counts against it from the start.
+        let reserved = new.reserve(&old);
         let staging = Staging::default();
         let staged = sink.declare("ns", lat(&["a", "c"], vec![2.0, 3.0]), &new, Some(&staging)).unwrap();
         sink.declare("ns", spec("errors", MetricKind::Gauge, vec![]), &new, Some(&staging)).unwrap();
+        let clash = sink.declare("ns", spec("lat_count", MetricKind::Gauge, vec![]), &new, Some(&staging));
+        assert_eq!(clash.unwrap_err().reason, Reason::InvalidMetric, "staged families clash with each other too");
         assert!(!scrape(&sink, false).contains("c=\"\""), "staged families stay out of sight until the commit");
-        sink.commit(&staging, &old, &new);
-        new.adopt(&old);
+        sink.commit(&staging, Some(&old), &new);
+        new.take_over(&old, reserved);
 
         let text = scrape(&sink, false);
         // x/1 and x/2 summed; each old bucket in the first new bucket covering it.
@@ -713,7 +748,7 @@ mod tests {
         // Adding a label keeps identities (the new one reads ""), so the counts go on.
         let staging = Staging::default();
         let widened = sink.declare("ns", lat(&["a", "c", "d"], vec![2.0, 3.0]), &new, Some(&staging)).unwrap();
-        sink.commit(&staging, &new, &new);
+        sink.commit(&staging, Some(&new), &new);
         widened.series(&["x".into(), "".into(), "".into()], &new).unwrap().histogram_merge(&[1, 0, 0], 1.0).unwrap();
         assert!(scrape(&sink, false).contains("ns_lat_count{a=\"x\",c=\"\",d=\"\"} 13\n"));
     }

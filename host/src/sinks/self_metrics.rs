@@ -136,6 +136,21 @@ impl SelfMetrics {
         }
     }
 
+    /// Drops an unloaded plugin's series (its name may never come back).
+    pub fn forget_plugin(&self, plugin: &str) {
+        let l = PluginLabels { plugin: plugin.to_owned() };
+        for family in [&self.plugin_events, &self.plugin_dropped, &self.plugin_batches, &self.plugin_traps, &self.plugin_restarts, &self.plugin_replaces] {
+            family.remove(&l);
+        }
+        self.plugin_busy.remove(&l);
+        for family in [&self.plugin_memory, &self.plugin_metric_bytes, &self.plugin_series, &self.plugin_quarantined] {
+            family.remove(&l);
+        }
+        for reason in crate::budget::Reason::ALL {
+            self.plugin_refusals.remove(&RefusalLabels { plugin: plugin.to_owned(), reason: reason.label() });
+        }
+    }
+
     /// The refusal counter of one plugin and reason.
     pub fn refusals(&self, plugin: &str, reason: &'static str) -> Counter {
         self.plugin_refusals.get_or_create(&RefusalLabels { plugin: plugin.to_owned(), reason }).clone()
