@@ -235,7 +235,12 @@ impl Probe {
         }
         filter.comms.clear();
         let filter = &filter;
-        let old = std::mem::take(&mut self.installed);
+        // Until every update went through, what may be in the kernel is both sets: a
+        // failure midway leaves no entry the next change would not remove.
+        let old = self.installed.clone();
+        self.installed.pids.extend(&filter.pids);
+        self.installed.cgroups.extend(&filter.cgroups);
+        self.installed.selectors.extend(&filter.selectors);
         sync_set(&mut self.ebpf, maps::PID_FILTER, &old.pids, &filter.pids, Stage::Add)?;
         sync_set(&mut self.ebpf, maps::CGROUP_FILTER, &old.cgroups, &filter.cgroups, Stage::Add)?;
         set_selectors(&mut self.ebpf, filter.selectors.difference(&old.selectors), 1)?;

@@ -66,7 +66,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
+                    // E.g. out of file descriptors: wait rather than spin.
                     tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
