@@ -6,8 +6,9 @@ use std::{
     io::Read as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    collections::VecDeque,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering::Relaxed},
     },
     thread,
@@ -50,7 +51,13 @@ pub struct PluginEngine {
     cache_dir: Option<PathBuf>,
     compiler: Compiler,
     stop: Arc<AtomicBool>,
+    /// The last few components compiled or loaded, by cache key: a replace that goes
+    /// back and forth between builds (or restarts one) skips the disk.
+    recent: Mutex<VecDeque<(String, Component)>>,
 }
+
+/// Components kept in memory (each holds its compiled code).
+const RECENT_COMPONENTS: usize = 4;
 
 /// The engine settings; the compiling child must use the very same ones.
 fn engine_config() -> Config {
@@ -90,7 +97,7 @@ impl PluginEngine {
                 false
             }
         });
-        Ok(Self { engine, cache_dir, compiler, stop })
+        Ok(Self { engine, cache_dir, compiler, stop, recent: Mutex::default() })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -114,6 +121,19 @@ impl PluginEngine {
         let mut compat = DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut compat);
         let key = format!("{:x}-{:016x}", Sha256::digest(bytes), compat.finish());
+        if let Some((_, component)) = self.recent.lock().expect("recent").iter().find(|(k, _)| *k == key) {
+            return Ok(component.clone());
+        }
+        let component = self.compile_uncached(bytes, limits, &key)?;
+        let mut recent = self.recent.lock().expect("recent");
+        if recent.len() == RECENT_COMPONENTS {
+            recent.pop_front();
+        }
+        recent.push_back((key, component.clone()));
+        Ok(component)
+    }
+
+    fn compile_uncached(&self, bytes: &[u8], limits: &PluginLimits, key: &str) -> Result<Component, CompileError> {
         let cached = self.cache_dir.as_ref().map(|dir| dir.join(format!("{key}.cwasm")));
         if let Some(path) = cached.as_ref().filter(|p| p.is_file()) {
             // SAFETY: files in the cache dir are only ever written by `compile_to_file`

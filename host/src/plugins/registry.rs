@@ -267,8 +267,8 @@ impl Registry {
             let staged = worker::stage(spec, self.services.metrics.plugin(&config.name), scope);
             let staged = staged.inspect_err(|_| self.services.sink.discard(&staging, &budget))?;
             self.services.sink.commit(&staging, None, &budget);
-            let namespace = staged.spec.namespace.clone();
-            Ok((staged.start(None)?, budget, namespace))
+            let namespace = staged.namespace.clone();
+            Ok((staged.start(None), budget, namespace))
         });
         self.with(|inner| {
             inner.failed.retain(|(c, ..)| c.name != config.name);
@@ -344,7 +344,7 @@ impl Registry {
         let (hold, held) = sync_channel(old_budget.limits.queue_batches);
         let shadows: Vec<Arc<Subscriber>> = old_subscribers.iter().map(|s| Arc::new(s.shadow(hold.clone()))).collect();
         drop(hold);
-        let uses_enrichment = staged.spec.uses_enrichment;
+        let uses_enrichment = staged.uses_enrichment;
         self.with(|inner| {
             // Add before remove: the kernel records for both builds while they overlap.
             let mut both = self.subscribers(inner);
@@ -354,25 +354,21 @@ impl Registry {
             routes.extend(staged.subscribers.iter().cloned());
             routes.extend(shadows.iter().cloned());
             self.router.set(routes, self.observers(inner, uses_enrichment));
-            // What the kernel holds now is the new build's first batch, waiting when it starts.
-            staged.subscribers.iter().for_each(|s| inner.attached.drain_now(s.kind));
         })?;
 
         let (ready_tx, ready) = sync_channel(1);
         let (verdict, verdict_rx) = sync_channel(1);
-        let snapshot = staged.instance.is_stateful();
+        let snapshot = staged.stateful;
         let wait = Duration::from_millis(old_budget.limits.shutdown_ms) + HANDOFF_SLACK;
         let handed = old_queue
             .send(Work::Handoff(Handoff { snapshot, ready: ready_tx, verdict: verdict_rx }))
             .map_err(|_| anyhow!("the running build's worker is gone"))
             .and_then(|()| ready.recv_timeout(wait).map_err(|_| anyhow!("the running build did not hand over within {wait:?}")));
-        let mut staged = staged;
         let mut state_handoff = "none".to_owned();
         let restored = handed.and_then(|handed| match handed {
             Ok(Some(bytes)) => {
-                let deadline = Duration::from_millis(staged.spec.budget.limits.call_deadline_ms);
                 state_handoff = format!("carried ({} bytes)", bytes.len());
-                staged.instance.restore(deadline, &bytes)
+                staged.restore(bytes)
             }
             Ok(None) => Ok(()),
             Err(why) => {
@@ -396,20 +392,14 @@ impl Registry {
         new_budget.take_over(&old_budget, reserved);
         let _ = verdict.send(Verdict::Commit);
         self.with(|inner| {
+            // What the kernel holds now is the new build's first batch, waiting as it starts.
+            staged.subscribers.iter().for_each(|s| inner.attached.drain_now(s.kind));
             let i = inner.running.iter().position(|r| r.config.name == config.name).expect("changes run one at a time");
             let old = inner.running.remove(i);
-            match staged.start(Some(requested)) {
-                Ok(handle) => {
-                    handle.counters.replaces.inc();
-                    tracing::info!(plugin = %config.name, from = %old.handle.version, to = %handle.version, state = %state_handoff, "plugin replaced");
-                    inner.running.insert(i, Running { config: config.clone(), namespace: old.namespace.clone(), budget: new_budget, handle });
-                }
-                Err(e) => {
-                    let error = format!("replaced, but the new build's worker did not start: {e:#}");
-                    tracing::error!(plugin = %config.name, "{error}");
-                    inner.failed.push((config.clone(), version_of(config).unwrap_or_default(), error));
-                }
-            }
+            let handle = staged.start(Some(requested));
+            handle.counters.replaces.inc();
+            tracing::info!(plugin = %config.name, from = %old.handle.version, to = %handle.version, state = %state_handoff, "plugin replaced");
+            inner.running.insert(i, Running { config: config.clone(), namespace: old.namespace.clone(), budget: new_budget, handle });
             self.reroute(inner);
             old.handle.join();
         })?;

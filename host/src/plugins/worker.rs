@@ -143,19 +143,34 @@ impl PluginHandle {
     }
 }
 
-/// A plugin instantiated and initialised, with its subscriptions and queue, whose
-/// worker has not started: a replace routes batches to it, restores state into it, and
-/// starts (or discards) it.
+/// A plugin instantiated and initialised, with its subscriptions and queue, on its
+/// worker thread, which waits to be started: a replace routes batches to it, restores
+/// state into it, and starts (or drops) it. The thread exists before the start so that
+/// starting is a wakeup, not a thread creation (a new thread waits its turn behind every
+/// busy one; a woken one does not).
 pub struct Staged {
-    pub spec: PluginSpec,
-    pub instance: Instance,
     /// Its subscriptions; until it starts, their drops are counted apart (a replace
     /// that aborts lost nothing of the old build's).
     pub subscribers: Vec<Arc<Subscriber>>,
+    pub uses_enrichment: bool,
+    /// Whether it exports the `state` interface.
+    pub stateful: bool,
+    pub namespace: String,
+    pub budget: Arc<Budget>,
+    version: String,
     queue: SyncSender<Work>,
-    rx: Receiver<Work>,
     counters: PluginCounters,
-    tick: Option<Duration>,
+    status: Arc<Mutex<PluginStatus>>,
+    shutdown: Arc<OnceLock<Instant>>,
+    control: SyncSender<Control>,
+    thread: thread::JoinHandle<()>,
+}
+
+/// What a staged worker is told before it runs.
+enum Control {
+    Restore(Vec<u8>, SyncSender<anyhow::Result<()>>),
+    /// Run; the instant of the replace request, if one brought it.
+    Start(Option<Instant>),
 }
 
 /// The manifest's subscriptions as host filters per kind, within the plugin's
@@ -196,12 +211,8 @@ fn subscriptions(manifest: &Manifest, budget: &Budget) -> anyhow::Result<Vec<(Ki
     Ok(by_kind)
 }
 
-/// Instantiates and initialises the plugin, then hands it to its own worker thread.
-pub fn start(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<CgroupScope>>) -> anyhow::Result<PluginHandle> {
-    stage(spec, counters, scope)?.start(None)
-}
-
-/// Instantiates and initialises the plugin and makes its subscriptions and queue.
+/// Instantiates and initialises the plugin, makes its subscriptions and queue, and its
+/// worker thread, waiting to be started.
 pub fn stage(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<CgroupScope>>) -> anyhow::Result<Staged> {
     let (instance, manifest) = instantiate(&spec)?;
     let (queue, rx) = sync_channel(spec.budget.limits.queue_batches);
@@ -221,47 +232,71 @@ pub fn stage(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<Cgrou
         })
         .collect();
     let tick = (manifest.tick_interval_ms > 0).then(|| Duration::from_millis(manifest.tick_interval_ms.into()).max(MIN_TICK));
-    Ok(Staged { spec, instance, subscribers, queue, rx, counters, tick })
+    let status = Arc::new(Mutex::new(PluginStatus {
+        name: spec.name.clone(),
+        tenant: spec.budget.tenant.as_ref().map(|t| t.name.clone()),
+        state: "running",
+        version: spec.version.clone(),
+        swap_us: None,
+        faults: 0,
+        last_error: None,
+    }));
+    let shutdown = Arc::new(OnceLock::new());
+    let (uses_enrichment, stateful, namespace, budget, version) =
+        (spec.uses_enrichment, instance.is_stateful(), spec.namespace.clone(), spec.budget.clone(), spec.version.clone());
+    let mut worker = Worker {
+        spec,
+        instance: Some(instance),
+        counters: counters.clone(),
+        pending_dropped: subscribers.iter().map(|s| (s.kind, s.pending_dropped.clone())).collect(),
+        status: status.clone(),
+        tick,
+        shutdown: shutdown.clone(),
+        supervisor: Supervisor::default(),
+        requested: None,
+    };
+    let (control, orders) = sync_channel(1);
+    let thread = thread::Builder::new()
+        .name(format!("plugin-{}", worker.spec.name))
+        .spawn(move || {
+            while let Ok(order) = orders.recv() {
+                match order {
+                    Control::Restore(bytes, reply) => {
+                        let deadline = worker.deadline();
+                        let instance = worker.instance.as_mut().expect("a staged instance");
+                        let _ = reply.send(instance.restore(deadline, &bytes));
+                    }
+                    Control::Start(requested) => {
+                        worker.spec.staging = None; // restarts declare like any instance
+                        worker.instance.as_mut().expect("a staged instance").end_staging();
+                        worker.requested = requested;
+                        return worker.run(rx);
+                    }
+                }
+            }
+            // Dropped unstarted: the instance goes with the thread.
+        })
+        .context("spawning the plugin worker")?;
+    Ok(Staged { subscribers, uses_enrichment, stateful, namespace, budget, version, queue, counters, status, shutdown, control, thread })
 }
 
 impl Staged {
-    /// Starts its worker thread; `requested`: when the replace that brought it was asked for.
-    pub fn start(self, requested: Option<Instant>) -> anyhow::Result<PluginHandle> {
-        let Staged { mut spec, instance, subscribers, queue, rx, counters, tick } = self;
-        spec.staging = None; // restarts after this declare like any instance
+    /// Hands the previous build's state to it.
+    pub fn restore(&self, state: Vec<u8>) -> anyhow::Result<()> {
+        let (reply, answer) = sync_channel(1);
+        self.control.send(Control::Restore(state, reply)).map_err(|_| anyhow!("the new build's worker is gone"))?;
+        answer.recv().map_err(|_| anyhow!("the new build's worker is gone"))?
+    }
+
+    /// Starts it; `requested`: when the replace that brought it was asked for.
+    pub fn start(self, requested: Option<Instant>) -> PluginHandle {
+        let Staged { subscribers, uses_enrichment, version, queue, counters, status, shutdown, control, thread, .. } = self;
         // Records dropped while it waited count now, and its drops from here on.
         let subscribers: Vec<Arc<Subscriber>> = subscribers.iter().map(|s| Arc::new(s.with_counters(counters.clone()))).collect();
         counters.dropped.inc_by(subscribers.iter().map(|s| s.pending_dropped.load(Relaxed)).sum());
         counters.quarantined.set(0);
-        let status = Arc::new(Mutex::new(PluginStatus {
-            name: spec.name.clone(),
-            tenant: spec.budget.tenant.as_ref().map(|t| t.name.clone()),
-            state: "running",
-            version: spec.version.clone(),
-            swap_us: None,
-            faults: 0,
-            last_error: None,
-        }));
-        let shutdown = Arc::new(OnceLock::new());
-        let (uses_enrichment, version) = (spec.uses_enrichment, spec.version.clone());
-        let mut instance = instance;
-        instance.end_staging();
-        let worker = Worker {
-            spec,
-            instance: Some(instance),
-            counters: counters.clone(),
-            pending_dropped: subscribers.iter().map(|s| (s.kind, s.pending_dropped.clone())).collect(),
-            status: status.clone(),
-            tick,
-            shutdown: shutdown.clone(),
-            supervisor: Supervisor::default(),
-            requested,
-        };
-        let thread = thread::Builder::new()
-            .name(format!("plugin-{}", worker.spec.name))
-            .spawn(move || worker.run(rx))
-            .context("spawning the plugin worker")?;
-        Ok(PluginHandle { subscribers, status, uses_enrichment, version, counters, queue, shutdown, thread })
+        let _ = control.send(Control::Start(requested));
+        PluginHandle { subscribers, status, uses_enrichment, version, counters, queue, shutdown, thread }
     }
 }
 

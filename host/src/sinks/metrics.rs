@@ -85,6 +85,8 @@ pub struct Series {
     /// Removed from its family: what is still written through another handle to it is
     /// refused (counted), not kept where no scrape sees it.
     removed: AtomicBool,
+    /// A gauge was set or added to (a new build's value wins over the old one's).
+    set: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -283,9 +285,14 @@ impl MetricSink {
         let staged = std::mem::take(&mut *staging.0.lock().expect("staging lock"));
         let mut families = self.families.write().expect("metric sink lock");
         for (live, new) in staged {
+            let old_budget = old_budget.unwrap_or(new_budget);
             match live.and_then(|live| families.iter().position(|f| Arc::ptr_eq(f, &live))) {
+                Some(i) if families[i].spec == new.spec => {
+                    new.take_series(&families[i], old_budget);
+                    families[i] = new;
+                }
                 Some(i) => {
-                    new.migrate(&families[i], old_budget.unwrap_or(new_budget), new_budget);
+                    new.migrate(&families[i], old_budget, new_budget);
                     families[i] = new;
                 }
                 None => families.push(new),
@@ -354,26 +361,38 @@ impl MetricFamily {
         for series in old_series {
             let values: Vec<String> = label_map.iter().map(|i| i.map_or_else(String::new, |i| series.labels[i].1.clone())).collect();
             let target = self.intern(&values, new_budget, true).expect("forced interning");
-            // Sums saturate (never wrap or go down) at the limits a single series has.
-            let add = |cell: &AtomicU64, n: u64| {
-                let _ = cell.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_add(n)));
-            };
-            let add_float = |cell: &AtomicU64, x: f64| {
-                let _ = cell.fetch_update(Relaxed, Relaxed, |v| Some((f64::from_bits(v) + x).clamp(f64::MIN, f64::MAX).to_bits()));
-            };
-            match (&series.value, &target.value) {
-                (SeriesValue::Counter(from), SeriesValue::Counter(to)) => add(to, from.load(Relaxed)),
-                (SeriesValue::Gauge(from), SeriesValue::Gauge(to)) => add_float(to, f64::from_bits(from.load(Relaxed))),
-                (SeriesValue::Histogram { buckets: from, count: from_count, sum: from_sum }, SeriesValue::Histogram { buckets: to, count, sum }) => {
-                    for (i, b) in from.iter().enumerate() {
-                        add(&to[bucket_map[i]], b.load(Relaxed));
-                    }
-                    add(count, from_count.load(Relaxed));
-                    add_float(sum, f64::from_bits(from_sum.load(Relaxed)));
+            target.fold_in_mapped(&series, Some(&bucket_map));
+        }
+    }
+
+    /// Takes over the series of `live`, a family with the same definition, keeping their
+    /// charges (moved with the rest of the old build's usage): the build that declared
+    /// this family keeps the series it made (folding in the old values), and the old
+    /// build's other series move over as they are. Costs what the new build made, not
+    /// the family's size.
+    fn take_series(&self, live: &MetricFamily, old_budget: &Budget) {
+        let moved = std::mem::take(&mut *live.series.write().expect("series lock"));
+        let mut table = self.series.write().expect("series lock");
+        let made = std::mem::replace(&mut *table, moved);
+        for series in made.list {
+            let values: Vec<String> = series.labels.iter().map(|(_, v)| v.clone()).collect();
+            match table.index.get(&values) {
+                Some(&i) => {
+                    let old = std::mem::replace(&mut table.list[i], series.clone());
+                    series.fold_in(&old);
+                    old.removed.store(true, Relaxed);
+                    old_budget.release(Reason::Series, 1);
+                    old_budget.release(Reason::MetricBytes, series_cost(&self.name, &self.spec, &values));
                 }
-                _ => {}
+                None => {
+                    let i = table.list.len();
+                    table.index.insert(values, i);
+                    table.list.push(series);
+                }
             }
         }
+        old_budget.release(Reason::Families, 1);
+        old_budget.release(Reason::MetricBytes, family_cost(&live.name, &live.spec));
     }
 
     /// Empties the family, giving back to `budget` what it and its series were charged.
@@ -436,7 +455,7 @@ impl MetricFamily {
             },
         };
         let labels = self.spec.label_names.iter().cloned().zip(values.iter().cloned()).collect();
-        let series = Arc::new(Series { labels, value, removed: AtomicBool::new(false) });
+        let series = Arc::new(Series { labels, value, removed: AtomicBool::new(false), set: AtomicBool::new(false) });
         let i = table.list.len();
         table.index.insert(values.to_vec(), i);
         table.list.push(series.clone());
@@ -464,6 +483,34 @@ impl MetricFamily {
 }
 
 impl Series {
+    /// Adds `old`'s value (same kind; histograms through `bucket_map`, old bucket → new
+    /// bucket), for a swap. Counts and sums saturate, never wrap or go down; a gauge
+    /// keeps its own value if the new build set it, else takes (adds) the old one.
+    fn fold_in_mapped(&self, old: &Series, bucket_map: Option<&[usize]>) {
+        let add = |cell: &AtomicU64, n: u64| {
+            let _ = cell.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_add(n)));
+        };
+        let add_float = |cell: &AtomicU64, x: f64| {
+            let _ = cell.fetch_update(Relaxed, Relaxed, |v| Some((f64::from_bits(v) + x).clamp(f64::MIN, f64::MAX).to_bits()));
+        };
+        match (&old.value, &self.value) {
+            (SeriesValue::Counter(from), SeriesValue::Counter(to)) => add(to, from.load(Relaxed)),
+            (SeriesValue::Gauge(from), SeriesValue::Gauge(to)) if !self.set.load(Relaxed) => add_float(to, f64::from_bits(from.load(Relaxed))),
+            (SeriesValue::Histogram { buckets: from, count: from_count, sum: from_sum }, SeriesValue::Histogram { buckets: to, count, sum }) => {
+                for (i, b) in from.iter().enumerate() {
+                    add(&to[bucket_map.map_or(i, |m| m[i])], b.load(Relaxed));
+                }
+                add(count, from_count.load(Relaxed));
+                add_float(sum, f64::from_bits(from_sum.load(Relaxed)));
+            }
+            _ => {}
+        }
+    }
+
+    fn fold_in(&self, old: &Series) {
+        self.fold_in_mapped(old, None);
+    }
+
     /// Whether the series was removed from its family.
     pub fn is_removed(&self) -> bool {
         self.removed.load(Relaxed)
@@ -482,6 +529,7 @@ impl Series {
             SeriesValue::Gauge(_) if !v.is_finite() => Err(SeriesError::Refused(Reason::NonFinite)),
             SeriesValue::Gauge(g) => {
                 g.store(v.to_bits(), Relaxed);
+                self.set.store(true, Relaxed);
                 Ok(())
             }
             _ => Err(SeriesError::Misuse("gauge-set on a series that is not a gauge")),
@@ -490,7 +538,10 @@ impl Series {
 
     pub fn gauge_add(&self, v: f64) -> Result<(), SeriesError> {
         match &self.value {
-            SeriesValue::Gauge(g) => add_f64(g, v).map_err(SeriesError::Refused),
+            SeriesValue::Gauge(g) => {
+                self.set.store(true, Relaxed);
+                add_f64(g, v).map_err(SeriesError::Refused)
+            }
             _ => Err(SeriesError::Misuse("gauge-add on a series that is not a gauge")),
         }
     }
