@@ -156,7 +156,6 @@ pub struct Staged {
     /// Whether it exports the `state` interface.
     pub stateful: bool,
     pub namespace: String,
-    pub budget: Arc<Budget>,
     version: String,
     queue: SyncSender<Work>,
     counters: PluginCounters,
@@ -242,8 +241,7 @@ pub fn stage(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<Cgrou
         last_error: None,
     }));
     let shutdown = Arc::new(OnceLock::new());
-    let (uses_enrichment, stateful, namespace, budget, version) =
-        (spec.uses_enrichment, instance.is_stateful(), spec.namespace.clone(), spec.budget.clone(), spec.version.clone());
+    let (uses_enrichment, stateful, namespace, version) = (spec.uses_enrichment, instance.is_stateful(), spec.namespace.clone(), spec.version.clone());
     let mut worker = Worker {
         spec,
         instance: Some(instance),
@@ -277,7 +275,7 @@ pub fn stage(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<Cgrou
             // Dropped unstarted: the instance goes with the thread.
         })
         .context("spawning the plugin worker")?;
-    Ok(Staged { subscribers, uses_enrichment, stateful, namespace, budget, version, queue, counters, status, shutdown, control, thread })
+    Ok(Staged { subscribers, uses_enrichment, stateful, namespace, version, queue, counters, status, shutdown, control, thread })
 }
 
 impl Staged {
