@@ -16,7 +16,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use sha2::{Digest as _, Sha256};
 use wasmtime::{
     Config, Engine,
     component::{Component, Linker},
@@ -111,7 +110,8 @@ impl PluginEngine {
 
     /// Compiles `bytes` (or loads the precompiled artifact from the cache), within the
     /// plugin's size, time and memory limits.
-    pub fn compile(&self, bytes: &[u8], limits: &PluginLimits) -> Result<Component, CompileError> {
+    /// `sha256`: the bytes' hash (hex), which the caller has already.
+    pub fn compile(&self, bytes: &[u8], sha256: &str, limits: &PluginLimits) -> Result<Component, CompileError> {
         if bytes.len() > limits.component_bytes {
             return Err(CompileError::Refused(Refusal::new(
                 Reason::ComponentBytes,
@@ -120,7 +120,7 @@ impl PluginEngine {
         }
         let mut compat = DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut compat);
-        let key = format!("{:x}-{:016x}", Sha256::digest(bytes), compat.finish());
+        let key = format!("{sha256}-{:016x}", compat.finish());
         if let Some((_, component)) = self.recent.lock().expect("recent").iter().find(|(k, _)| *k == key) {
             return Ok(component.clone());
         }

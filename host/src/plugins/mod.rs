@@ -44,7 +44,8 @@ pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<Te
         return Err(budget.refuse(Refusal::new(Reason::Namespace, e)).into());
     }
     let bytes = component_bytes(config)?;
-    let component = engine.compile(&bytes, &config.limits).map_err(|e| match e {
+    let version = registry::hash(&bytes);
+    let component = engine.compile(&bytes, &version, &config.limits).map_err(|e| match e {
         engine::CompileError::Refused(refusal) => anyhow::Error::from(budget.refuse(refusal)),
         engine::CompileError::Invalid(e) => e.context("not a valid wasmtap plugin component"),
     })?;
@@ -65,7 +66,7 @@ pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<Te
         sink: sink.clone(),
         enricher: enricher.clone(),
         uses_enrichment,
-        version: registry::hash(&bytes),
+        version,
         state,
         staging,
     })
