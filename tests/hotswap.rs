@@ -27,6 +27,17 @@ fn config(plugins: &str) -> String {
     format!("[plugin_defaults]\nshutdown_ms = 5000\n{plugins}")
 }
 
+/// The test plugin counting getppid calls (of `filter`: `comm = "…"` or `pid = …`) in
+/// the guest, a count its `state` export carries across a replace.
+fn stateful_plugin(name: &str, filter: &str) -> String {
+    format!("[[plugin]]\nname = \"{name}\"\npath = \"{HOSTILE_WASM}\"\nconfig = {{ mode = \"stateful\", {filter}, syscall = \"getppid\" }}\n")
+}
+
+/// The guest-held count of `plugin` (see [`stateful_plugin`]).
+fn guest_records(daemon: &Daemon, plugin: &str) -> u64 {
+    sample(&daemon.metrics(), &format!("{plugin}_guest_records"), &[]).unwrap_or(0.0) as u64
+}
+
 fn latency_plugin(comm: &str) -> String {
     format!("[[plugin]]\nname = \"lat\"\nbundled = \"syscall-latency\"\nconfig = {{ comms = [\"{comm}\"], syscalls = [\"getppid\"] }}\n")
 }
@@ -156,10 +167,9 @@ fn failed_replaces_leave_the_old_build_running() {
         return;
     }
     let comm = unique_comm("keep");
-    let plugin = format!("[[plugin]]\nname = \"st\"\npath = \"{HOSTILE_WASM}\"\nconfig = {{ mode = \"stateful\", comm = \"{comm}\", syscall = \"getppid\" }}\n");
-    let daemon = Daemon::start(Some(&config(&plugin)));
+    let daemon = Daemon::start(Some(&config(&stateful_plugin("st", &format!("comm = \"{comm}\"")))));
     let version = plugin_version(&daemon, "st");
-    let guest = |d: &Daemon| sample(&d.metrics(), "st_guest_records", &[]).unwrap_or(0.0) as u64;
+    let guest = |d: &Daemon| guest_records(d, "st");
     let dir = TempDir::new();
     let broken = dir.0.join("broken.wasm");
     std::fs::write(&broken, b"\0asm\x0d\0\x01\0 not a component").unwrap();
@@ -196,9 +206,8 @@ fn in_guest_state_is_carried_across_a_replace() {
         return;
     }
     let comm = unique_comm("state");
-    let plugin = format!("[[plugin]]\nname = \"st\"\npath = \"{HOSTILE_WASM}\"\nconfig = {{ mode = \"stateful\", comm = \"{comm}\", syscall = \"getppid\" }}\n");
-    let daemon = Daemon::start(Some(&config(&plugin)));
-    let guest = |d: &Daemon| sample(&d.metrics(), "st_guest_records", &[]).unwrap_or(0.0) as u64;
+    let daemon = Daemon::start(Some(&config(&stateful_plugin("st", &format!("comm = \"{comm}\"")))));
+    let guest = |d: &Daemon| guest_records(d, "st");
     run_workload(&comm, 3000, 0);
     wait_for(Duration::from_secs(20), "the first count", || (guest(&daemon) == 3000).then_some(()));
     // A new config is a new instance; only `restore` can bring the count along.
@@ -215,9 +224,9 @@ fn unload_narrows_the_kernel_and_detaches_the_last_kind() {
     }
     let comm = unique_comm("unl");
     let (mut one, mut two) = (Rounds::spawn(&comm, 1000), Rounds::spawn(&comm, 1000));
-    let plugin = |name: &str, pid: u32| format!("[[plugin]]\nname = \"{name}\"\npath = \"{HOSTILE_WASM}\"\nconfig = {{ mode = \"stateful\", pid = {pid}, syscall = \"getppid\" }}\n");
-    let daemon = Daemon::start(Some(&config(&format!("{}{}", plugin("one", one.pid()), plugin("two", two.pid())))));
-    let guest = |name: &str| sample(&daemon.metrics(), &format!("{name}_guest_records"), &[]).unwrap_or(0.0) as u64;
+    let plugins = stateful_plugin("one", &format!("pid = {}", one.pid())) + &stateful_plugin("two", &format!("pid = {}", two.pid()));
+    let daemon = Daemon::start(Some(&config(&plugins)));
+    let guest = |name: &str| guest_records(&daemon, name);
     one.round();
     two.round();
     wait_for(Duration::from_secs(20), "both plugins' counts", || (guest("one") == 1000 && guest("two") == 1000).then_some(()));

@@ -43,9 +43,18 @@ fn churn(daemon: &Daemon, cgroup: &Cgroup, run: Churn<'_>, container: &str, exe:
     let mut spawned = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut spawned).expect("read spawned");
     assert_eq!(spawned.trim(), "spawned");
-    wait_for(Duration::from_secs(20), "the execs to be counted", || {
-        (counter(&daemon.metrics(), "process_churn_execs_total", &[("container", container), ("exe", exe)]) == u64::from(execs)).then_some(())
-    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = daemon.metrics();
+        if counter(&m, "process_churn_execs_total", &[("container", container), ("exe", exe)]) == u64::from(execs) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let execs: Vec<&str> = m.lines().filter(|l| l.starts_with("process_churn_execs_total") || l.starts_with("wasmtap_probe")).collect();
+            panic!("timed out after 20s waiting for the execs to be counted as ({container}, {exe}):\n{}\n{}", execs.join("\n"), daemon.log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     child.stdin.as_mut().unwrap().write_all(b"release\n").unwrap();
     assert!(child.wait().unwrap().success());
 }

@@ -149,9 +149,11 @@ impl Registry {
             }
         }
         for config in desired {
-            let version = version_of(config).unwrap_or_default();
+            // Read and hashed here only to compare with the last apply; a new entry's
+            // version comes from its load.
             let before = previous.iter().find(|(c, _)| c.name == config.name);
-            let changed = before.is_none_or(|(c, v)| c != config || *v != version);
+            let version = before.map(|_| version_of(config).unwrap_or_default());
+            let changed = before.zip(version.as_ref()).is_none_or(|((c, v), version)| c != config || v != version);
             let running = self.with(|inner| inner.running.iter().any(|r| r.config.name == config.name))?;
             let result = match (changed, running) {
                 (true, true) => self.replace_now(config).map(|_| Some(&mut applied.replaced)),
@@ -163,6 +165,13 @@ impl Registry {
                 Ok(list) => list.into_iter().for_each(|l| l.push(config.name.clone())),
                 Err(e) => applied.failed.push((config.name.clone(), format!("{e:#}"))),
             }
+            let version = match version {
+                Some(version) => version,
+                None => self.with(|inner| {
+                    let running = inner.running.iter().find(|r| r.config.name == config.name).map(|r| r.handle.version.clone());
+                    running.or_else(|| inner.failed.iter().find(|(c, ..)| c.name == config.name).map(|(_, v, _)| v.clone())).unwrap_or_default()
+                })?,
+            };
             file.push((config.clone(), version));
         }
         self.with(|inner| {
@@ -270,6 +279,8 @@ impl Registry {
             let namespace = staged.namespace.clone();
             Ok((staged.start(None), budget, namespace))
         });
+        // Read outside the state lock (a component may be large), and only when kept.
+        let failed_version = (configured && started.is_err()).then(|| version_of(config).unwrap_or_default());
         self.with(|inner| {
             inner.failed.retain(|(c, ..)| c.name != config.name);
             match started {
@@ -286,8 +297,8 @@ impl Registry {
                     }
                     let error = sanitize(&format!("{e:#}"), super::instance::MAX_ERROR_BYTES);
                     tracing::error!("plugin {:?} not started: {error}", config.name);
-                    if configured {
-                        inner.failed.push((config.clone(), version_of(config).unwrap_or_default(), error.clone()));
+                    if let Some(version) = failed_version {
+                        inner.failed.push((config.clone(), version, error.clone()));
                     }
                     Err(anyhow!(error))
                 }
@@ -420,9 +431,9 @@ impl Registry {
 
     /// Routes to the running set, then fits the kernel to it.
     fn reroute(&self, inner: &mut Inner) {
-        self.router.set(self.subscribers(inner), self.observers(inner, false));
-        let (subscribers, enrichment) = (self.subscribers(inner), self.enrichment(inner));
-        inner.attached.sync(&subscribers, enrichment);
+        let subscribers = self.subscribers(inner);
+        self.router.set(subscribers.clone(), self.observers(inner, false));
+        inner.attached.sync(&subscribers, self.enrichment(inner));
     }
 
     fn publish(&self, inner: &Inner) {
