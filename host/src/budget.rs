@@ -6,7 +6,7 @@
 //! `wasmtap_plugin_refusals_total{plugin,reason}`, and said once in the log per reason.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -15,7 +15,7 @@ use std::{
 };
 
 use crate::{
-    config::{PluginLimits, TenantQuota},
+    config::{Overflow, PluginLimits, TenantQuota},
     events::CgroupScope,
     sinks::{SelfMetrics, logs::sanitize},
 };
@@ -258,6 +258,10 @@ pub struct Budget {
     metrics: SelfMetrics,
     /// Reasons already said in the log (each is said once).
     said: Mutex<HashSet<Reason>>,
+    /// Overflow policies by family name (the plugin's `family_overflow`).
+    family_overflow: BTreeMap<String, Overflow>,
+    /// Families whose overflow was said in the log (each is said once).
+    overflowed: Mutex<HashSet<String>>,
 }
 
 impl Budget {
@@ -273,6 +277,37 @@ impl Budget {
             log: Mutex::new(TokenBucket::new(limits.log_bytes_per_second)),
             metrics: metrics.clone(),
             said: Mutex::default(),
+            family_overflow: BTreeMap::new(),
+            overflowed: Mutex::default(),
+        }
+    }
+
+    /// With per-family overflow policies (see `PluginConfig::family_overflow`).
+    pub fn with_family_overflow(mut self, family_overflow: BTreeMap<String, Overflow>) -> Self {
+        self.family_overflow = family_overflow;
+        self
+    }
+
+    /// The overflow policy of the family the plugin declared as `family`.
+    pub fn overflow_of(&self, family: &str) -> Overflow {
+        self.family_overflow.get(family).copied().unwrap_or(self.limits.series_overflow)
+    }
+
+    /// Counts a new label set of `family` (full name) that got no series of its own,
+    /// and says once per family why and where its values go.
+    pub fn series_refused(&self, family: &str, why: &Refusal, overflow: Overflow) {
+        self.metrics.series_refused(&self.plugin, family).inc();
+        if self.overflowed.lock().expect("overflowed").insert(family.to_owned()) {
+            let whereto = match overflow {
+                Overflow::Other => "from now on new label sets are counted in its series whose labels are all \"__other__\"",
+                Overflow::Refuse => "from now on new label sets are refused (series_overflow = \"refuse\")",
+            };
+            tracing::warn!(
+                plugin = %self.plugin,
+                family,
+                "metric family full ({}): {whereto} (said once per family; wasmtap_plugin_series_refused_total counts every one)",
+                sanitize(&why.message, 256)
+            );
         }
     }
 
@@ -294,22 +329,27 @@ impl Budget {
     /// Charges `n` of `reason`'s quota to the plugin and its tenant, or refuses (and
     /// counts the refusal).
     pub fn charge(&self, reason: Reason, n: u64) -> Result<(), Refusal> {
+        self.try_charge(reason, n).map_err(|refusal| self.refuse(refusal))
+    }
+
+    /// `charge`, but a refusal is only returned, not counted.
+    pub fn try_charge(&self, reason: Reason, n: u64) -> Result<(), Refusal> {
         let mine = self.quota(reason).expect("a quota kind");
         if !mine.try_charge(n) {
-            return Err(self.refuse(Refusal::new(
+            return Err(Refusal::new(
                 reason,
                 format!("over the plugin's {} budget ({} of {} used)", reason.label(), mine.used(), mine.limit()),
-            )));
+            ));
         }
         if let Some(tenant) = &self.tenant
             && let Some(theirs) = tenant.quota(reason)
             && !theirs.try_charge(n)
         {
             mine.release(n);
-            return Err(self.refuse(Refusal::new(
+            return Err(Refusal::new(
                 reason,
                 format!("over tenant {}'s {} quota ({} of {} used)", tenant.name, reason.label(), theirs.used(), theirs.limit()),
-            )));
+            ));
         }
         Ok(())
     }

@@ -1,16 +1,25 @@
 //! Daemon configuration: TOML, with an embedded default (`host/default.toml`).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::sinks::{
+    logs::sanitize,
+    metrics::{check_namespace, clashes, namespace_for},
+};
+
 /// The configuration used when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = include_str!("../default.toml");
+
+/// Largest config file read (plugin sections given at run time are bounded by the
+/// admin API's body limit).
+const MAX_CONFIG_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +92,10 @@ pub struct PluginLimits {
     pub metric_bytes: usize,
     /// Series in all its families.
     pub series: usize,
+    /// What a new label set gets once the plugin's series (or metric bytes, or its
+    /// tenant's) are used up; `family_overflow` in a `[[plugin]]` section sets it per
+    /// family.
+    pub series_overflow: Overflow,
     /// Metric families.
     pub families: usize,
     /// Buckets per histogram family.
@@ -116,6 +129,40 @@ pub struct PluginLimits {
     pub fault_window_ms: u64,
 }
 
+/// `value` within `range`, or an error naming `key`.
+fn within<T: PartialOrd + std::fmt::Display>(key: &str, value: T, range: std::ops::RangeInclusive<T>) -> anyhow::Result<()> {
+    if !range.contains(&value) {
+        bail!("{key} must be within {}..={}, got {value}", range.start(), range.end());
+    }
+    Ok(())
+}
+
+impl PluginLimits {
+    /// Every limit within what the host can honour: queues are allocated up front and
+    /// each limit is a bound on host memory, so none may be unbounded.
+    fn check(&self) -> anyhow::Result<()> {
+        within("memory_bytes", self.memory_bytes, 64 << 10..=16 << 30)?;
+        within("call_deadline_ms", self.call_deadline_ms, 1..=60_000)?;
+        within("queue_batches", self.queue_batches, 1..=4096)?;
+        within("metric_bytes", self.metric_bytes, 4096..=1 << 30)?;
+        within("series", self.series, 1..=1_000_000)?;
+        within("families", self.families, 1..=4096)?;
+        within("buckets", self.buckets, 1..=1024)?;
+        within("labels", self.labels, 0..=64)?;
+        within("label_value_bytes", self.label_value_bytes, 1..=64 << 10)?;
+        within("help_bytes", self.help_bytes, 0..=64 << 10)?;
+        within("log_bytes_per_second", self.log_bytes_per_second, 0..=64 << 20)?;
+        within("subscriptions", self.subscriptions, 1..=64)?;
+        within("filter_entries", self.filter_entries, 0..=65_536)?;
+        within("component_bytes", self.component_bytes, 8..=1 << 30)?;
+        within("compile_timeout_ms", self.compile_timeout_ms, 1..=600_000)?;
+        within("compile_memory_bytes", self.compile_memory_bytes, 64 << 20..=64 << 30)?;
+        within("shutdown_ms", self.shutdown_ms, 1..=60_000)?;
+        within("max_faults", self.max_faults, 1..=1000)?;
+        within("fault_window_ms", self.fault_window_ms, 1..=86_400_000)
+    }
+}
+
 impl Default for PluginLimits {
     fn default() -> Self {
         Self {
@@ -124,6 +171,7 @@ impl Default for PluginLimits {
             queue_batches: 128,
             metric_bytes: 8 << 20,
             series: 10_000,
+            series_overflow: Overflow::Other,
             families: 64,
             buckets: 64,
             labels: 16,
@@ -140,6 +188,20 @@ impl Default for PluginLimits {
             fault_window_ms: 60_000,
         }
     }
+}
+
+/// What a family does with a new label set when no series may be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overflow {
+    /// It is counted in the family's one overflow series, whose every label value is
+    /// `__other__`: nothing goes unseen (a process started after the family filled up
+    /// still counts), and the refusal is counted in
+    /// `wasmtap_plugin_series_refused_total{plugin,family}`.
+    Other,
+    /// The plugin's request is refused (its values are not counted anywhere), and the
+    /// refusal is counted as above.
+    Refuse,
 }
 
 // No `deny_unknown_fields`: keys that are not fields land in `overrides`, where
@@ -165,6 +227,10 @@ pub struct PluginConfig {
     /// Passed to the plugin's `init` as a tree, TOML types kept.
     #[serde(default)]
     pub config: BTreeMap<String, toml::Value>,
+    /// `series_overflow` per family (by the name the plugin declares, without the
+    /// namespace), e.g. `family_overflow = { seconds = "refuse" }`.
+    #[serde(default)]
+    pub family_overflow: BTreeMap<String, Overflow>,
     /// Limit overrides (any `PluginLimits` key); resolved by `Config::parse`.
     #[serde(flatten)]
     overrides: toml::Table,
@@ -242,6 +308,7 @@ impl PluginConfig {
             namespace: None,
             tenant: None,
             config: BTreeMap::new(),
+            family_overflow: BTreeMap::new(),
             overrides: toml::Table::new(),
             limits: PluginLimits::default(),
         }
@@ -283,6 +350,7 @@ impl PluginConfig {
             }
         }
         table.insert("config".into(), toml::Value::Table(self.config.clone().into_iter().collect()));
+        table.insert("family_overflow".into(), toml::Value::try_from(&self.family_overflow)?);
         Ok(table)
     }
 
@@ -304,34 +372,51 @@ fn check_name(what: &str, name: &str) -> anyhow::Result<()> {
 }
 
 impl Config {
-    /// Parses and validates; errors name the offending key.
+    /// Parses and validates; errors name the offending key, or the line and column
+    /// with a short excerpt.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let mut config: Self = toml::from_str(text)?;
+        let mut config: Self = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         let defaults = config.plugin_defaults;
+        defaults.check().context("plugin_defaults")?;
         for plugin in &mut config.plugins {
-            let name = plugin.name.clone();
+            let name = sanitize(&plugin.name, 64);
             plugin.resolve_limits(defaults).with_context(|| format!("plugin {name:?}"))?;
         }
         config.validate()?;
         Ok(config)
     }
 
-    pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<Self> {
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
         match path {
             None => Self::parse(DEFAULT_CONFIG).context("the embedded default config"),
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read config {}", path.display()))?;
+                let bytes = read_regular_file(path, MAX_CONFIG_BYTES).context("cannot read the config")?;
+                if bytes.len() > MAX_CONFIG_BYTES {
+                    bail!("config {} is larger than {MAX_CONFIG_BYTES} bytes", path.display());
+                }
+                let text = String::from_utf8(bytes)
+                    .map_err(|e| anyhow::anyhow!("config {} is not UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to()))?;
                 Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
             }
         }
+    }
+
+    /// `wasmtap check-config`: everything `load` checks, and that each plugin's
+    /// component is there (a bundled name, or a regular file within `component_bytes`
+    /// that starts like a component), without compiling or loading anything.
+    pub fn check(path: &Path) -> anyhow::Result<String> {
+        let config = Self::load(Some(path))?;
+        for plugin in &config.plugins {
+            plugin.check_source().with_context(|| format!("plugin {:?}", plugin.name))?;
+        }
+        Ok(format!("{}: valid, {} plugin(s), {} tenant(s)", path.display(), config.plugins.len(), config.tenants.len()))
     }
 
     /// A plugin section given at run time (admin API): TOML with the keys of a
     /// `[[plugin]]` section. With `base` (the running plugin's), only the keys given
     /// change (not `name`); `bundled` or `path` replaces both.
     pub fn plugin(&self, text: &str, base: Option<&PluginConfig>) -> anyhow::Result<PluginConfig> {
-        let changes: toml::Table = toml::from_str(text).context("not a TOML plugin section")?;
+        let changes: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, &e)).context("not a TOML plugin section")?;
         if base.is_some() && changes.contains_key("name") {
             bail!("a replace keeps the plugin's name; `name` cannot change");
         }
@@ -341,8 +426,8 @@ impl Config {
             table.remove("path");
         }
         table.extend(changes);
-        let mut plugin: PluginConfig = table.try_into()?;
-        let name = plugin.name.clone();
+        let mut plugin: PluginConfig = table.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}", sanitize(e.message().trim(), 200)))?;
+        let name = sanitize(&plugin.name, 64);
         plugin.resolve_limits(self.plugin_defaults).with_context(|| format!("plugin {name:?}"))?;
         self.validate_plugin(&plugin)?;
         Ok(plugin)
@@ -350,34 +435,58 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         let p = &self.probes;
-        if !(1..=1000).contains(&p.drain_interval_ms) {
-            bail!("probes.drain_interval_ms must be within 1..=1000, got {}", p.drain_interval_ms);
+        within("probes.drain_interval_ms", p.drain_interval_ms, 1..=1000)?;
+        if !p.ring_buffer_bytes.is_power_of_two() || !(4096..=1 << 30).contains(&p.ring_buffer_bytes) {
+            bail!("probes.ring_buffer_bytes must be a power of two within 4096..=1073741824, got {}", p.ring_buffer_bytes);
         }
-        if !p.ring_buffer_bytes.is_power_of_two() || p.ring_buffer_bytes < 4096 {
-            bail!("probes.ring_buffer_bytes must be a power of two of at least 4096, got {}", p.ring_buffer_bytes);
+        within("probes.wakeup_percent", p.wakeup_percent, 1..=100)?;
+        for (key, path) in [("cache_dir", &self.cache_dir), ("admin_socket", &self.admin_socket)] {
+            if let Some(path) = path
+                && (!path.is_absolute() || path.as_os_str().len() > 100)
+            {
+                bail!("{key} must be an absolute path of at most 100 bytes, got {}", sanitize(&path.display().to_string(), 64));
+            }
         }
-        if !(1..=100).contains(&p.wakeup_percent) {
-            bail!("probes.wakeup_percent must be within 1..=100, got {}", p.wakeup_percent);
-        }
-        let mut tenants = HashSet::new();
+        // Namespaces, each with who owns it: no two may clash (see `MetricSink::claim`),
+        // or one plugin's samples could be counted as another's.
+        let mut owners: Vec<(String, String)> = Vec::new();
+        let mut own = |namespace: String, owner: String, parent: Option<&str>| -> anyhow::Result<()> {
+            check_namespace(&namespace).map_err(|e| anyhow::anyhow!("{owner}: {e}"))?;
+            if let Some((_, other)) = owners.iter().find(|(ns, o)| Some(o.as_str()) != parent && clashes(ns, &namespace)) {
+                bail!("{owner} and {other} would own clashing metric namespaces ({namespace:?}): set `namespace` for one of them");
+            }
+            owners.push((namespace, owner));
+            Ok(())
+        };
         for tenant in &self.tenants {
             check_name("tenant", &tenant.name)?;
-            if !tenants.insert(tenant.name.as_str()) {
+            if self.tenants.iter().filter(|t| t.name == tenant.name).count() > 1 {
                 bail!("tenant name {:?} is used twice", tenant.name);
             }
-            let q = &tenant.quota;
-            if !(1..=60_000).contains(&q.cpu_period_ms) || !(1..=100 * 1024).contains(&q.cpu_percent) {
-                bail!("tenant {:?}: quota.cpu_period_ms must be within 1..=60000 and quota.cpu_percent within 1..=102400", tenant.name);
+            if tenant.cgroup.components().any(|c| matches!(c, std::path::Component::ParentDir)) || tenant.cgroup.as_os_str().len() > 4096 {
+                bail!("tenant {:?}: cgroup may not contain `..`", tenant.name);
             }
+            tenant.quota.check().with_context(|| format!("tenant {:?}: quota", tenant.name))?;
+            own(tenant.namespace(), format!("tenant {:?}", tenant.name), None)?;
         }
-        let mut seen = HashSet::new();
         for plugin in &self.plugins {
-            if !seen.insert(&plugin.name) {
+            if self.plugins.iter().filter(|p| p.name == plugin.name).count() > 1 {
                 bail!("plugin name {:?} is used twice", plugin.name);
             }
             self.validate_plugin(plugin)?;
+            let tenant = plugin.tenant.as_ref().map(|t| format!("tenant {t:?}"));
+            own(self.namespace_of(plugin), format!("plugin {:?}", plugin.name), tenant.as_deref())?;
         }
         Ok(())
+    }
+
+    /// The metric namespace `plugin` will own (see `plugins::namespace_of`).
+    fn namespace_of(&self, plugin: &PluginConfig) -> String {
+        let own = plugin.namespace.clone().unwrap_or_else(|| namespace_for(&plugin.name));
+        match plugin.tenant.as_ref().and_then(|t| self.tenants.iter().find(|x| &x.name == t)) {
+            Some(tenant) => format!("{}_{own}", tenant.namespace()),
+            None => own,
+        }
     }
 
     fn validate_plugin(&self, plugin: &PluginConfig) -> anyhow::Result<()> {
@@ -388,14 +497,85 @@ impl Config {
         if let Some(tenant) = &plugin.tenant
             && !self.tenants.iter().any(|t| &t.name == tenant)
         {
-            bail!("plugin {:?}: no [[tenant]] named {tenant:?}", plugin.name);
+            bail!("plugin {:?}: no [[tenant]] named {:?}", plugin.name, sanitize(tenant, 64));
         }
-        let l = &plugin.limits;
-        if l.queue_batches == 0 || l.call_deadline_ms == 0 || l.memory_bytes < 65536 || l.shutdown_ms == 0 || l.max_faults == 0 {
-            bail!("plugin {:?}: queue_batches, call_deadline_ms, shutdown_ms and max_faults must be > 0, memory_bytes >= 65536", plugin.name);
+        if let Some(namespace) = &plugin.namespace {
+            check_namespace(namespace).map_err(|e| anyhow::anyhow!("plugin {:?}: {e}", plugin.name))?;
+        }
+        plugin.limits.check().with_context(|| format!("plugin {:?}", plugin.name))?;
+        if plugin.family_overflow.len() > plugin.limits.families {
+            bail!("plugin {:?}: family_overflow names more families than `families` allows", plugin.name);
         }
         Ok(())
     }
+}
+
+impl TenantConfig {
+    /// Its namespace: the one set, or its name's.
+    pub fn namespace(&self) -> String {
+        self.namespace.clone().unwrap_or_else(|| namespace_for(&self.name))
+    }
+}
+
+impl TenantQuota {
+    fn check(&self) -> anyhow::Result<()> {
+        within("memory_bytes", self.memory_bytes, 64 << 10..=256 << 30)?;
+        within("series", self.series, 1..=10_000_000)?;
+        within("metric_bytes", self.metric_bytes, 4096..=16 << 30)?;
+        within("log_bytes_per_second", self.log_bytes_per_second, 0..=1 << 30)?;
+        within("cpu_percent", self.cpu_percent, 1..=100 * 1024)?;
+        within("cpu_period_ms", self.cpu_period_ms, 1..=60_000)
+    }
+}
+
+impl PluginConfig {
+    /// The component is there: a bundled name, or a regular file within
+    /// `component_bytes` that starts with the component header.
+    fn check_source(&self) -> anyhow::Result<()> {
+        if let Some(path) = &self.path {
+            let head = read_regular_file(path, 8)?;
+            // `\0asm`, then the component layer's version (0x0d, 0x00) and layer (0x01, 0x00).
+            if head.len() < 8 || head[..4] != *b"\0asm" || head[6..8] != [1, 0] {
+                bail!("{} is not a WebAssembly component (a core module, or not Wasm at all?)", path.display());
+            }
+            let size = std::fs::metadata(path)?.len();
+            if size > self.limits.component_bytes as u64 {
+                bail!("{} has {size} bytes; the limit is {} (component_bytes)", path.display(), self.limits.component_bytes);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A TOML error as one line: position, message and a short excerpt (never a whole
+/// line, which may be megabytes long).
+fn toml_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let message = sanitize(e.message().trim(), 200);
+    let Some(span) = e.span() else { return anyhow::anyhow!("{message}") };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let excerpt: String = text[span.start.min(text.len())..].chars().take_while(|c| *c != '\n').take(40).collect();
+    let at = if excerpt.trim().is_empty() { String::new() } else { format!(" (at `{}`)", sanitize(&excerpt, 80)) };
+    anyhow::anyhow!("line {line}, column {column}: {message}{at}")
+}
+
+/// Reads at most `max` bytes and one more of a regular file (a FIFO, device or
+/// directory is refused at once, never read or waited on).
+pub fn read_regular_file(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    // Non-blocking, so that a FIFO at the path cannot hold the open.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        bail!("{} is not a regular file", path.display());
+    }
+    let mut bytes = Vec::new();
+    file.take(max as u64 + 1).read_to_end(&mut bytes).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(bytes)
 }
 
 #[cfg(test)]

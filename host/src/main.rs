@@ -38,6 +38,9 @@ enum Command {
     },
     /// Check what this machine offers wasmtap, with a fix for each problem.
     Check,
+    /// Validate a config file (and that its plugins' components are there) without
+    /// running or loading anything; exits 1 on any error.
+    CheckConfig { file: PathBuf },
     /// Print the embedded default configuration.
     DefaultConfig,
     /// List the bundled plugins.
@@ -134,6 +137,16 @@ fn main() -> ExitCode {
             }
         }
         Command::Check => if check::run() { ExitCode::SUCCESS } else { ExitCode::FAILURE },
+        Command::CheckConfig { file } => match wasmtap::config::Config::check(&file) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::DefaultConfig => {
             print!("{}", wasmtap::config::DEFAULT_CONFIG);
             ExitCode::SUCCESS

@@ -39,7 +39,7 @@ pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<Te
     let HostServices { engine, sink, metrics, enricher } = host;
     let namespace = namespace_of(config, tenant.as_deref());
     let parent = tenant.as_ref().map(|t| t.owner());
-    let budget = Arc::new(Budget::new(&config.name, config.limits, tenant, metrics));
+    let budget = Arc::new(Budget::new(&config.name, config.limits, tenant, metrics).with_family_overflow(config.family_overflow.clone()));
     if let Err(e) = sink.claim(&namespace, &config.name, parent.as_deref()) {
         return Err(budget.refuse(Refusal::new(Reason::Namespace, e)).into());
     }
@@ -87,7 +87,7 @@ pub fn component_bytes(config: &PluginConfig) -> anyhow::Result<std::borrow::Cow
         (Some(name), _) => bundled::get(name)
             .with_context(|| format!("no bundled plugin {name:?}; bundled: {}", bundled::names().collect::<Vec<_>>().join(", ")))?
             .into(),
-        (None, Some(path)) => read_bounded(path, config.limits.component_bytes)?.into(),
+        (None, Some(path)) => crate::config::read_regular_file(path, config.limits.component_bytes)?.into(),
         (None, None) => anyhow::bail!("neither `bundled` nor `path` set"),
     })
 }
@@ -102,21 +102,4 @@ fn config_value(node: ConfigNode) -> ConfigValue {
         ConfigNode::Array(items) => ConfigValue::Array(items),
         ConfigNode::Table(entries) => ConfigValue::Table(entries),
     }
-}
-
-/// Reads a component file, refusing one larger than `max` without reading it whole.
-fn read_bounded(path: &std::path::Path, max: usize) -> anyhow::Result<Vec<u8>> {
-    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
-    // Non-blocking, so that a FIFO or device at the path cannot hold the open.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK)
-        .open(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    if !file.metadata().is_ok_and(|m| m.is_file()) {
-        anyhow::bail!("{} is not a regular file", path.display());
-    }
-    let mut bytes = Vec::new();
-    file.take(max as u64 + 1).read_to_end(&mut bytes).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(bytes) // one byte over `max` is enough for `compile` to refuse it with the reason
 }

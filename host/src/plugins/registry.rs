@@ -40,7 +40,7 @@ use crate::{
     server::AppState,
     sinks::{
         logs::sanitize,
-        metrics::{Staging, namespace_for},
+        metrics::Staging,
     },
 };
 
@@ -492,7 +492,7 @@ fn open_tenants(config: &Config, services: &HostServices) -> HashMap<String, Res
             let tenant = CgroupScope::open(&t.cgroup)
                 .with_context(|| format!("tenant {}: cgroup {}", t.name, t.cgroup.display()))
                 .and_then(|scope| {
-                    let namespace = t.namespace.clone().unwrap_or_else(|| namespace_for(&t.name));
+                    let namespace = t.namespace();
                     let tenant = Arc::new(TenantBudget::new(&t.name, namespace, Arc::new(scope), &t.quota));
                     services.sink.claim(&tenant.namespace, &tenant.owner(), None).map_err(|e| anyhow!("tenant {}: {e}", t.name))?;
                     tracing::info!(tenant = %t.name, scope = %tenant.scope.dir().display(), "tenant scope");

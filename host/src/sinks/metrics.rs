@@ -18,6 +18,7 @@ use std::{
 
 use crate::{
     budget::{Budget, Reason, Refusal},
+    config::Overflow,
     sinks::logs::sanitize,
 };
 use prometheus_client::{
@@ -105,6 +106,9 @@ enum SeriesValue {
     },
 }
 
+/// Every label value of a full family's overflow series.
+pub const OVERFLOW_VALUE: &str = "__other__";
+
 /// The reserved namespace of the daemon's own metrics.
 pub const RESERVED_NAMESPACE: &str = "wasmtap";
 const MAX_NAME_BYTES: usize = 128;
@@ -134,7 +138,7 @@ pub fn check_namespace(ns: &str) -> Result<(), String> {
 }
 
 /// Whether two namespaces could produce the same metric name.
-fn clashes(a: &str, b: &str) -> bool {
+pub fn clashes(a: &str, b: &str) -> bool {
     let nested = |outer: &str, inner: &str| inner.strip_prefix(outer).is_some_and(|rest| rest.is_empty() || rest.starts_with('_'));
     nested(a, b) || nested(b, a)
 }
@@ -409,7 +413,9 @@ impl MetricFamily {
         table.list
     }
 
-    /// Interns one label set, charging the plugin's budget for a new one.
+    /// Interns one label set, charging the plugin's budget for a new one. When no
+    /// series may be added, the family's overflow policy says what the label set gets
+    /// (its `__other__` series, or a refusal); either way it is counted.
     pub fn series(&self, values: &[String], budget: &Budget) -> Result<Arc<Series>, Refusal> {
         if values.len() != self.spec.label_names.len() {
             let message = format!("{}: {} label values for {} labels", self.name, values.len(), self.spec.label_names.len());
@@ -425,10 +431,19 @@ impl MetricFamily {
             let message = format!("{}: a label value of {} bytes; the limit is {} (label_value_bytes)", self.name, v.len(), budget.limits.label_value_bytes);
             return Err(budget.refuse(Refusal::new(Reason::LabelBytes, message)));
         }
-        self.intern(values, budget, false)
+        self.intern(values, budget, false).or_else(|full| {
+            let overflow = budget.overflow_of(&self.spec.name);
+            budget.series_refused(&self.name, &full, overflow);
+            match overflow {
+                // One series per family, so forcing it past the budget is bounded.
+                Overflow::Other => self.intern(&vec![OVERFLOW_VALUE.to_owned(); values.len()], budget, true),
+                Overflow::Refuse => Err(budget.refuse(full)),
+            }
+        })
     }
 
     /// The series of `values`, made (and charged; `forced`: even past the limits) if new.
+    /// A refusal is returned uncounted.
     fn intern(&self, values: &[String], budget: &Budget, forced: bool) -> Result<Arc<Series>, Refusal> {
         let mut table = self.series.write().expect("series lock");
         if let Some(&i) = table.index.get(values) {
@@ -439,8 +454,8 @@ impl MetricFamily {
             budget.force_charge(Reason::Series, 1);
             budget.force_charge(Reason::MetricBytes, cost);
         } else {
-            budget.charge(Reason::Series, 1)?;
-            if let Err(e) = budget.charge(Reason::MetricBytes, cost) {
+            budget.try_charge(Reason::Series, 1)?;
+            if let Err(e) = budget.try_charge(Reason::MetricBytes, cost) {
                 budget.release(Reason::Series, 1);
                 return Err(e);
             }

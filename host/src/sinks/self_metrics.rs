@@ -1,6 +1,9 @@
 //! The daemon's own metrics (`wasmtap_*`): per probe and per plugin.
 
-use std::sync::atomic::AtomicU64;
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex, atomic::AtomicU64},
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -24,6 +27,12 @@ struct RefusalLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabels {
+    plugin: String,
+    family: String,
+}
+
 /// Families registered once; handles are taken per probe / plugin. Clones share them.
 #[derive(Debug, Default, Clone)]
 pub struct SelfMetrics {
@@ -42,6 +51,9 @@ pub struct SelfMetrics {
     plugin_series: Family<PluginLabels, Gauge>,
     plugin_quarantined: Family<PluginLabels, Gauge>,
     plugin_refusals: Family<RefusalLabels, Counter>,
+    plugin_series_refused: Family<FamilyLabels, Counter>,
+    /// Which families each plugin has a `plugin_series_refused` series for.
+    refused_families: Arc<Mutex<HashMap<String, BTreeSet<String>>>>,
 }
 
 /// One probe's counters.
@@ -107,6 +119,11 @@ impl SelfMetrics {
             "Requests of a plugin the host refused, by reason (a budget, or an invalid or overflowing value).",
             m.plugin_refusals.clone(),
         );
+        r.register(
+            "plugin_series_refused",
+            "New label sets of a full family that got no series of their own (counted in its __other__ series, or refused, as its overflow policy says).",
+            m.plugin_series_refused.clone(),
+        );
         m
     }
 
@@ -149,6 +166,15 @@ impl SelfMetrics {
         for reason in crate::budget::Reason::ALL {
             self.plugin_refusals.remove(&RefusalLabels { plugin: plugin.to_owned(), reason: reason.label() });
         }
+        for family in self.refused_families.lock().expect("refused families").remove(plugin).unwrap_or_default() {
+            self.plugin_series_refused.remove(&FamilyLabels { plugin: plugin.to_owned(), family });
+        }
+    }
+
+    /// The counter of a plugin's family's label sets that got no series of their own.
+    pub fn series_refused(&self, plugin: &str, family: &str) -> Counter {
+        self.refused_families.lock().expect("refused families").entry(plugin.to_owned()).or_default().insert(family.to_owned());
+        self.plugin_series_refused.get_or_create(&FamilyLabels { plugin: plugin.to_owned(), family: family.to_owned() }).clone()
     }
 
     /// The refusal counter of one plugin and reason.
