@@ -27,17 +27,29 @@ pub struct Config {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     #[serde(default)]
+    pub server: ServerSettings,
+    #[serde(default)]
     pub probes: ProbeSettings,
     #[serde(default)]
     pub plugin_defaults: PluginLimits,
     /// Where precompiled plugin components are cached; defaults to
     /// `/var/cache/wasmtap` for root, `$XDG_CACHE_HOME/wasmtap` otherwise.
+    /// Must be the daemon user's, mode 0700, below directories only root or that user
+    /// can write; otherwise plugins are compiled in memory (and the log says why).
+    /// As a non-root user with capabilities there is no default: set it.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// Bytes of precompiled components the cache keeps (least recently used go first).
+    #[serde(default = "default_cache_max_bytes")]
+    pub cache_max_bytes: u64,
     /// The admin API's Unix socket; defaults to `/run/wasmtap/admin.sock` for root,
     /// `$XDG_RUNTIME_DIR/wasmtap/admin.sock` (or `/tmp/wasmtap-UID/admin.sock`) otherwise.
     #[serde(default)]
     pub admin_socket: Option<PathBuf>,
+    /// Capabilities kept once the daemon runs (every other one is dropped, and
+    /// NoNewPrivs set): names like `bpf`, `perfmon`, `sys_admin`.
+    #[serde(default = "default_capabilities_keep")]
+    pub capabilities_keep: Vec<String>,
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
     #[serde(default, rename = "tenant")]
@@ -55,8 +67,39 @@ pub fn default_admin_socket() -> PathBuf {
     dir.join("admin.sock")
 }
 
+fn default_capabilities_keep() -> Vec<String> {
+    crate::privileges::DEFAULT_KEEP.iter().map(|&c| c.to_owned()).collect()
+}
+
+fn default_cache_max_bytes() -> u64 {
+    1 << 30
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9568))
+}
+
+/// Bounds of the public HTTP server (`listen`), which any local user can reach.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Connections at once; past it a new one takes the place of the longest idle.
+    /// Lowered to fit the open-file limit (less 256 for the rest of the daemon).
+    pub max_connections: usize,
+    /// Requests answered at once; more get 503 (like node_exporter's
+    /// `--web.max-requests`).
+    pub max_requests: usize,
+    /// Time to send a request head, and the longest a kept-alive connection may wait
+    /// idle for its next one.
+    pub header_timeout_ms: u64,
+    /// Longest a connection may stay open, whatever it does.
+    pub connection_max_ms: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self { max_connections: 512, max_requests: 40, header_timeout_ms: 10_000, connection_max_ms: 120_000 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -440,6 +483,13 @@ impl Config {
             bail!("probes.ring_buffer_bytes must be a power of two within 4096..=1073741824, got {}", p.ring_buffer_bytes);
         }
         within("probes.wakeup_percent", p.wakeup_percent, 1..=100)?;
+        let w = &self.server;
+        within("server.max_connections", w.max_connections, 1..=65_536)?;
+        within("server.max_requests", w.max_requests, 1..=1024)?;
+        within("server.header_timeout_ms", w.header_timeout_ms, 100..=600_000)?;
+        within("server.connection_max_ms", w.connection_max_ms, 1000..=86_400_000)?;
+        within("cache_max_bytes", self.cache_max_bytes, 1 << 20..=1 << 40)?;
+        crate::privileges::parse(&self.capabilities_keep).context("capabilities_keep")?;
         for (key, path) in [("cache_dir", &self.cache_dir), ("admin_socket", &self.admin_socket)] {
             if let Some(path) = path
                 && (!path.is_absolute() || path.as_os_str().len() > 100)

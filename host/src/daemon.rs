@@ -23,10 +23,9 @@ use crate::{
     sinks::{MetricSink, SelfMetrics},
 };
 
-/// Runs until SIGINT/SIGTERM. `config_path` is re-read on SIGHUP (none: the embedded
-/// default, which never changes); `overrides` (the command line's) win over it.
-pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
-    let config = overrides.apply(Config::load(config_path.as_deref())?);
+/// Runs `config` until SIGINT/SIGTERM. `config_path` is re-read on SIGHUP (none: the
+/// embedded default, which never changes); `overrides` (the command line's) win over it.
+pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
     // Before anything can report healthy, so a SIGTERM always takes the orderly path.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -38,16 +37,18 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
     let self_metrics = SelfMetrics::register(&mut metric_registry);
     let sink = Arc::new(MetricSink::default());
     metric_registry.register_collector(Box::new(sink.clone()));
-    let state = Arc::new(AppState::new(metric_registry));
+    let state = Arc::new(AppState::new(metric_registry, config.server.clone()));
     let stop_server = CancellationToken::new();
     let server = tokio::spawn(server::serve(listener, state.clone(), stop_server.clone()));
     tracing::info!(listen = %config.listen, "serving /metrics, /healthz, /readyz, /status");
 
-    let cache_dir = config.cache_dir.clone().or_else(crate::plugins::engine::default_cache_dir);
+    let cache_dir = config.cache_dir.clone().map_or_else(crate::plugins::cache::default_dir, Ok).inspect_err(|why| {
+        tracing::warn!("no plugin cache, compiling in memory: {why}");
+    });
     let exe = std::env::current_exe().context("locating wasmtap's own executable (it compiles plugins in a child process)")?;
     let enricher = Arc::new(Enricher::new());
     let services = HostServices {
-        engine: Arc::new(PluginEngine::new(cache_dir, Compiler::Child(exe))?),
+        engine: Arc::new(PluginEngine::new(cache_dir.ok().map(|dir| (dir, config.cache_max_bytes)), Compiler::Child(exe))?),
         sink: sink.clone(),
         metrics: self_metrics.clone(),
         enricher: enricher.clone(),

@@ -12,6 +12,7 @@ pub mod enrich;
 pub mod events;
 pub mod names;
 pub mod plugins;
+pub mod privileges;
 pub mod probes;
 pub mod server;
 pub mod sinks;

@@ -1,8 +1,8 @@
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use wasmtap::{check, cli, daemon, plugins::bundled};
+use wasmtap::{check, cli, config::Config, daemon, plugins::bundled};
 
 #[derive(Parser)]
 #[command(version, about = "eBPF probes streamed in batches into sandboxed WebAssembly plugins")]
@@ -27,6 +27,10 @@ enum Command {
         /// The admin API's Unix socket (overrides the config).
         #[arg(long)]
         admin_socket: Option<PathBuf>,
+        /// Capabilities to keep, comma-separated (overrides `capabilities_keep`;
+        /// default bpf,perfmon); every other one is dropped at start.
+        #[arg(long, value_delimiter = ',')]
+        capabilities_keep: Option<Vec<String>>,
     },
     /// Change the running daemon's plugins through its admin socket.
     Plugin {
@@ -45,10 +49,10 @@ enum Command {
     DefaultConfig,
     /// List the bundled plugins.
     Plugins,
-    /// Compile a plugin component (the daemon runs this in a child process, under
-    /// an address-space limit and a deadline).
+    /// Compile the plugin component on stdin to stdout (the daemon runs this in a
+    /// child process, under an address-space limit and a deadline).
     #[command(hide = true)]
-    CompilePlugin { input: PathBuf, output: PathBuf, max_memory_bytes: u64 },
+    CompilePlugin { max_memory_bytes: u64 },
 }
 
 #[derive(Subcommand)]
@@ -94,20 +98,26 @@ struct Source {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config: config_path, listen, json_logs, admin_socket } => {
+        Command::Run { config: config_path, listen, json_logs, admin_socket, capabilities_keep } => {
             // stderr, like plugin records in JSON mode (written by the log sink).
-            let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
+            // Colours only for a person at a terminal, never into a file or journal.
+            let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).with_env_filter(
                 EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
             );
             if json_logs { logs.json().init() } else { logs.init() }
             wasmtap::sinks::logs::use_json(json_logs);
-            let overrides = wasmtap::server::admin::Overrides { listen, admin_socket };
-            let result = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|runtime| runtime.block_on(daemon::run(config_path, overrides)));
+            let overrides = wasmtap::server::admin::Overrides { listen, admin_socket, capabilities_keep };
+            let result = Config::load(config_path.as_deref())
+                .map(|config| overrides.apply(config))
+                // Before any thread exists: capabilities are per thread.
+                .and_then(|config| {
+                    wasmtap::privileges::drop_all_but(&wasmtap::privileges::parse(&config.capabilities_keep)?)?;
+                    Ok(config)
+                })
+                .and_then(|config| {
+                    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+                    runtime.block_on(daemon::run(config, config_path, overrides))
+                });
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -155,8 +165,8 @@ fn main() -> ExitCode {
             bundled::names().for_each(|n| println!("{n}"));
             ExitCode::SUCCESS
         }
-        Command::CompilePlugin { input, output, max_memory_bytes } => {
-            match wasmtap::plugins::engine::compile_to_file(&input, &output, max_memory_bytes) {
+        Command::CompilePlugin { max_memory_bytes } => {
+            match wasmtap::privileges::drop_everything().and_then(|()| wasmtap::plugins::engine::compile_stream(max_memory_bytes)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

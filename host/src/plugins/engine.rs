@@ -1,10 +1,11 @@
 //! The wasmtime engine shared by all plugins: epoch ticker for call deadlines, bounded
-//! compilation (in a child process), and an on-disk cache of precompiled components.
+//! compilation (in a child process, over pipes: no file anyone else could swap), and
+//! the trusted on-disk cache of precompiled components ([`super::cache`]).
 
 use std::{
     hash::{DefaultHasher, Hash as _, Hasher as _},
-    io::Read as _,
-    path::{Path, PathBuf},
+    io::{Read as _, Write as _},
+    path::PathBuf,
     process::{Command, Stdio},
     collections::VecDeque,
     sync::{
@@ -22,6 +23,7 @@ use wasmtime::{
 };
 
 use super::{
+    cache::ArtifactCache,
     host::{Plugin, PluginPre, PluginState},
     wasi,
 };
@@ -47,7 +49,7 @@ pub enum Compiler {
 
 pub struct PluginEngine {
     engine: Engine,
-    cache_dir: Option<PathBuf>,
+    cache: Option<ArtifactCache>,
     compiler: Compiler,
     stop: Arc<AtomicBool>,
     /// The last few components compiled or loaded, by cache key: a replace that goes
@@ -65,18 +67,21 @@ fn engine_config() -> Config {
     config
 }
 
-/// `wasmtap compile-plugin`: compiles `input` into `output` under `max_memory` bytes of
-/// address space. Runs in the child process.
-pub fn compile_to_file(input: &Path, output: &Path, max_memory: u64) -> anyhow::Result<()> {
+/// `wasmtap compile-plugin`: compiles the component on stdin to stdout under
+/// `max_memory` bytes of address space. Runs in the child process.
+pub fn compile_stream(max_memory: u64) -> anyhow::Result<()> {
     use nix::sys::resource::{Resource, setrlimit};
     setrlimit(Resource::RLIMIT_AS, max_memory, max_memory).context("setting the compile memory limit")?;
-    let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
+    let mut bytes = Vec::new();
+    std::io::stdin().read_to_end(&mut bytes).context("reading the component")?;
     let compiled = Engine::new(&engine_config())?.precompile_component(&bytes)?;
-    std::fs::write(output, compiled).with_context(|| format!("writing {}", output.display()))
+    std::io::stdout().write_all(&compiled).context("writing the compiled component")
 }
 
 impl PluginEngine {
-    pub fn new(cache_dir: Option<PathBuf>, compiler: Compiler) -> anyhow::Result<Self> {
+    /// `cache`: where precompiled components are kept (see [`super::cache`]), and how
+    /// many bytes of them at most.
+    pub fn new(cache: Option<(PathBuf, u64)>, compiler: Compiler) -> anyhow::Result<Self> {
         let engine = Engine::new(&engine_config())?;
         let stop = Arc::new(AtomicBool::new(false));
         let (ticker, stop_ticker) = (engine.weak(), stop.clone());
@@ -89,14 +94,8 @@ impl PluginEngine {
                 }
             }
         })?;
-        let cache_dir = cache_dir.filter(|dir| match std::fs::create_dir_all(dir) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!("plugin cache {} unusable ({e}); compiling without a cache", dir.display());
-                false
-            }
-        });
-        Ok(Self { engine, cache_dir, compiler, stop, recent: Mutex::default() })
+        let cache = cache.and_then(|(dir, max_bytes)| ArtifactCache::open(dir, max_bytes));
+        Ok(Self { engine, cache, compiler, stop, recent: Mutex::default() })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -134,63 +133,50 @@ impl PluginEngine {
     }
 
     fn compile_uncached(&self, bytes: &[u8], limits: &PluginLimits, key: &str) -> Result<Component, CompileError> {
-        let cached = self.cache_dir.as_ref().map(|dir| dir.join(format!("{key}.cwasm")));
-        if let Some(path) = cached.as_ref().filter(|p| p.is_file()) {
-            // SAFETY: files in the cache dir are only ever written by `compile_to_file`
-            // (this engine configuration) and renamed into place whole; the key covers
-            // the source bytes and engine settings.
-            match unsafe { Component::deserialize_file(&self.engine, path) } {
-                Ok(component) => return Ok(component),
-                Err(e) => tracing::warn!("discarding cached {}: {e:#}", path.display()),
-            }
-        }
         let Compiler::Child(exe) = &self.compiler else {
             return Component::new(&self.engine, bytes).map_err(|e| CompileError::Invalid(e.into()));
         };
-        // The cache dir is the daemon's own; without one, a fresh directory only this
-        // user can enter, so nobody can swap the artifact before it is loaded.
-        let (dir, private) = match &self.cache_dir {
-            Some(dir) => (dir.clone(), false),
-            None => (private_dir().map_err(|e| CompileError::Invalid(anyhow::anyhow!("making a private compile directory: {e}")))?, true),
-        };
-        let tmp = |ext: &str| dir.join(format!("{key}.{}.{ext}", std::process::id()));
-        let (input, output) = (tmp("wasm"), tmp("cwasm.tmp"));
-        let result = self.compile_in_child(exe, bytes, &input, &output, limits);
-        let _ = std::fs::remove_file(&input);
-        let loaded = result.and_then(|()| {
-            // SAFETY: `output` was just written by `compile_to_file` with this engine's
-            // configuration, in a file only this process names.
-            unsafe { Component::deserialize_file(&self.engine, &output) }.map_err(|e| CompileError::Invalid(e.into()))
-        });
-        match (&loaded, &cached) {
-            (Ok(_), Some(path)) => {
-                if let Err(e) = std::fs::rename(&output, path) {
-                    tracing::warn!("cannot cache a compiled plugin in {}: {e}", dir.display());
-                }
+        if let Some(artifact) = self.cache.as_ref().and_then(|c| c.load(key, limits.compile_memory_bytes)) {
+            // SAFETY: the artifact comes from a directory and file only this user (or
+            // root) can write (checked just now), where only `compile_stream` output for
+            // this engine configuration is stored, under a key covering the source bytes
+            // and engine settings.
+            match unsafe { Component::deserialize(&self.engine, &artifact) } {
+                Ok(component) => return Ok(component),
+                Err(e) => tracing::warn!("discarding cached {key}: {e:#}"),
             }
-            _ => drop(std::fs::remove_file(&output)),
         }
-        if private {
-            let _ = std::fs::remove_dir_all(&dir);
+        let artifact = self.compile_in_child(exe, bytes, limits)?;
+        // SAFETY: `compile_stream` output with this engine's configuration, read from
+        // the pipe of the child this process started.
+        let component = unsafe { Component::deserialize(&self.engine, &artifact) }.map_err(|e| CompileError::Invalid(e.into()))?;
+        if let Some(cache) = &self.cache {
+            cache.store(key, &artifact);
         }
-        loaded
+        Ok(component)
     }
 
-    fn compile_in_child(&self, exe: &Path, bytes: &[u8], input: &Path, output: &Path, limits: &PluginLimits) -> Result<(), CompileError> {
+    fn compile_in_child(&self, exe: &std::path::Path, bytes: &[u8], limits: &PluginLimits) -> Result<Vec<u8>, CompileError> {
         let io = |what: &str, e: std::io::Error| CompileError::Invalid(anyhow::anyhow!("{what}: {e}"));
-        std::fs::write(input, bytes).map_err(|e| io("writing the component for the compiler", e))?;
         let mut child = Command::new(exe)
             .arg("compile-plugin")
-            .arg(input)
-            .arg(output)
             .arg(limits.compile_memory_bytes.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| io("starting the compiler process", e))?;
-        // Read stderr as it comes (the child would block on a full pipe), keeping 4 KiB.
-        let stderr = child.stderr.take().map(|pipe| {
+        // Feed and drain the pipes on their own threads (the child blocks on a full
+        // one); its output cannot exceed its address space, its stderr is cut at 4 KiB.
+        let (mut stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let max_output = limits.compile_memory_bytes;
+        let output = stdout.map(|pipe| {
+            thread::spawn(move || {
+                let mut artifact = Vec::new();
+                pipe.take(max_output).read_to_end(&mut artifact).map(|_| artifact)
+            })
+        });
+        let stderr = stderr.map(|pipe| {
             thread::spawn(move || {
                 let mut kept = String::new();
                 let mut pipe = pipe;
@@ -199,6 +185,8 @@ impl PluginEngine {
                 kept
             })
         });
+        let input = bytes.to_vec();
+        let feeder = stdin.take().map(|mut pipe| thread::spawn(move || pipe.write_all(&input)));
         let deadline = Instant::now() + Duration::from_millis(limits.compile_timeout_ms);
         let status = loop {
             if let Some(status) = child.try_wait().map_err(|e| io("waiting for the compiler", e))? {
@@ -214,8 +202,12 @@ impl PluginEngine {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        if status.success() {
-            return Ok(());
+        let _ = feeder.map(thread::JoinHandle::join);
+        let artifact = output.and_then(|t| t.join().ok());
+        if status.success()
+            && let Some(Ok(artifact)) = artifact
+        {
+            return Ok(artifact);
         }
         let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
         Err(CompileError::Invalid(anyhow::anyhow!(
@@ -255,25 +247,4 @@ impl Drop for PluginEngine {
     fn drop(&mut self) {
         self.stop.store(true, Relaxed);
     }
-}
-
-/// A new directory under the temp dir that only this user can enter.
-fn private_dir() -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-    let dir = std::env::temp_dir().join(format!("wasmtap-compile-{}-{nanos}", std::process::id()));
-    // `create` fails if it exists: a directory someone made in advance is never used.
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    Ok(dir)
-}
-
-/// Default cache location: /var/cache/wasmtap for root, the XDG cache otherwise.
-pub fn default_cache_dir() -> Option<PathBuf> {
-    if nix::unistd::geteuid().is_root() {
-        return Some(PathBuf::from("/var/cache/wasmtap"));
-    }
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .map(|d| d.join("wasmtap"))
 }

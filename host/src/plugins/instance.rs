@@ -59,6 +59,7 @@ pub fn instantiate(spec: &PluginSpec) -> anyhow::Result<(Instance, Manifest)> {
 /// wrong (a panic message) or why its memory could not grow; bounded and escaped.
 fn explain(state: &PluginState, error: wasmtime::Error) -> anyhow::Error {
     let error = anyhow::Error::from(error);
+    tracing::debug!("plugin trap with its wasm backtrace: {error:?}");
     let cause = error.root_cause();
     let text = match state.fault_hint() {
         Some(hint) => format!("{hint} ({cause})"),

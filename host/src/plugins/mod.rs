@@ -2,6 +2,7 @@
 //! (with a capability-free WASI subset), and one supervised worker per plugin instance.
 
 pub mod bundled;
+pub mod cache;
 pub mod engine;
 pub mod host;
 pub mod instance;

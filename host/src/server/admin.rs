@@ -62,12 +62,14 @@ pub struct Admin {
 pub struct Overrides {
     pub listen: Option<std::net::SocketAddr>,
     pub admin_socket: Option<PathBuf>,
+    pub capabilities_keep: Option<Vec<String>>,
 }
 
 impl Overrides {
     pub fn apply(&self, mut config: Config) -> Config {
         config.listen = self.listen.unwrap_or(config.listen);
         config.admin_socket = self.admin_socket.clone().or(config.admin_socket);
+        config.capabilities_keep = self.capabilities_keep.clone().unwrap_or(config.capabilities_keep);
         config
     }
 }
@@ -208,9 +210,10 @@ pub fn reload(admin: &Admin) -> anyhow::Result<crate::plugins::registry::Applied
     let config = admin.overrides.apply(Config::load(admin.path.as_deref())?);
     {
         let c = admin.config.read().expect("config");
-        let restart = (c.listen, &c.probes, &c.tenants, &c.cache_dir, &c.admin_socket) != (config.listen, &config.probes, &config.tenants, &config.cache_dir, &config.admin_socket);
+        let restart = (c.listen, &c.server, &c.probes, &c.tenants, &c.cache_dir, c.cache_max_bytes, &c.admin_socket, &c.capabilities_keep)
+            != (config.listen, &config.server, &config.probes, &config.tenants, &config.cache_dir, config.cache_max_bytes, &config.admin_socket, &config.capabilities_keep);
         if restart {
-            tracing::warn!("the config's listen, probes, tenants, cache_dir or admin_socket changed: those take a restart; applying the plugins only");
+            tracing::warn!("the config's listen, server, probes, tenants, cache_dir, cache_max_bytes, admin_socket or capabilities_keep changed: those take a restart; applying the plugins only");
         }
     }
     let applied = admin.registry.apply_file(&config.plugins)?;

@@ -2,24 +2,35 @@
 //! (liveness of the daemon itself), `/readyz` (start-up done, probes attached), `/status`
 //! (JSON, every probe and plugin).
 //!
-//! Bounded: at most `MAX_CONNECTIONS` connections (more wait in the listen backlog),
-//! each must send its request head within `HEADER_TIMEOUT`, and one scrape renders at a
-//! time (off the async workers, so `/healthz` answers meanwhile): concurrent scrapes
-//! cannot multiply the exposition's size in memory (which the plugins' metric budgets
-//! bound).
+//! Bounded as a node agent's server must be against any local user:
+//! - at most `max_connections` connections ([`connections`]: a new one takes the place
+//!   of the longest idle, so idle or half-sent connections cannot keep a scrape out;
+//!   never more than the open-file limit allows);
+//! - each request head (also the wait for the next one on a kept-alive connection) must
+//!   arrive within `header_timeout_ms`, and a connection lives at most
+//!   `connection_max_ms`;
+//! - at most `max_requests` requests are answered at once (more get 503), and one
+//!   scrape renders at a time (off the async workers, so `/healthz` answers meanwhile):
+//!   concurrent scrapes cannot multiply the exposition's size in memory (which the
+//!   plugins' metric budgets bound);
+//! - only GET and HEAD (405 otherwise); accept errors back off.
 
 pub mod admin;
+pub mod connections;
 pub mod status;
 
 use std::{
     convert::Infallible,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::Ordering::Relaxed,
+    },
     time::Duration,
 };
 
 use http_body_util::Full;
 use hyper::{
-    Request, Response, StatusCode,
+    Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
     header,
     server::conn::http1,
@@ -33,21 +44,51 @@ use prometheus_client::{
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 
-const MAX_CONNECTIONS: usize = 64;
+use crate::config::ServerSettings;
+use connections::{AcceptBackoff, Connections, Refused, RefusedLabels};
+
 const MAX_SCRAPES: usize = 1;
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// File descriptors kept for everything but HTTP connections (probes, plugins, the
+/// compiler's pipes, the admin API, logs).
+const RESERVED_FDS: u64 = 256;
 
 /// What the endpoints read.
 pub struct AppState {
     pub registry: Registry,
     pub report: RwLock<status::Report>,
     scrapes: Arc<Semaphore>,
+    requests: Arc<Semaphore>,
+    settings: ServerSettings,
+    refused: Refused,
 }
 
 impl AppState {
-    pub fn new(registry: Registry) -> Self {
-        Self { registry, report: RwLock::default(), scrapes: Arc::new(Semaphore::new(MAX_SCRAPES)) }
+    pub fn new(mut registry: Registry, settings: ServerSettings) -> Self {
+        let refused = Refused::default();
+        registry.register(
+            "wasmtap_http_refused",
+            "Connections and requests the HTTP server turned away: connection_evicted (a newer one took the place of the longest idle), connection_refused, too_many_requests, accept_error",
+            refused.clone(),
+        );
+        Self {
+            registry,
+            report: RwLock::default(),
+            scrapes: Arc::new(Semaphore::new(MAX_SCRAPES)),
+            requests: Arc::new(Semaphore::new(settings.max_requests)),
+            settings,
+            refused,
+        }
     }
+}
+
+/// `max_connections`, lowered (and said) to what the open-file limit leaves.
+fn connection_limit(wanted: usize) -> usize {
+    let files = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    let room = files.saturating_sub(RESERVED_FDS).max(16) as usize;
+    if room < wanted {
+        tracing::warn!(max_connections = room, "server.max_connections lowered from {wanted} to fit the open-file limit ({files}); raise LimitNOFILE for more");
+    }
+    wanted.min(room)
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -55,40 +96,52 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Serves until `stop`; in-flight requests finish on their own tasks.
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = Connections::new(connection_limit(state.settings.max_connections), state.refused.clone());
+    let mut backoff = AcceptBackoff::default();
+    let header_timeout = Duration::from_millis(state.settings.header_timeout_ms);
+    let lifetime = Duration::from_millis(state.settings.connection_max_ms);
     loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => return,
-            permit = connections.clone().acquire_owned() => permit.expect("never closed"),
-        };
-        let (stream, _) = tokio::select! {
-            () = stop.cancelled() => return,
+        let stream = tokio::select! {
+            () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
+                Ok((stream, _)) => stream,
                 Err(e) => {
                     // E.g. out of file descriptors: wait rather than spin.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let delay = backoff.failed(&e, &state.refused);
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             },
         };
+        backoff.succeeded();
+        let Some(connection) = connections.admit() else { continue };
         let state = state.clone();
         tokio::spawn(async move {
+            let connection = Arc::new(connection);
+            let in_service = connection.clone();
             let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&req, state).await) }
+                let (state, connection) = (state.clone(), in_service.clone());
+                async move {
+                    connection.in_request.store(true, Relaxed);
+                    let response = handle(&req, state).await;
+                    connection.idle();
+                    Ok::<_, Infallible>(response)
+                }
             });
-            let connection = http1::Builder::new()
+            let served = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = connection.await {
-                tracing::debug!("connection ended: {e}");
+            tokio::select! {
+                result = served => if let Err(e) = result {
+                    tracing::debug!("connection ended: {e}");
+                },
+                () = connection.close.cancelled() => {}
+                () = tokio::time::sleep(lifetime) => {}
             }
-            drop(permit);
         });
     }
+    connections.close_all();
 }
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -100,6 +153,15 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
 }
 
 async fn handle(req: &Request<Incoming>, state: Arc<AppState>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut response = reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET and HEAD\n");
+        response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    let Ok(_request) = state.requests.clone().try_acquire_owned() else {
+        state.refused.get_or_create(&RefusedLabels { reason: "too_many_requests" }).inc();
+        return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "too many concurrent requests (server.max_requests)\n");
+    };
     match req.uri().path() {
         "/metrics" => {
             let wants_openmetrics = req
