@@ -17,11 +17,7 @@ fn main() -> anyhow::Result<()> {
 
     let ebpf_dir = root.join("host-ebpf");
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "wasmtap-ebpf",
-            root_dir: ebpf_dir.to_str().context("utf-8 path")?,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "wasmtap-ebpf", root_dir: ebpf_dir.to_str().context("utf-8 path")?, ..Default::default() }],
         aya_build::Toolchain::default(),
     )
     .context("building the kernel programs failed; run `./dev setup` to install the nightly rust-src and bpf-linker")?;
@@ -45,10 +41,7 @@ fn build_plugins(root: &Path, out_dir: &Path) -> anyhow::Result<()> {
 
     let target_dir = out_dir.join("plugins-target");
     let mut cargo = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cargo
-        .current_dir(root)
-        .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
-        .arg(&target_dir);
+    cargo.current_dir(root).args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"]).arg(&target_dir);
     for name in &names {
         cargo.args(["--package", name]);
     }
@@ -66,9 +59,7 @@ fn build_plugins(root: &Path, out_dir: &Path) -> anyhow::Result<()> {
 
     let mut table = String::from("&[\n");
     for name in &names {
-        let wasm = target_dir
-            .join("wasm32-wasip2/release")
-            .join(format!("{}.wasm", name.replace('-', "_")));
+        let wasm = target_dir.join("wasm32-wasip2/release").join(format!("{}.wasm", name.replace('-', "_")));
         if !wasm.is_file() {
             bail!("plugin {name} built no component at {}", wasm.display());
         }

@@ -68,10 +68,7 @@ fn main() {
         ("syscall-latency", Some("variant"), "syscall-latency-variant.wasm", "SYSCALL_LATENCY_VARIANT_WASM"),
     ] {
         let mut cargo = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cargo
-            .current_dir(&root)
-            .args(["build", "--release", "--target", "wasm32-wasip2", "--package", package, "--target-dir"])
-            .arg(&target_dir);
+        cargo.current_dir(&root).args(["build", "--release", "--target", "wasm32-wasip2", "--package", package, "--target-dir"]).arg(&target_dir);
         if let Some(features) = features {
             cargo.args(["--features", features]);
         }

@@ -41,10 +41,7 @@ fn syscalls_of_a_child_reach_metrics_exactly() {
     );
     // getppid never fails; buckets are exact counts, so +Inf equals the count.
     assert_eq!(sample(&metrics, "syscall_latency_errors_total", &[("comm", &comm), ("syscall", "getppid"), ("errno", "ENOENT")]), None);
-    assert_eq!(
-        sample(&metrics, "syscall_latency_seconds_bucket", &[("comm", &comm), ("syscall", "getppid"), ("le", "+Inf")]),
-        Some(GETPPID_CALLS as f64)
-    );
+    assert_eq!(sample(&metrics, "syscall_latency_seconds_bucket", &[("comm", &comm), ("syscall", "getppid"), ("le", "+Inf")]), Some(GETPPID_CALLS as f64));
     let delivered = sample(&metrics, "wasmtap_plugin_events_total", &[("plugin", "syscall-latency")]).unwrap();
     assert!(delivered >= (GETPPID_CALLS + OPENAT_CALLS) as f64, "self-metrics count delivered events: {delivered}");
 
@@ -79,10 +76,7 @@ fn pid_filter_keeps_other_processes_out_of_the_ring_buffer() {
     }
     let comm = unique_comm("f");
     let mut target = workload(&comm, 1_000, 0, true);
-    let config = format!(
-        "[[plugin]]\nname = \"one-pid\"\nbundled = \"syscall-latency\"\nconfig = {{ pids = [{}] }}\n",
-        target.id()
-    );
+    let config = format!("[[plugin]]\nname = \"one-pid\"\nbundled = \"syscall-latency\"\nconfig = {{ pids = [{}] }}\n", target.id());
     let daemon = Daemon::start(Some(&config));
 
     let before = daemon.probe_records();
@@ -115,19 +109,15 @@ fn sigterm_unloads_every_program() {
     let probes = status["probes"].as_array().expect("probes in /status");
     let kinds: Vec<&str> = probes.iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["syscall", "process"]);
-    let ids: Vec<u32> = probes
-        .iter()
-        .flat_map(|p| p["program_ids"].as_array().expect("program ids in /status").iter().map(|v| v.as_u64().unwrap() as u32))
-        .collect();
+    let ids: Vec<u32> =
+        probes.iter().flat_map(|p| p["program_ids"].as_array().expect("program ids in /status").iter().map(|v| v.as_u64().unwrap() as u32)).collect();
     assert_eq!(ids.len(), 7, "four syscall and three process programs are loaded");
     let loaded = || -> Vec<u32> { aya::programs::loaded_programs().filter_map(Result::ok).map(|p| p.id()).collect() };
     assert!(ids.iter().all(|id| loaded().contains(id)), "programs {ids:?} are loaded while running");
     daemon.terminate();
     // The kernel frees a released program asynchronously (after an RCU grace period),
     // so poll; a program still pinned or linked would stay listed for good.
-    wait_for(Duration::from_secs(10), "the daemon's programs to be unloaded", || {
-        loaded().iter().all(|id| !ids.contains(id)).then_some(())
-    });
+    wait_for(Duration::from_secs(10), "the daemon's programs to be unloaded", || loaded().iter().all(|id| !ids.contains(id)).then_some(()));
 }
 
 #[test]
@@ -138,10 +128,7 @@ fn a_broken_plugin_is_reported_and_the_rest_runs_on() {
     let dir = wasmtap_tests::TempDir::new();
     let garbage = dir.0.join("garbage.wasm");
     std::fs::write(&garbage, b"\0asm this is not a component").unwrap();
-    let config = format!(
-        "[[plugin]]\nname = \"broken\"\npath = \"{}\"\n\n[[plugin]]\nname = \"good\"\nbundled = \"syscall-latency\"\n",
-        garbage.display()
-    );
+    let config = format!("[[plugin]]\nname = \"broken\"\npath = \"{}\"\n\n[[plugin]]\nname = \"good\"\nbundled = \"syscall-latency\"\n", garbage.display());
     // One bad plugin neither kills liveness nor readiness; it is reported.
     let daemon = Daemon::start(Some(&config));
     assert_eq!(daemon.get("/healthz", None).unwrap(), (200, "ok\n".to_owned()));
@@ -163,10 +150,7 @@ fn a_bad_config_is_one_clear_error() {
     let out = Command::new(wasmtap_tests::built("wasmtap")).arg("run").arg("--config").arg(&path).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.starts_with("error: invalid config") && stderr.contains("probes.drain_interval_ms must be within 1..=1000, got 0"),
-        "{stderr}"
-    );
+    assert!(stderr.starts_with("error: invalid config") && stderr.contains("probes.drain_interval_ms must be within 1..=1000, got 0"), "{stderr}");
 }
 
 #[test]

@@ -16,8 +16,8 @@ use std::{
 };
 
 use wasmtap_tests::{
-    Daemon, HOSTILE_WASM, SYSCALL_LATENCY_VARIANT_WASM, TempDir, built, privileged_or_skip, promtool_problems, run_workload, sample,
-    sum_samples, unique_comm, wait_for,
+    Daemon, HOSTILE_WASM, SYSCALL_LATENCY_VARIANT_WASM, TempDir, built, privileged_or_skip, promtool_problems, run_workload, sample, sum_samples, unique_comm,
+    wait_for,
 };
 
 const CALLS_PER_RUN: u64 = 20_000;
@@ -211,7 +211,18 @@ fn in_guest_state_is_carried_across_a_replace() {
     run_workload(&comm, 3000, 0);
     wait_for(Duration::from_secs(20), "the first count", || (guest(&daemon) == 3000).then_some(()));
     // A new config is a new instance; only `restore` can bring the count along.
-    let (ok, out, err) = daemon.plugin_cli(&["replace", "st", "--set", "mode = \"stateful\"", "--set", &format!("comm = \"{comm}\""), "--set", "syscall = \"getppid\"", "--set", "token = \"two\""]);
+    let (ok, out, err) = daemon.plugin_cli(&[
+        "replace",
+        "st",
+        "--set",
+        "mode = \"stateful\"",
+        "--set",
+        &format!("comm = \"{comm}\""),
+        "--set",
+        "syscall = \"getppid\"",
+        "--set",
+        "token = \"two\"",
+    ]);
     assert!(ok && out.contains("state carried (8 bytes)"), "{out}{err}");
     run_workload(&comm, 2000, 0);
     wait_for(Duration::from_secs(20), "the carried-over count", || (guest(&daemon) == 5000).then_some(()));
@@ -306,7 +317,8 @@ fn sighup_applies_exactly_the_difference() {
         return;
     }
     let comm = unique_comm("hup");
-    let hostile = |name: &str, mode: &str| format!("[[plugin]]\nname = \"{name}\"\npath = \"{HOSTILE_WASM}\"\nconfig = {{ mode = \"{mode}\", comm = \"{comm}\" }}\n");
+    let hostile =
+        |name: &str, mode: &str| format!("[[plugin]]\nname = \"{name}\"\npath = \"{HOSTILE_WASM}\"\nconfig = {{ mode = \"{mode}\", comm = \"{comm}\" }}\n");
     let before = config(&format!("{}{}{}", latency_plugin(&comm), hostile("gone", "ticks"), hostile("changed", "ticks")));
     let mut daemon = Daemon::start(Some(&before));
     let (lat, changed) = (plugin_version(&daemon, "lat"), daemon.plugin_status("changed"));

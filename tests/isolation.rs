@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use wasmtap_tests::{Cgroup, Daemon, HOSTILE_WASM as HOSTILE, Prometheus, TempDir, privileged_or_skip, promtool_problems, run_workload, sample, unique_comm, wait_for, workload};
+use wasmtap_tests::{
+    Cgroup, Daemon, HOSTILE_WASM as HOSTILE, Prometheus, TempDir, privileged_or_skip, promtool_problems, run_workload, sample, unique_comm, wait_for, workload,
+};
 
 const HOSTILE_FS: &str = env!("HOSTILE_FS_WASM");
 const MULTI_MEMORY: &str = env!("MULTI_MEMORY_WASM");
@@ -41,17 +43,27 @@ fn hostile_plugins_hurt_neither_the_healthy_one_nor_the_scrape() {
         return;
     }
     let cache = TempDir::new();
-    let mut config = format!(
-        "cache_dir = \"{}\"\n\n[plugin_defaults]\nmemory_bytes = 33554432\n\n",
-        cache.0.display()
-    );
+    let mut config = format!("cache_dir = \"{}\"\n\n[plugin_defaults]\nmemory_bytes = 33554432\n\n", cache.0.display());
     // First, while the compile cache is empty: a compile that takes too long.
     config += &hostile("h-compile-time", "", "compile_timeout_ms = 1");
     config += "[[plugin]]\nname = \"syscall-latency\"\nbundled = \"syscall-latency\"\n\n";
     config += &hostile("h-compile-size", "", "component_bytes = 10000");
     for mode in [
-        "bucket-bomb", "help-bomb", "help-injection", "dup-labels", "derived-names", "wide-labels",
-        "counter-overflow", "non-finite", "log-injection", "panic", "memory-bomb", "std", "filter-bomb", "ticks", "sleep",
+        "bucket-bomb",
+        "help-bomb",
+        "help-injection",
+        "dup-labels",
+        "derived-names",
+        "wide-labels",
+        "counter-overflow",
+        "non-finite",
+        "log-injection",
+        "panic",
+        "memory-bomb",
+        "std",
+        "filter-bomb",
+        "ticks",
+        "sleep",
     ] {
         config += &hostile(&format!("h-{mode}"), mode, "");
     }
@@ -81,9 +93,7 @@ fn hostile_plugins_hurt_neither_the_healthy_one_nor_the_scrape() {
 
     // Let the storm, the panics and the ticks run under load for a while.
     let noise = std::thread::spawn(|| run_workload(&unique_comm("z"), 2_000_000, 0));
-    wait_for(Duration::from_secs(60), "the trap storm to be quarantined", || {
-        (daemon.plugin_status("h-trap-storm")["state"] == "quarantined").then_some(())
-    });
+    wait_for(Duration::from_secs(60), "the trap storm to be quarantined", || (daemon.plugin_status("h-trap-storm")["state"] == "quarantined").then_some(()));
     noise.join().unwrap();
 
     let m = daemon.metrics();
@@ -246,7 +256,11 @@ fn json_logs_keep_plugin_fields_structured_and_escaped() {
     let daemon = Daemon::spawn_with_args(Some(&config), 200, None, &["--json-logs"]);
     run_workload(&unique_comm("j"), 100, 0);
     let record = wait_for(Duration::from_secs(20), "the plugin's log record", || {
-        daemon.log().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|r| r["fields"]["plugin"] == "h-log-injection" && r["level"] == "WARN")
+        daemon
+            .log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|r| r["fields"]["plugin"] == "h-log-injection" && r["level"] == "WARN")
     });
     assert_eq!(record["fields"]["message"], "hello\\nFORGED-LINE wasmtap: all good", "{record}");
     assert_eq!(record["fields"]["attrs"]["x\\ny"], "a\\nFORGED-FIELD", "{record}");

@@ -159,11 +159,7 @@ fn process_kind(cpus: usize) {
         wasmtap / 1e3,
         (wasmtap - base) / 1e3
     );
-    println!(
-        "  added, measured exactly: kernel programs {:.0} ns + daemon CPU {:.0} ns per fork+exec+exit",
-        median(kernel),
-        median(daemon_cpu)
-    );
+    println!("  added, measured exactly: kernel programs {:.0} ns + daemon CPU {:.0} ns per fork+exec+exit", median(kernel), median(daemon_cpu));
 }
 
 /// A cached enrichment lookup from a plugin: the hostile test plugin's `enrich-*` modes
@@ -239,9 +235,7 @@ fn overhead(cpus: usize) {
         rounds.push((cpu, base, w.ns_per_call, b, w.cpu_ns_per_event));
     }
     println!("traced workload: {CALLS} getppid calls, medians of {ROUNDS} interleaved rounds, loop pinned to each CPU in turn");
-    let mut groups: Vec<(String, Vec<_>)> = (0..cpus.min(ROUNDS))
-        .map(|c| (format!("cpu {c}"), rounds.iter().filter(|r| r.0 == c).collect()))
-        .collect();
+    let mut groups: Vec<(String, Vec<_>)> = (0..cpus.min(ROUNDS)).map(|c| (format!("cpu {c}"), rounds.iter().filter(|r| r.0 == c).collect())).collect();
     groups.push(("all".into(), rounds.iter().collect()));
     for (name, rs) in &groups {
         let pick = |f: fn(&&(usize, f64, f64, f64, f64)) -> f64| median(rs.iter().map(f).collect());
@@ -256,7 +250,6 @@ fn overhead(cpus: usize) {
     let cpu = median(rounds.iter().map(|r| r.4).collect());
     println!("host CPU per event (daemon user+sys / events delivered): {cpu:.1} ns   (target <= 40)");
 }
-
 
 const SWAPS: usize = 40;
 
@@ -302,7 +295,11 @@ fn swap() {
         percentile(first_batch.clone(), 0.5),
         percentile(first_batch, 0.99)
     );
-    println!("  request round trip (answered once the new build runs): p50 {:.2} ms  p99 {:.2} ms", percentile(round_trip.clone(), 0.5), percentile(round_trip, 0.99));
+    println!(
+        "  request round trip (answered once the new build runs): p50 {:.2} ms  p99 {:.2} ms",
+        percentile(round_trip.clone(), 0.5),
+        percentile(round_trip, 0.99)
+    );
 }
 
 /// Loading a plugin through the admin API (request to running): compiled (empty

@@ -3,15 +3,12 @@
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{
-        generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm},
-    },
+    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
 };
 use wasmtap_events::{
-    COMM_LEN, FILTER_CGROUPS, FILTER_PIDS, FILTER_SELECTORS, MAX_CGROUP_DEPTH, MAX_FILTER_ENTRIES, MAX_SELECTORS, ProbeConfig,
-    RecordHeader, counter,
+    COMM_LEN, FILTER_CGROUPS, FILTER_PIDS, FILTER_SELECTORS, MAX_CGROUP_DEPTH, MAX_FILTER_ENTRIES, MAX_SELECTORS, ProbeConfig, RecordHeader, counter,
 };
 
 /// Records for the host. The size is a placeholder; the host sets it at load time.

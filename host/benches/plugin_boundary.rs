@@ -29,7 +29,10 @@ use wasmtap::{
     sinks::{MetricSink, SelfMetrics, metrics::namespace_for},
 };
 use wasmtap_events::{Record as _, RecordHeader, SyscallRecord};
-use wasmtap_sdk::{HostApi, host::{FamilyDesc, MetricKind}};
+use wasmtap_sdk::{
+    HostApi,
+    host::{FamilyDesc, MetricKind},
+};
 use wasmtime::component::Resource;
 
 const BATCH: usize = 4096;

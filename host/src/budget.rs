@@ -213,12 +213,7 @@ impl TenantBudget {
             series: Quota::new(quota.series as u64),
             metric_bytes: Quota::new(quota.metric_bytes as u64),
             log: Mutex::new(TokenBucket::new(quota.log_bytes_per_second)),
-            cpu: Mutex::new(CpuWindow {
-                allowed: period * quota.cpu_percent / 100,
-                period,
-                started: Instant::now(),
-                spent: Duration::ZERO,
-            }),
+            cpu: Mutex::new(CpuWindow { allowed: period * quota.cpu_percent / 100, period, started: Instant::now(), spent: Duration::ZERO }),
         }
     }
 
@@ -336,20 +331,14 @@ impl Budget {
     pub fn try_charge(&self, reason: Reason, n: u64) -> Result<(), Refusal> {
         let mine = self.quota(reason).expect("a quota kind");
         if !mine.try_charge(n) {
-            return Err(Refusal::new(
-                reason,
-                format!("over the plugin's {} budget ({} of {} used)", reason.label(), mine.used(), mine.limit()),
-            ));
+            return Err(Refusal::new(reason, format!("over the plugin's {} budget ({} of {} used)", reason.label(), mine.used(), mine.limit())));
         }
         if let Some(tenant) = &self.tenant
             && let Some(theirs) = tenant.quota(reason)
             && !theirs.try_charge(n)
         {
             mine.release(n);
-            return Err(Refusal::new(
-                reason,
-                format!("over tenant {}'s {} quota ({} of {} used)", tenant.name, reason.label(), theirs.used(), theirs.limit()),
-            ));
+            return Err(Refusal::new(reason, format!("over tenant {}'s {} quota ({} of {} used)", tenant.name, reason.label(), theirs.used(), theirs.limit())));
         }
         Ok(())
     }

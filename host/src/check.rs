@@ -89,10 +89,7 @@ pub fn run() -> bool {
     match is_program_supported(ProgramType::Tracing) {
         Ok(true) => r.ok("fentry/fexit", "supported"),
         Ok(false) => r.unavailable("fentry/fexit", "not supported by this kernel"),
-        Err(e) => r.unavailable(
-            "fentry/fexit",
-            &format!("refused by the kernel ({:#}); wasmtap's probes do not need it", anyhow::Error::from(e)),
-        ),
+        Err(e) => r.unavailable("fentry/fexit", &format!("refused by the kernel ({:#}); wasmtap's probes do not need it", anyhow::Error::from(e))),
     }
 
     // The real thing: load and attach every kind's probe, recording nothing. (A small

@@ -9,7 +9,6 @@ use hyper::{Method, StatusCode, body::Bytes};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-
 /// One admin call.
 pub enum Request {
     List,

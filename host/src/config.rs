@@ -330,14 +330,7 @@ pub struct TenantQuota {
 
 impl Default for TenantQuota {
     fn default() -> Self {
-        Self {
-            memory_bytes: 256 << 20,
-            series: 20_000,
-            metric_bytes: 16 << 20,
-            log_bytes_per_second: 32 << 10,
-            cpu_percent: 50,
-            cpu_period_ms: 1_000,
-        }
+        Self { memory_bytes: 256 << 20, series: 20_000, metric_bytes: 16 << 20, log_bytes_per_second: 32 << 10, cpu_percent: 50, cpu_period_ms: 1_000 }
     }
 }
 
@@ -437,8 +430,8 @@ impl Config {
                 if bytes.len() > MAX_CONFIG_BYTES {
                     bail!("config {} is larger than {MAX_CONFIG_BYTES} bytes", path.display());
                 }
-                let text = String::from_utf8(bytes)
-                    .map_err(|e| anyhow::anyhow!("config {} is not UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to()))?;
+                let text =
+                    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("config {} is not UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to()))?;
                 Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
             }
         }
@@ -615,11 +608,8 @@ fn toml_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
 pub fn read_regular_file(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
     use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
     // Non-blocking, so that a FIFO at the path cannot hold the open.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK)
-        .open(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NONBLOCK).open(path).with_context(|| format!("cannot read {}", path.display()))?;
     if !file.metadata().is_ok_and(|m| m.is_file()) {
         bail!("{} is not a regular file", path.display());
     }
@@ -658,7 +648,10 @@ mod tests {
 
     #[test]
     fn plugin_config_keeps_its_toml_types() {
-        let c = Config::parse("[plugin_defaults]\nseries = 7\n[[plugin]]\nname=\"a\"\nbundled=\"x\"\nhelp_bytes = 9\nconfig = { pids = [1, 2], mode = \"fast\", n = 3 }").unwrap();
+        let c = Config::parse(
+            "[plugin_defaults]\nseries = 7\n[[plugin]]\nname=\"a\"\nbundled=\"x\"\nhelp_bytes = 9\nconfig = { pids = [1, 2], mode = \"fast\", n = 3 }",
+        )
+        .unwrap();
         assert_eq!((c.plugins[0].limits.series, c.plugins[0].limits.help_bytes, c.plugins[0].limits.buckets), (7, 9, 64));
         use ConfigNode::*;
         assert_eq!(

@@ -30,9 +30,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
-        format!("cannot listen on {}\n  fix: pass a free address with --listen, or set `listen` in the config", config.listen)
-    })?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}\n  fix: pass a free address with --listen, or set `listen` in the config", config.listen))?;
     let mut metric_registry = MetricRegistry::default();
     let self_metrics = SelfMetrics::register(&mut metric_registry);
     let sink = Arc::new(MetricSink::default());

@@ -101,10 +101,15 @@ fn main() -> ExitCode {
         Command::Run { config: config_path, listen, json_logs, admin_socket, capabilities_keep } => {
             // stderr, like plugin records in JSON mode (written by the log sink).
             // Colours only for a person at a terminal, never into a file or journal.
-            let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).with_env_filter(
-                EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-            );
-            if json_logs { logs.json().init() } else { logs.init() }
+            let logs = tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
+            if json_logs {
+                logs.json().init()
+            } else {
+                logs.init()
+            }
             wasmtap::sinks::logs::use_json(json_logs);
             let overrides = wasmtap::server::admin::Overrides { listen, admin_socket, capabilities_keep };
             let result = Config::load(config_path.as_deref())
@@ -146,7 +151,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check => if check::run() { ExitCode::SUCCESS } else { ExitCode::FAILURE },
+        Command::Check => {
+            if check::run() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Command::CheckConfig { file } => match wasmtap::config::Config::check(&file) {
             Ok(summary) => {
                 println!("{summary}");

@@ -25,7 +25,8 @@ pub fn parse(names: &[String]) -> anyhow::Result<CapsHashSet> {
         .map(|name| {
             let upper = name.to_ascii_uppercase();
             let full = if upper.starts_with("CAP_") { upper } else { format!("CAP_{upper}") };
-            full.parse::<Capability>().map_err(|_| anyhow::anyhow!("unknown capability {:?} (e.g. bpf, perfmon, sys_admin)", crate::sinks::logs::sanitize(name, 32)))
+            full.parse::<Capability>()
+                .map_err(|_| anyhow::anyhow!("unknown capability {:?} (e.g. bpf, perfmon, sys_admin)", crate::sinks::logs::sanitize(name, 32)))
         })
         .collect()
 }

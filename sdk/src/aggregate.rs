@@ -95,13 +95,7 @@ impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
 }
 
 fn declare<H: HostApi>(host: &H, name: &str, help: &str, kind: MetricKind, labels: &[&str], buckets: Vec<f64>) -> Result<H::Family, String> {
-    host.declare_family(&FamilyDesc {
-        name: name.into(),
-        help: help.into(),
-        kind,
-        label_names: labels.iter().map(|s| s.to_string()).collect(),
-        buckets,
-    })
+    host.declare_family(&FamilyDesc { name: name.into(), help: help.into(), kind, label_names: labels.iter().map(|s| s.to_string()).collect(), buckets })
 }
 
 /// A histogram family whose observations are integers in some unit (e.g. nanoseconds)
@@ -171,9 +165,11 @@ struct Bounds {
 
 impl Bounds {
     fn new(bounds: Vec<u64>) -> Self {
-        let pow2_from = bounds.first().filter(|b| b.is_power_of_two()).map(|b| b.trailing_zeros()).filter(|&k| {
-            bounds.iter().enumerate().all(|(i, &b)| k as usize + i < 64 && b == 1 << (k as usize + i))
-        });
+        let pow2_from = bounds
+            .first()
+            .filter(|b| b.is_power_of_two())
+            .map(|b| b.trailing_zeros())
+            .filter(|&k| bounds.iter().enumerate().all(|(i, &b)| k as usize + i < 64 && b == 1 << (k as usize + i)));
         Self { bounds, pow2_from }
     }
 

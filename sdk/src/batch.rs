@@ -67,11 +67,14 @@ mod tests {
     }
 
     fn bytes_of<R: Record>(records: &[R], stride: usize) -> Vec<u8> {
-        records.iter().flat_map(|r| {
-            let mut b = r.as_bytes().to_vec();
-            b.resize(stride, 0xAA);
-            b
-        }).collect()
+        records
+            .iter()
+            .flat_map(|r| {
+                let mut b = r.as_bytes().to_vec();
+                b.resize(stride, 0xAA);
+                b
+            })
+            .collect()
     }
 
     #[test]

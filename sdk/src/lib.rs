@@ -54,8 +54,8 @@ pub mod bindings {
     });
 }
 
-pub use bindings::wasmtap::plugin::{enrich, logs, metrics};
 pub use bindings::wasmtap::plugin::types::{ConfigValue, Filter, HostInfo, Manifest, Subscription};
+pub use bindings::wasmtap::plugin::{enrich, logs, metrics};
 
 impl Default for Filter {
     /// Everything of the kind.
@@ -134,10 +134,7 @@ macro_rules! export_plugin {
             struct Export;
 
             impl $crate::bindings::exports::wasmtap::plugin::handler::Guest for Export {
-                fn init(
-                    host: $crate::HostInfo,
-                    config: ::std::vec::Vec<$crate::ConfigValue>,
-                ) -> Result<$crate::Manifest, ::std::string::String> {
+                fn init(host: $crate::HostInfo, config: ::std::vec::Vec<$crate::ConfigValue>) -> Result<$crate::Manifest, ::std::string::String> {
                     $crate::report_panics();
                     let config = $crate::Config::new(config);
                     let (plugin, manifest) = <$plugin as $crate::Plugin>::init(&host, &config)?;
@@ -145,12 +142,7 @@ macro_rules! export_plugin {
                     Ok(manifest)
                 }
 
-                fn on_batch(
-                    kind: ::std::string::String,
-                    record_size: u32,
-                    records: ::std::vec::Vec<u8>,
-                    dropped: u64,
-                ) {
+                fn on_batch(kind: ::std::string::String, record_size: u32, records: ::std::vec::Vec<u8>, dropped: u64) {
                     STATE.with(|s| {
                         let mut state = s.borrow_mut();
                         let plugin = state.as_mut().expect("on-batch before init");

@@ -147,12 +147,7 @@ impl Daemon {
     /// Resident memory of the daemon, in bytes.
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("daemon status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .expect("VmRSS")
-            * 1024
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).expect("VmRSS") * 1024
     }
 
     /// The `/status` entry of plugin `name`.
@@ -203,9 +198,7 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let (series, value) = line.rsplit_once(' ')?;
         let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
         let got: Vec<&str> = rest.trim_end_matches('}').split(',').filter(|s| !s.is_empty()).collect();
-        (metric == name && got.len() == want.len() && want.iter().all(|w| got.contains(&w.as_str())))
-            .then(|| value.parse().ok())
-            .flatten()
+        (metric == name && got.len() == want.len() && want.iter().all(|w| got.contains(&w.as_str()))).then(|| value.parse().ok()).flatten()
     })
 }
 
@@ -328,9 +321,7 @@ impl Prometheus {
             .spawn()
             .expect("prometheus is installed (./dev setup installs it)");
         let prometheus = Self { child, addr, _dir: dir };
-        wait_for(Duration::from_secs(60), "Prometheus to be ready", || {
-            http_get(prometheus.addr, "/-/ready", None).filter(|(code, _)| *code == 200)
-        });
+        wait_for(Duration::from_secs(60), "Prometheus to be ready", || http_get(prometheus.addr, "/-/ready", None).filter(|(code, _)| *code == 200));
         prometheus
     }
 
@@ -339,9 +330,7 @@ impl Prometheus {
     /// target is up.
     pub fn assert_exact_workload(&self, comm: &str, getppid: u64, openat: u64) {
         let count = format!("syscall_latency_seconds_count{{comm=\"{comm}\",syscall=\"getppid\"}}");
-        let got = wait_for(Duration::from_secs(60), "Prometheus to scrape the workload", || {
-            self.query(&count).filter(|v| *v >= getppid as f64)
-        });
+        let got = wait_for(Duration::from_secs(60), "Prometheus to scrape the workload", || self.query(&count).filter(|v| *v >= getppid as f64));
         assert_eq!(got, getppid as f64);
         let errors = format!("syscall_latency_errors_total{{comm=\"{comm}\",syscall=\"openat\",errno=\"ENOENT\"}}");
         assert_eq!(self.query(&errors), Some(openat as f64));
@@ -350,10 +339,8 @@ impl Prometheus {
 
     /// The value of an instant query with exactly one result, if it has one.
     pub fn query(&self, promql: &str) -> Option<f64> {
-        let encoded: String = promql
-            .bytes()
-            .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
-            .collect();
+        let encoded: String =
+            promql.bytes().map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
         let (code, body) = http_get(self.addr, &format!("/api/v1/query?query={encoded}"), None)?;
         if code != 200 {
             return None;

@@ -54,17 +54,7 @@ pub const SIZE_0_2_0: usize = offset_of!(ProcessRecord, lifetime_ns);
 
 impl Default for ProcessRecord {
     fn default() -> Self {
-        Self {
-            header: RecordHeader::default(),
-            event: 0,
-            ppid: 0,
-            uid: 0,
-            child_pid: 0,
-            exit_code: 0,
-            signal: 0,
-            lifetime_ns: 0,
-            filename: [0; FILENAME_LEN],
-        }
+        Self { header: RecordHeader::default(), event: 0, ppid: 0, uid: 0, child_pid: 0, exit_code: 0, signal: 0, lifetime_ns: 0, filename: [0; FILENAME_LEN] }
     }
 }
 

@@ -18,10 +18,7 @@ fn rust_layouts() -> Vec<(&'static str, Layout<&'static str>)> {
     vec![
         ("record-header", (None, fields!(RecordHeader: ts_ns, cgroup_id, pid, tid, comm))),
         ("syscall-record", (Some(SyscallRecord::SIZE), fields!(SyscallRecord: header, latency_ns, ret, syscall_nr, reserved))),
-        (
-            "process-record",
-            (Some(ProcessRecord::SIZE), fields!(ProcessRecord: header, event, ppid, uid, child_pid, exit_code, signal, lifetime_ns, filename)),
-        ),
+        ("process-record", (Some(ProcessRecord::SIZE), fields!(ProcessRecord: header, event, ppid, uid, child_pid, exit_code, signal, lifetime_ns, filename))),
     ]
 }
 
@@ -60,7 +57,15 @@ fn every_documented_layout_matches_its_rust_struct() {
     let wit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../wit/wasmtap.wit")).expect("wit/wasmtap.wit");
     let documented = documented(&wit);
     let rust = rust_layouts();
-    assert_eq!(documented.keys().collect::<Vec<_>>(), { let mut names: Vec<_> = rust.iter().map(|r| r.0).collect(); names.sort(); names }, "documented layouts");
+    assert_eq!(
+        documented.keys().collect::<Vec<_>>(),
+        {
+            let mut names: Vec<_> = rust.iter().map(|r| r.0).collect();
+            names.sort();
+            names
+        },
+        "documented layouts"
+    );
     for (name, (size, fields)) in rust {
         let (doc_size, doc_fields) = &documented[name];
         assert_eq!(*doc_size, size, "{name}: documented size");

@@ -16,9 +16,7 @@ const SCOPE_PREFIXES: &[&str] = &["docker-", "cri-containerd-", "crio-", "libpod
 /// prefix and `.scope` suffix, contains) 64 hex digits.
 pub fn container_id(path: &str) -> Option<String> {
     path.split('/').rev().find_map(|component| {
-        let id = component.strip_suffix(".scope").map_or(component, |scoped| {
-            SCOPE_PREFIXES.iter().find_map(|p| scoped.strip_prefix(p)).unwrap_or(scoped)
-        });
+        let id = component.strip_suffix(".scope").map_or(component, |scoped| SCOPE_PREFIXES.iter().find_map(|p| scoped.strip_prefix(p)).unwrap_or(scoped));
         (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_ascii_lowercase())
     })
 }
@@ -33,8 +31,7 @@ pub fn pod_uid(path: &str) -> Option<String> {
             return None;
         }
         let uid = name[at + 3..].replace('_', "-");
-        let is_uuid = uid.len() == 36
-            && uid.char_indices().all(|(i, c)| if matches!(i, 8 | 13 | 18 | 23) { c == '-' } else { c.is_ascii_hexdigit() });
+        let is_uuid = uid.len() == 36 && uid.char_indices().all(|(i, c)| if matches!(i, 8 | 13 | 18 | 23) { c == '-' } else { c.is_ascii_hexdigit() });
         is_uuid.then_some(uid)
     })
 }

@@ -216,10 +216,7 @@ impl Enricher {
             cgroups: Mutex::default(),
             walk: Mutex::default(),
             users: procfs::users().into_iter().collect(),
-            node: NodeFacts {
-                hostname: text(uname.as_ref().map(|u| u.nodename())),
-                kernel_release: text(uname.as_ref().map(|u| u.release())),
-            },
+            node: NodeFacts { hostname: text(uname.as_ref().map(|u| u.nodename())), kernel_release: text(uname.as_ref().map(|u| u.release())) },
             cgroup_root: crate::events::scope::cgroup2_mount(),
         }
     }

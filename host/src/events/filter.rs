@@ -126,10 +126,18 @@ impl CompiledFilters {
         let mut c = Self { all: filters.iter().any(EventFilter::is_all), ..Default::default() };
         for (i, f) in filters.iter().enumerate() {
             let bit = 1u64 << i;
-            if f.pids.is_empty() { c.any_pid |= bit }
-            if f.cgroups.is_empty() { c.any_cgroup |= bit }
-            if f.comms.is_empty() { c.any_comm |= bit }
-            if f.selectors.is_empty() { c.any_selector |= bit }
+            if f.pids.is_empty() {
+                c.any_pid |= bit
+            }
+            if f.cgroups.is_empty() {
+                c.any_cgroup |= bit
+            }
+            if f.comms.is_empty() {
+                c.any_comm |= bit
+            }
+            if f.selectors.is_empty() {
+                c.any_selector |= bit
+            }
             f.pids.iter().for_each(|&p| *c.pids.entry(p).or_default() |= bit);
             f.cgroups.iter().for_each(|&g| *c.cgroups.entry(g).or_default() |= bit);
             f.comms.iter().for_each(|&n| *c.comms.entry(n).or_default() |= bit);

@@ -53,10 +53,8 @@ impl ReaderThread {
         let handle = runtime.handle().clone();
         let stop = CancellationToken::new();
         let until = stop.clone();
-        let thread = thread::Builder::new()
-            .name("wasmtap-reader".into())
-            .spawn(move || runtime.block_on(until.cancelled()))
-            .context("spawning the reader thread")?;
+        let thread =
+            thread::Builder::new().name("wasmtap-reader".into()).spawn(move || runtime.block_on(until.cancelled())).context("spawning the reader thread")?;
         Ok(Self { runtime: handle, stop, thread })
     }
 

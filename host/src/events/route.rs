@@ -152,9 +152,7 @@ mod tests {
     use crate::{probes::syscall::KIND, sinks::SelfMetrics};
 
     fn records(pids: &[u32]) -> Vec<u8> {
-        pids.iter()
-            .flat_map(|&pid| SyscallRecord { header: RecordHeader { pid, ..Default::default() }, ..Default::default() }.as_bytes().to_vec())
-            .collect()
+        pids.iter().flat_map(|&pid| SyscallRecord { header: RecordHeader { pid, ..Default::default() }, ..Default::default() }.as_bytes().to_vec()).collect()
     }
 
     #[test]

@@ -60,11 +60,7 @@ impl CgroupScope {
         // The kernel looks for a scope among a task's first MAX_CGROUP_DEPTH ancestors.
         let depth = dir.strip_prefix(&mount).map(|rel| rel.components().count()).unwrap_or(usize::MAX);
         if depth == 0 || depth > MAX_CGROUP_DEPTH as usize {
-            bail!(
-                "{} is {depth} levels below the cgroup2 mount {}; a scope must be 1 to {MAX_CGROUP_DEPTH} levels below it",
-                dir.display(),
-                mount.display()
-            );
+            bail!("{} is {depth} levels below the cgroup2 mount {}; a scope must be 1 to {MAX_CGROUP_DEPTH} levels below it", dir.display(), mount.display());
         }
         let root_id = std::fs::metadata(&dir).with_context(|| format!("cannot stat {}", dir.display()))?.ino();
         let scope = Self { dir, root_id, inside: RwLock::default(), outside: Mutex::new((HashSet::new(), Instant::now())), too_big: AtomicBool::new(false) };

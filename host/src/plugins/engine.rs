@@ -3,11 +3,11 @@
 //! the trusted on-disk cache of precompiled components ([`super::cache`]).
 
 use std::{
+    collections::VecDeque,
     hash::{DefaultHasher, Hash as _, Hasher as _},
     io::{Read as _, Write as _},
     path::PathBuf,
     process::{Command, Stdio},
-    collections::VecDeque,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering::Relaxed},

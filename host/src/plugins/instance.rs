@@ -79,16 +79,14 @@ impl Instance {
     pub fn on_batch(&mut self, deadline: Duration, kind: Kind, records: &[u8], dropped: u64) -> anyhow::Result<()> {
         self.store.set_epoch_deadline(PluginEngine::ticks(deadline));
         self.store.data_mut().begin_call();
-        let result =
-            self.bindings.wasmtap_plugin_handler().call_on_batch(&mut self.store, kind.name, kind.record_size as u32, records, dropped);
+        let result = self.bindings.wasmtap_plugin_handler().call_on_batch(&mut self.store, kind.name, kind.record_size as u32, records, dropped);
         self.finish(result).context("on-batch trapped")
     }
 
     /// Lets the plugin flush; `now` is the monotonic clock.
     pub fn tick(&mut self, deadline: Duration) -> anyhow::Result<()> {
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-            .unwrap_or_default();
+        let now =
+            nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64).unwrap_or_default();
         self.store.set_epoch_deadline(PluginEngine::ticks(deadline));
         self.store.data_mut().begin_call();
         let result = self.bindings.wasmtap_plugin_handler().call_tick(&mut self.store, now);

@@ -22,7 +22,10 @@ use crate::{
     budget::{Budget, Reason, Refusal, TenantBudget},
     config::{ConfigNode, PluginConfig},
     enrich::Enricher,
-    sinks::{MetricSink, SelfMetrics, metrics::{Staging, namespace_for}},
+    sinks::{
+        MetricSink, SelfMetrics,
+        metrics::{Staging, namespace_for},
+    },
 };
 
 /// What every plugin shares from the host.
@@ -51,10 +54,7 @@ pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<Te
         engine::CompileError::Invalid(e) => e.context("not a valid wasmtap plugin component"),
     })?;
     wasi::check_imports(engine.engine(), &component).map_err(|refusal| budget.refuse(refusal))?;
-    let uses_enrichment = component
-        .component_type()
-        .imports(engine.engine())
-        .any(|(name, _)| name.starts_with("wasmtap:plugin/enrich@"));
+    let uses_enrichment = component.component_type().imports(engine.engine()).any(|(name, _)| name.starts_with("wasmtap:plugin/enrich@"));
     let pre = engine.prepare(&component).context("the component does not fit the wasmtap:plugin world")?;
     let state = host::StateIndices::new(pre.instance_pre()).ok();
     Ok(PluginSpec {
@@ -85,9 +85,9 @@ pub fn namespace_of(config: &PluginConfig, tenant: Option<&TenantBudget>) -> Str
 /// The component a plugin config names (at most `component_bytes` and one more byte).
 pub fn component_bytes(config: &PluginConfig) -> anyhow::Result<std::borrow::Cow<'static, [u8]>> {
     Ok(match (&config.bundled, &config.path) {
-        (Some(name), _) => bundled::get(name)
-            .with_context(|| format!("no bundled plugin {name:?}; bundled: {}", bundled::names().collect::<Vec<_>>().join(", ")))?
-            .into(),
+        (Some(name), _) => {
+            bundled::get(name).with_context(|| format!("no bundled plugin {name:?}; bundled: {}", bundled::names().collect::<Vec<_>>().join(", ")))?.into()
+        }
         (None, Some(path)) => crate::config::read_regular_file(path, config.limits.component_bytes)?.into(),
         (None, None) => anyhow::bail!("neither `bundled` nor `path` set"),
     })

@@ -38,10 +38,7 @@ use crate::{
     events::{CgroupScope, Router, Subscriber, route::Observer},
     probes::attached::Attached,
     server::AppState,
-    sinks::{
-        logs::sanitize,
-        metrics::Staging,
-    },
+    sinks::{logs::sanitize, metrics::Staging},
 };
 
 /// How long a replace waits for the old build to finish its queue and hand over, past

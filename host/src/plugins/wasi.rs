@@ -64,8 +64,7 @@ pub const ALLOWED: &[&str] = &[
 pub fn check_imports(engine: &Engine, component: &Component) -> Result<(), Refusal> {
     for (name, import) in component.component_type().imports(engine) {
         let base = name.split('@').next().unwrap_or(name);
-        let allowed = matches!(import.ty, ComponentItem::ComponentInstance(_))
-            && (ALLOWED.contains(&base) || base.starts_with("wasmtap:plugin/"));
+        let allowed = matches!(import.ty, ComponentItem::ComponentInstance(_)) && (ALLOWED.contains(&base) || base.starts_with("wasmtap:plugin/"));
         if !allowed {
             return Err(Refusal::new(
                 Reason::Import,

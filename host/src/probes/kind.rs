@@ -245,11 +245,9 @@ impl Probe {
         sync_set(&mut self.ebpf, maps::CGROUP_FILTER, &old.cgroups, &filter.cgroups, Stage::Add)?;
         set_selectors(&mut self.ebpf, filter.selectors.difference(&old.selectors), 1)?;
         let mut filters = 0;
-        for (bit, on) in [
-            (FILTER_PIDS, !filter.pids.is_empty()),
-            (FILTER_CGROUPS, !filter.cgroups.is_empty()),
-            (FILTER_SELECTORS, !filter.selectors.is_empty()),
-        ] {
+        for (bit, on) in
+            [(FILTER_PIDS, !filter.pids.is_empty()), (FILTER_CGROUPS, !filter.cgroups.is_empty()), (FILTER_SELECTORS, !filter.selectors.is_empty())]
+        {
             if on {
                 filters |= bit;
             }

@@ -28,9 +28,8 @@ pub fn ensure_mounted(path: &str, fstype: &str) -> anyhow::Result<bool> {
     if !Path::new(path).is_dir() {
         anyhow::bail!("{path} does not exist; this kernel lacks {fstype} support");
     }
-    mount(Some(fstype), path, Some(fstype), MsFlags::empty(), None::<&str>).with_context(|| {
-        format!("cannot mount {fstype} at {path}\n  fix: mount -t {fstype} {fstype} {path}   (or run wasmtap as root)")
-    })?;
+    mount(Some(fstype), path, Some(fstype), MsFlags::empty(), None::<&str>)
+        .with_context(|| format!("cannot mount {fstype} at {path}\n  fix: mount -t {fstype} {fstype} {path}   (or run wasmtap as root)"))?;
     Ok(true)
 }
 

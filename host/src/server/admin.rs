@@ -37,7 +37,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{config::Config, plugins::registry::Registry};
 
-
 const MAX_CONNECTIONS: usize = 8;
 const MAX_BODY_BYTES: usize = 64 * 1024;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -137,8 +136,7 @@ pub async fn serve(listener: UnixListener, path: PathBuf, admin: Arc<Admin>, sto
                     Ok::<_, Infallible>(handle(req, admin).await)
                 }
             });
-            let connection =
-                http1::Builder::new().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).serve_connection(TokioIo::new(stream), service);
+            let connection = http1::Builder::new().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).serve_connection(TokioIo::new(stream), service);
             if let Err(e) = connection.await {
                 tracing::debug!("admin connection ended: {e}");
             }
@@ -211,9 +209,20 @@ pub fn reload(admin: &Admin) -> anyhow::Result<crate::plugins::registry::Applied
     {
         let c = admin.config.read().expect("config");
         let restart = (c.listen, &c.server, &c.probes, &c.tenants, &c.cache_dir, c.cache_max_bytes, &c.admin_socket, &c.capabilities_keep)
-            != (config.listen, &config.server, &config.probes, &config.tenants, &config.cache_dir, config.cache_max_bytes, &config.admin_socket, &config.capabilities_keep);
+            != (
+                config.listen,
+                &config.server,
+                &config.probes,
+                &config.tenants,
+                &config.cache_dir,
+                config.cache_max_bytes,
+                &config.admin_socket,
+                &config.capabilities_keep,
+            );
         if restart {
-            tracing::warn!("the config's listen, server, probes, tenants, cache_dir, cache_max_bytes, admin_socket or capabilities_keep changed: those take a restart; applying the plugins only");
+            tracing::warn!(
+                "the config's listen, server, probes, tenants, cache_dir, cache_max_bytes, admin_socket or capabilities_keep changed: those take a restart; applying the plugins only"
+            );
         }
     }
     let applied = admin.registry.apply_file(&config.plugins)?;

@@ -21,10 +21,7 @@ pub mod status;
 
 use std::{
     convert::Infallible,
-    sync::{
-        Arc, RwLock,
-        atomic::Ordering::Relaxed,
-    },
+    sync::{Arc, RwLock, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
@@ -128,10 +125,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
                     Ok::<_, Infallible>(response)
                 }
             });
-            let served = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), service);
+            let served = http1::Builder::new().timer(TokioTimer::new()).header_read_timeout(header_timeout).serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 result = served => if let Err(e) = result {
                     tracing::debug!("connection ended: {e}");
@@ -145,11 +139,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
 }
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, content_type)
-        .body(Full::new(body.into()))
-        .expect("static response parts are valid")
+    Response::builder().status(status).header(header::CONTENT_TYPE, content_type).body(Full::new(body.into())).expect("static response parts are valid")
 }
 
 async fn handle(req: &Request<Incoming>, state: Arc<AppState>) -> Response<Full<Bytes>> {
@@ -164,22 +154,14 @@ async fn handle(req: &Request<Incoming>, state: Arc<AppState>) -> Response<Full<
     };
     match req.uri().path() {
         "/metrics" => {
-            let wants_openmetrics = req
-                .headers()
-                .get(header::ACCEPT)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.contains("application/openmetrics-text"));
+            let wants_openmetrics = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/openmetrics-text"));
             let Ok(permit) = state.scrapes.clone().acquire_owned().await else {
                 return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n");
             };
             let encoded = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
                 let mut body = String::new();
-                let encoded = if wants_openmetrics {
-                    text::encode(&mut body, &state.registry)
-                } else {
-                    prometheus_text::encode(&mut body, &state.registry)
-                };
+                let encoded = if wants_openmetrics { text::encode(&mut body, &state.registry) } else { prometheus_text::encode(&mut body, &state.registry) };
                 encoded.map(|()| body)
             })
             .await;

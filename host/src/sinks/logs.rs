@@ -104,8 +104,7 @@ impl LogSink {
         }
         let max = MAX_MESSAGE_BYTES.min(self.budget.log_burst());
         let message = sanitize(message, max);
-        let fields: Vec<(String, String)> =
-            fields.iter().take(MAX_FIELDS).map(|(k, v)| (sanitize(k, MAX_KEY_BYTES), sanitize(v, MAX_VALUE_BYTES))).collect();
+        let fields: Vec<(String, String)> = fields.iter().take(MAX_FIELDS).map(|(k, v)| (sanitize(k, MAX_KEY_BYTES), sanitize(v, MAX_VALUE_BYTES))).collect();
         let size = message.len() + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
         if self.budget.take_log_bytes(size.max(1)).is_err() {
             return false;

@@ -360,8 +360,7 @@ impl MetricFamily {
             return;
         }
         let label_map: Vec<Option<usize>> = self.spec.label_names.iter().map(|n| old.spec.label_names.iter().position(|o| o == n)).collect();
-        let bucket_map: Vec<usize> =
-            old.spec.buckets.iter().map(|&b| self.spec.buckets.partition_point(|&n| n < b)).chain([self.spec.buckets.len()]).collect();
+        let bucket_map: Vec<usize> = old.spec.buckets.iter().map(|&b| self.spec.buckets.partition_point(|&n| n < b)).chain([self.spec.buckets.len()]).collect();
         for series in old_series {
             let values: Vec<String> = label_map.iter().map(|i| i.map_or_else(String::new, |i| series.labels[i].1.clone())).collect();
             let target = self.intern(&values, new_budget, true).expect("forced interning");
@@ -617,19 +616,11 @@ impl MetricFamily {
         for s in &series {
             let mut metric = family.encode_family(&s.labels)?;
             match &s.value {
-                SeriesValue::Counter(c) => {
-                    metric.encode_counter::<NoLabelSet, u64, u64>(&c.load(Relaxed), None)?
-                }
+                SeriesValue::Counter(c) => metric.encode_counter::<NoLabelSet, u64, u64>(&c.load(Relaxed), None)?,
                 SeriesValue::Gauge(g) => metric.encode_gauge(&f64::from_bits(g.load(Relaxed)))?,
                 SeriesValue::Histogram { buckets, sum, .. } => {
-                    let counts: Vec<(f64, u64)> = self
-                        .spec
-                        .buckets
-                        .iter()
-                        .copied()
-                        .chain([f64::INFINITY])
-                        .zip(buckets.iter().map(|b| b.load(Relaxed)))
-                        .collect();
+                    let counts: Vec<(f64, u64)> =
+                        self.spec.buckets.iter().copied().chain([f64::INFINITY]).zip(buckets.iter().map(|b| b.load(Relaxed))).collect();
                     // Never past u64::MAX: the adds that feed the buckets keep their
                     // total (`count`) within it.
                     let count = counts.iter().fold(0u64, |total, (_, n)| total.saturating_add(*n));

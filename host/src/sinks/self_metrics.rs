@@ -89,22 +89,14 @@ impl SelfMetrics {
         let m = Self::default();
         let r = registry.sub_registry_with_prefix("wasmtap");
         r.register("probe_records", "Records read from a probe's ring buffer.", m.probe_records.clone());
-        r.register(
-            "probe_kernel_drops",
-            "Records lost in the kernel because a probe's ring buffer was full.",
-            m.probe_kernel_drops.clone(),
-        );
+        r.register("probe_kernel_drops", "Records lost in the kernel because a probe's ring buffer was full.", m.probe_kernel_drops.clone());
         r.register(
             "probe_malformed_records",
             "Records of a size the kind's layout does not have; not delivered (a kernel/host build mismatch).",
             m.probe_malformed.clone(),
         );
         r.register("plugin_events", "Events delivered to a plugin.", m.plugin_events.clone());
-        r.register(
-            "plugin_dropped_events",
-            "Events dropped for a plugin because its queue was full or it was down.",
-            m.plugin_dropped.clone(),
-        );
+        r.register("plugin_dropped_events", "Events dropped for a plugin because its queue was full or it was down.", m.plugin_dropped.clone());
         r.register("plugin_batches", "Batches delivered to a plugin.", m.plugin_batches.clone());
         r.register("plugin_busy_seconds", "Time spent inside a plugin's calls.", m.plugin_busy.clone());
         r.register("plugin_traps", "Calls into a plugin that trapped.", m.plugin_traps.clone());

@@ -11,8 +11,8 @@
 
 use rustc_hash::FxHashMap;
 use wasmtap_sdk::{
-    Config, CounterVec, Filter, HistogramVec, HostInfo, Manifest, Plugin, ProcessBatch, ProcessRecord, Record as _, Subscription, Wit,
-    enrich, export_plugin, process::event,
+    Config, CounterVec, Filter, HistogramVec, HostInfo, Manifest, Plugin, ProcessBatch, ProcessRecord, Record as _, Subscription, Wit, enrich, export_plugin,
+    process::event,
 };
 
 /// Cgroups whose label is remembered; the table is cleared when it fills.

@@ -7,8 +7,8 @@
 //! cgroup, or its cgroup path outside containers (looked up for each new series).
 
 use wasmtap_sdk::{
-    Config, CounterVec, Filter, HistogramVec, HostApi, HostInfo, Manifest, Plugin, Record as _, Subscription, SyscallBatch, SyscallRecord,
-    Wit, enrich, export_plugin,
+    Config, CounterVec, Filter, HistogramVec, HostApi, HostInfo, Manifest, Plugin, Record as _, Subscription, SyscallBatch, SyscallRecord, Wit, enrich,
+    export_plugin,
     names::{errno_label, syscall_label},
 };
 

@@ -53,9 +53,7 @@ fn churn(comm: &str, forks: u32, codes: u32, exec_path: &str, execs: u32) {
     for i in 0..forks {
         fork_exit(10 + (i % codes) as i32);
     }
-    let held: Vec<_> = (0..execs)
-        .map(|_| Command::new(exec_path).arg("hold").stdin(Stdio::piped()).spawn().expect("spawn the exec child"))
-        .collect();
+    let held: Vec<_> = (0..execs).map(|_| Command::new(exec_path).arg("hold").stdin(Stdio::piped()).spawn().expect("spawn the exec child")).collect();
     println!("spawned");
     std::io::stdout().flush().expect("stdout");
     read_line();
