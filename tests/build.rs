@@ -31,7 +31,7 @@ fn multi_memory_component(root: &std::path::Path) -> Vec<u8> {
     let mut exports = ExportSection::new();
     exports.export("memory", ExportKind::Memory, 0).export("cabi_realloc", ExportKind::Func, 0);
     for (i, name) in ["init", "on-batch", "tick"].iter().enumerate() {
-        exports.export(&format!("wasmtap:plugin/handler@0.2.2#{name}"), ExportKind::Func, i as u32 + 1);
+        exports.export(&format!("wasmtap:plugin/handler@0.2.3#{name}"), ExportKind::Func, i as u32 + 1);
     }
     let mut code = CodeSection::new();
     let mut realloc = Function::new([]);

@@ -394,7 +394,7 @@ impl PluginConfig {
     fn resolve_limits(&mut self, defaults: PluginLimits) -> anyhow::Result<()> {
         let mut table = toml::Table::try_from(defaults)?;
         table.extend(std::mem::take(&mut self.overrides));
-        self.limits = table.try_into()?;
+        self.limits = table.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}", sanitize(e.message().trim(), 200)))?;
         Ok(())
     }
 }
@@ -575,6 +575,11 @@ impl PluginConfig {
     /// The component is there: a bundled name, or a regular file within
     /// `component_bytes` that starts with the component header.
     fn check_source(&self) -> anyhow::Result<()> {
+        if let Some(name) = &self.bundled
+            && crate::plugins::bundled::get(name).is_none()
+        {
+            bail!("no bundled plugin {:?}; bundled: {}", sanitize(name, 64), crate::plugins::bundled::names().collect::<Vec<_>>().join(", "));
+        }
         if let Some(path) = &self.path {
             let head = read_regular_file(path, 8)?;
             // `\0asm`, then the component layer's version (0x0d, 0x00) and layer (0x01, 0x00).

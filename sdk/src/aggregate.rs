@@ -10,7 +10,8 @@ use rustc_hash::FxHashMap;
 use crate::host::{FamilyDesc, HostApi, MetricKind, Wit};
 
 /// Key → slot table with a one-entry cache for runs of the same key (the common case:
-/// a thread issuing the same syscall in a loop). Removed slots are reused.
+/// a thread issuing the same syscall in a loop). Removed slots are reused. Every key
+/// the host answers with the family's overflow series shares one slot (and handle).
 struct Slots<K, V, H: HostApi> {
     host: H,
     family: H::Family,
@@ -19,6 +20,8 @@ struct Slots<K, V, H: HostApi> {
     free: Vec<usize>,
     dirty: Vec<usize>,
     last: Option<(K, usize)>,
+    /// The slot of the family's overflow series, once the host answered with it.
+    overflow: Option<usize>,
 }
 
 struct Slot<V, S> {
@@ -30,7 +33,7 @@ struct Slot<V, S> {
 
 impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
     fn new(host: H, family: H::Family) -> Self {
-        Self { host, family, index: FxHashMap::default(), slots: Vec::new(), free: Vec::new(), dirty: Vec::new(), last: None }
+        Self { host, family, index: FxHashMap::default(), slots: Vec::new(), free: Vec::new(), dirty: Vec::new(), last: None, overflow: None }
     }
 
     #[inline]
@@ -41,15 +44,26 @@ impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
                 let i = match self.index.get(&key) {
                     Some(&i) => i,
                     None => {
-                        let slot = Slot { series: self.host.series(&self.family, &labels(&key)).ok(), value: init(), dirty: false };
-                        let i = match self.free.pop() {
-                            Some(i) => {
-                                self.slots[i] = slot;
-                                i
-                            }
+                        let series = self.host.series(&self.family, &labels(&key)).ok();
+                        let overflow = series.as_ref().is_some_and(|s| self.host.is_overflow(s));
+                        let i = match self.overflow.filter(|_| overflow) {
+                            Some(shared) => shared, // (the new handle is dropped)
                             None => {
-                                self.slots.push(slot);
-                                self.slots.len() - 1
+                                let slot = Slot { series, value: init(), dirty: false };
+                                let i = match self.free.pop() {
+                                    Some(i) => {
+                                        self.slots[i] = slot;
+                                        i
+                                    }
+                                    None => {
+                                        self.slots.push(slot);
+                                        self.slots.len() - 1
+                                    }
+                                };
+                                if overflow {
+                                    self.overflow = Some(i);
+                                }
+                                i
                             }
                         };
                         self.index.insert(key.clone(), i);
@@ -84,6 +98,9 @@ impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
         let Some(i) = self.index.remove(key) else { return };
         if self.last.as_ref().is_some_and(|(_, l)| *l == i) {
             self.last = None;
+        }
+        if self.overflow == Some(i) {
+            return; // shared with other keys
         }
         let slot = &mut self.slots[i];
         slot.dirty = false;

@@ -16,6 +16,11 @@ pub trait HostApi {
     fn counter_add(&self, series: &Self::Series, value: u64);
     fn gauge_set(&self, series: &Self::Series, value: f64);
     fn histogram_merge(&self, series: &Self::Series, bucket_counts: &[u64], sum: f64);
+    /// Whether `series` is its family's overflow series (a full family's answer to
+    /// every new label set).
+    fn is_overflow(&self, _series: &Self::Series) -> bool {
+        false
+    }
     /// Deletes the series from the host's exposition.
     fn remove_series(&self, series: Self::Series);
     fn syscall_name(&self, nr: u32) -> Option<String>;
@@ -48,6 +53,10 @@ impl HostApi for Wit {
 
     fn histogram_merge(&self, series: &metrics::Series, bucket_counts: &[u64], sum: f64) {
         series.histogram_merge(bucket_counts, sum)
+    }
+
+    fn is_overflow(&self, series: &metrics::Series) -> bool {
+        series.is_overflow()
     }
 
     fn remove_series(&self, series: metrics::Series) {

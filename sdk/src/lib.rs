@@ -120,6 +120,7 @@ pub fn dispatch<P: Plugin>(plugin: &mut P, kind: &str, record_size: u32, records
 
 /// Exports a [`Plugin`] implementation as the component's `handler`.
 #[macro_export]
+#[rustfmt::skip] // rustfmt cannot parse `export_handler!(… with_types_in …)` and mangles it
 macro_rules! export_plugin {
     ($plugin:ty) => {
         // Component exports only mean something in a Wasm build; natively (tests,

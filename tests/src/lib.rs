@@ -54,6 +54,29 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
+/// How to start the daemon (see [`Daemon::launch`]).
+pub struct Launch<'a> {
+    /// The config file's text (None: the embedded default).
+    pub config: Option<&'a str>,
+    /// The `/readyz` status to wait for.
+    pub ready: u16,
+    /// Run as this user (and group of the same number), from a copy of the binary.
+    pub uid: Option<u32>,
+    /// More `wasmtap run` arguments.
+    pub args: &'a [&'a str],
+    /// A command the daemon is run under (`prlimit --nofile=…`, `sh -c …`).
+    pub wrapper: &'a [&'a str],
+    /// File capabilities for the copy run as `uid` (`setcap` syntax).
+    pub file_caps: Option<&'a str>,
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+impl Default for Launch<'_> {
+    fn default() -> Self {
+        Self { config: None, ready: 200, uid: None, args: &[], wrapper: &[], file_caps: None, env: &[] }
+    }
+}
+
 /// A running `wasmtap run`, killed (SIGKILL) if the test did not stop it.
 pub struct Daemon {
     pub child: Child,
@@ -81,6 +104,12 @@ impl Daemon {
 
     /// Starts the daemon with extra `wasmtap run` arguments.
     pub fn spawn_with_args(config: Option<&str>, ready: u16, uid: Option<u32>, args: &[&str]) -> Self {
+        Self::launch(Launch { config, ready, uid, args, ..Launch::default() })
+    }
+
+    /// Starts the daemon as `launch` says.
+    pub fn launch(launch: Launch) -> Self {
+        let Launch { config, ready, uid, args, wrapper, file_caps, env } = launch;
         let dir = TempDir::new();
         let addr = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
         let mut binary = built("wasmtap");
@@ -93,12 +122,25 @@ impl Daemon {
             for path in [&dir.0, &copy] {
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
             }
+            if let Some(caps) = file_caps {
+                let status = Command::new("setcap").arg(caps).arg(&copy).status().expect("setcap (libcap2-bin) is installed");
+                assert!(status.success(), "setcap {caps} failed");
+            }
             binary = copy;
         }
-        let mut cmd = Command::new(binary);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(wrapper_args).arg(binary);
+                cmd
+            }
+            None => Command::new(binary),
+        };
         cmd.args(["run", "--listen", &addr.to_string()]).arg("--admin-socket").arg(dir.0.join("admin/admin.sock")).args(args);
+        cmd.envs(env.iter().copied());
         if let Some(uid) = uid {
             std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+            std::os::unix::process::CommandExt::gid(&mut cmd, uid);
         }
         if let Some(config) = config {
             let path = dir.0.join("wasmtap.toml");
@@ -115,6 +157,11 @@ impl Daemon {
             daemon.get("/readyz", None).filter(|(code, body)| *code == ready && !body.contains("starting"))
         });
         daemon
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The admin socket.
@@ -365,7 +412,8 @@ impl TempDir {
     pub fn new() -> Self {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
         let path = std::env::temp_dir().join(format!("wasmtap-test-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&path).expect("temp dir");
+        // 0700, like a directory the daemon trusts (e.g. as its cache).
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&path).expect("temp dir");
         Self(path)
     }
 }

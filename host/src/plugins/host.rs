@@ -318,6 +318,10 @@ impl metrics::HostSeries for PluginState {
         self.write(&series, |s| s.series.histogram_merge(&bucket_counts, sum))
     }
 
+    fn is_overflow(&mut self, series: Resource<SeriesHandle>) -> wasmtime::Result<bool> {
+        Ok(self.handles.get(&series)?.series.is_overflow())
+    }
+
     fn remove(&mut self, series: Resource<SeriesHandle>) -> wasmtime::Result<()> {
         let s = self.handles.delete(series)?;
         self.handle_count -= 1;

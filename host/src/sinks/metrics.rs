@@ -70,6 +70,10 @@ pub struct MetricFamily {
     /// Every name this family's exposition uses (family name and sample names).
     sample_names: Vec<String>,
     series: RwLock<SeriesTable>,
+    /// Room for the overflow series is charged when the family is declared (policy
+    /// `other`), so that making it never takes the plugin or its tenant past a quota;
+    /// true until the overflow series is made.
+    overflow_reserved: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -170,6 +174,17 @@ fn series_cost(name: &str, spec: &FamilySpec, values: &[String]) -> u64 {
     (lines * (name.len() + labels + 48) + 2 * labels + 96 + 8 * lines) as u64
 }
 
+/// The labels of a family's overflow series.
+fn overflow_values(spec: &FamilySpec) -> Vec<String> {
+    vec![OVERFLOW_VALUE.to_owned(); spec.label_names.len()]
+}
+
+/// Charges room for a family's overflow series (see `MetricFamily::overflow_reserved`).
+fn reserve_overflow(name: &str, spec: &FamilySpec, budget: &Budget) -> Result<(), Refusal> {
+    budget.charge(Reason::Series, 1)?;
+    budget.charge(Reason::MetricBytes, series_cost(name, spec, &overflow_values(spec))).inspect_err(|_| budget.release(Reason::Series, 1))
+}
+
 /// Why a series operation did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum SeriesError {
@@ -256,7 +271,9 @@ impl MetricSink {
         }
         let live = families.iter().find(|f| f.name == name).cloned();
         match &live {
-            Some(live) if live.namespace == namespace && live.spec == spec && staged.is_none() => return Ok(live.clone()),
+            Some(live) if live.namespace == namespace && live.spec == spec && staged.is_none() => {
+                return Ok(live.clone());
+            }
             Some(live) if live.namespace != namespace || staged.is_none() => {
                 return refuse(Reason::InvalidMetric, format!("metric {name} is already declared differently"));
             }
@@ -273,7 +290,14 @@ impl MetricSink {
             budget.release(Reason::Families, 1);
             return Err(e);
         }
-        let family = Arc::new(MetricFamily { namespace: namespace.to_owned(), name, spec, sample_names, series: RwLock::default() });
+        let reserve = budget.overflow_of(&spec.name) == Overflow::Other;
+        if reserve && let Err(e) = reserve_overflow(&name, &spec, budget) {
+            budget.release(Reason::Families, 1);
+            budget.release(Reason::MetricBytes, cost);
+            return Err(e);
+        }
+        let overflow_reserved = AtomicBool::new(reserve);
+        let family = Arc::new(MetricFamily { namespace: namespace.to_owned(), name, spec, sample_names, series: RwLock::default(), overflow_reserved });
         match staged.as_mut() {
             Some(staged) => staged.push((live, family.clone())),
             None => families.push(family.clone()),
@@ -396,6 +420,15 @@ impl MetricFamily {
         }
         old_budget.release(Reason::Families, 1);
         old_budget.release(Reason::MetricBytes, family_cost(&live.name, &live.spec));
+        live.release_overflow_reserve(old_budget);
+    }
+
+    /// Gives back the room kept for the overflow series, if it was never made.
+    fn release_overflow_reserve(&self, budget: &Budget) {
+        if self.overflow_reserved.swap(false, Relaxed) {
+            budget.release(Reason::Series, 1);
+            budget.release(Reason::MetricBytes, series_cost(&self.name, &self.spec, &overflow_values(&self.spec)));
+        }
     }
 
     /// Empties the family, giving back to `budget` what it and its series were charged.
@@ -409,6 +442,7 @@ impl MetricFamily {
         budget.release(Reason::Series, table.list.len() as u64);
         budget.release(Reason::Families, 1);
         budget.release(Reason::MetricBytes, family_cost(&self.name, &self.spec));
+        self.release_overflow_reserve(budget);
         table.list
     }
 
@@ -434,11 +468,22 @@ impl MetricFamily {
             let overflow = budget.overflow_of(&self.spec.name);
             budget.series_refused(&self.name, &full, overflow);
             match overflow {
-                // One series per family, so forcing it past the budget is bounded.
-                Overflow::Other => self.intern(&vec![OVERFLOW_VALUE.to_owned(); values.len()], budget, true),
+                Overflow::Other => Ok(self.overflow_series(budget)),
                 Overflow::Refuse => Err(budget.refuse(full)),
             }
         })
+    }
+
+    /// The overflow series, made on the room reserved for it (or, for a family declared
+    /// under another policy, past the budget: one per family).
+    fn overflow_series(&self, budget: &Budget) -> Arc<Series> {
+        let values = overflow_values(&self.spec);
+        if let Some(&i) = self.series.read().expect("series lock").index.get(&values) {
+            return self.series.read().expect("series lock").list[i].clone();
+        }
+        // The reserve becomes the series' charge.
+        self.release_overflow_reserve(budget);
+        self.intern(&values, budget, true).expect("forced interning")
     }
 
     /// The series of `values`, made (and charged; `forced`: even past the limits) if new.
@@ -497,6 +542,12 @@ impl MetricFamily {
 }
 
 impl Series {
+    /// Whether this is a full family's overflow series (every label value
+    /// `__other__`).
+    pub fn is_overflow(&self) -> bool {
+        !self.labels.is_empty() && self.labels.iter().all(|(_, v)| v == OVERFLOW_VALUE)
+    }
+
     /// Adds `old`'s value (same kind; histograms through `bucket_map`, old bucket → new
     /// bucket), for a swap. Counts and sums saturate, never wrap or go down; a gauge
     /// keeps its own value if the new build set it, else takes (adds) the old one.
@@ -710,7 +761,8 @@ mod tests {
     #[test]
     fn budgets_hold() {
         let sink = MetricSink::default();
-        let limits = PluginLimits { families: 2, series: 2, buckets: 4, help_bytes: 10, label_value_bytes: 8, ..Default::default() };
+        let limits =
+            PluginLimits { families: 2, series: 2, buckets: 4, help_bytes: 10, label_value_bytes: 8, series_overflow: Overflow::Refuse, ..Default::default() };
         let b = Budget::unmetered("p", limits);
         let f = sink.declare("ns", spec("a", MetricKind::Gauge, vec![]), &b, None).unwrap();
         let many = (1..=5).map(f64::from).collect();
@@ -725,11 +777,34 @@ mod tests {
         f.series(&["1".into()], &b).unwrap();
         assert_eq!(f.series(&["3".into()], &b).unwrap_err().reason, Reason::Series);
 
-        let small = Budget::unmetered("q", PluginLimits { metric_bytes: 1000, ..Default::default() });
+        let small = Budget::unmetered("q", PluginLimits { metric_bytes: 1000, series_overflow: Overflow::Refuse, ..Default::default() });
         let g = sink.declare("q", spec("g", MetricKind::Gauge, vec![]), &small, None).unwrap();
         let refused = (0..100).map(|i| g.series(&[format!("{i:0>100}")], &small)).find_map(Result::err).unwrap();
         assert_eq!(refused.reason, Reason::MetricBytes);
         assert!(small.used(Reason::MetricBytes) <= 1000);
+    }
+
+    #[test]
+    fn a_full_family_counts_new_label_sets_in_its_overflow_series() {
+        let (sink, metrics) = (MetricSink::default(), crate::sinks::SelfMetrics::default());
+        // Room for one overflow series ("a"'s) is kept from the start.
+        let limits = PluginLimits { series: 3, ..Default::default() };
+        let b = Budget::new("p", limits, None, &metrics).with_family_overflow([("strict".to_owned(), Overflow::Refuse)].into());
+        let f = sink.declare("ns", spec("a", MetricKind::Counter, vec![]), &b, None).unwrap();
+        let strict = sink.declare("ns", spec("strict", MetricKind::Counter, vec![]), &b, None).unwrap();
+        f.series(&["1".into()], &b).unwrap().counter_add(1).unwrap();
+        f.series(&["2".into()], &b).unwrap().counter_add(1).unwrap();
+        // Full: the next label sets share one series, made past the budget.
+        f.series(&["3".into()], &b).unwrap().counter_add(5).unwrap();
+        let other = f.series(&["4".into()], &b).unwrap();
+        other.counter_add(7).unwrap();
+        assert_eq!(other.labels, [("a".to_owned(), OVERFLOW_VALUE.to_owned())]);
+        let SeriesValue::Counter(c) = &other.value else { panic!() };
+        assert_eq!(c.load(Relaxed), 12);
+        assert_eq!((b.used(Reason::Series), metrics.series_refused("p", "ns_a").get()), (3, 2));
+        // A family whose policy is `refuse` gets no series.
+        assert_eq!(strict.series(&["1".into()], &b).unwrap_err().reason, Reason::Series);
+        assert_eq!(metrics.series_refused("p", "ns_strict").get(), 1);
     }
 
     #[test]
@@ -799,7 +874,8 @@ mod tests {
         assert!(text.contains("ns_lat_count{a=\"x\",c=\"\"} 12\n"), "{text}");
         assert!(text.contains("ns_lat_sum{a=\"x\",c=\"\"} 29.0\n"), "{text}");
         assert!(!text.contains("ns_errors_total") && !text.contains("ns_errors{"), "a changed kind starts over: {text}");
-        assert_eq!((old.used(Reason::Series), new.used(Reason::Series)), (0, 1), "charges moved to the new build");
+        // One carried series, and room for each family's overflow series.
+        assert_eq!((old.used(Reason::Series), new.used(Reason::Series)), (0, 1 + 2), "charges moved to the new build");
         assert_eq!(new.used(Reason::Families), 2);
         assert!(staged.series(&["x".into(), "".into()], &new).is_ok());
         // Adding a label keeps identities (the new one reads ""), so the counts go on.

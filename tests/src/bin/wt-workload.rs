@@ -10,6 +10,8 @@
 //! - `wt-workload hold`: reads stdin to its end, exits 0.
 //! - `wt-workload rounds COMM GETPPID_CALLS`: per line read from stdin, makes the calls
 //!   and answers "done"; exits at the end of stdin.
+//! - `wt-workload names PREFIX N`: forks N children one after another, each named
+//!   PREFIX followed by its number, which makes one getppid call and exits.
 //! - `wt-workload reuse COMM ROUNDS`: per round, forks a child that exits at once, then
 //!   sets the kernel's last pid so the next fork reuses the child's pid, and forks a
 //!   child that exits at once again; prints how many rounds did reuse the pid (needs
@@ -85,6 +87,20 @@ fn main() {
         }
         [_, "churn", comm, forks, codes, exec_path, execs] => {
             churn(comm, forks.parse().expect("FORKS"), codes.parse().expect("CODES"), exec_path, execs.parse().expect("EXECS"))
+        }
+        [_, "names", prefix, n] => {
+            for i in 0..n.parse::<u32>().expect("N") {
+                let comm = format!("{prefix}{i}");
+                // SAFETY: single-threaded; the child names itself, calls getppid and `_exit`s.
+                match unsafe { fork() }.expect("fork") {
+                    ForkResult::Child => {
+                        set_comm(&comm);
+                        std::hint::black_box(nix::unistd::getppid());
+                        unsafe { nix::libc::_exit(0) }
+                    }
+                    ForkResult::Parent { child } => drop(waitpid(child, None).expect("waitpid")),
+                }
+            }
         }
         [_, "reuse", comm, rounds] => reuse(comm, rounds.parse().expect("ROUNDS")),
         // N getppid calls per line read from stdin, each round answered with a line.
