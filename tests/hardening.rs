@@ -528,3 +528,67 @@ fn the_systemd_unit_verifies() {
     let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().expect("systemd-analyze (systemd) is installed");
     assert!(out.status.success() && out.stderr.is_empty(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
+
+/// `curl` over TLS, trusting `ca`: (status, body).
+fn curl(ca: &Path, url: &str, user: Option<&str>) -> Option<(u16, String)> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-m", "5", "-w", "\n%{http_code}", "--cacert"]).arg(ca).arg(url);
+    if let Some(user) = user {
+        cmd.args(["-u", user]);
+    }
+    let out = cmd.output().expect("curl is installed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n')?;
+    Some((code.parse().ok().filter(|c| *c != 0)?, body.to_owned()))
+}
+
+#[test]
+fn metrics_over_tls_with_basic_auth_reach_a_real_prometheus() {
+    if !privileged_or_skip("metrics_over_tls_with_basic_auth_reach_a_real_prometheus") {
+        return;
+    }
+    let dir = TempDir::new();
+    let (cert, key, web) = (dir.0.join("tls.crt"), dir.0.join("tls.key"), dir.0.join("web.toml"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=wasmtap"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is installed");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let hash = bcrypt::hash("s3cret", 6).unwrap();
+    fs::write(
+        &web,
+        format!("[tls_server_config]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n[basic_auth_users]\nprom = \"{hash}\"\n", cert.display(), key.display()),
+    )
+    .unwrap();
+    let config = format!("[server]\nweb_config = \"{}\"\n\n[[plugin]]\nname = \"syscall-latency\"\nbundled = \"syscall-latency\"\n", web.display());
+    let checked = dir.0.join("wasmtap.toml");
+    fs::write(&checked, &config).unwrap();
+    let out = Command::new(built("wasmtap")).arg("check-config").arg(&checked).output().unwrap();
+    assert!(out.status.success(), "check-config reads the web config too: {}", String::from_utf8_lossy(&out.stderr));
+    let ready = |addr: std::net::SocketAddr| curl(&cert, &format!("https://{addr}/readyz"), None);
+    let daemon = Daemon::launch(Launch { config: Some(&config), ready_probe: Some(&ready), ..Launch::default() });
+    let base = format!("https://{}", daemon.addr);
+    // Health stays open; what the probes saw needs the password.
+    assert_eq!(curl(&cert, &format!("{base}/healthz"), None).map(|r| r.0), Some(200));
+    for user in [None, Some("prom:wrong"), Some("other:s3cret")] {
+        assert_eq!(curl(&cert, &format!("{base}/metrics"), user).map(|r| r.0), Some(401), "{user:?}");
+        assert_eq!(curl(&cert, &format!("{base}/status"), user).map(|r| r.0), Some(401), "{user:?}");
+    }
+    assert_eq!(curl(&cert, &format!("{base}/metrics"), Some("prom:s3cret")).map(|r| r.0), Some(200));
+    // Plain HTTP gets no metrics out of the TLS port.
+    assert_ne!(daemon.get("/metrics", None).map(|r| r.0), Some(200));
+    // A real Prometheus scrapes it over TLS with the password, exactly.
+    let prometheus = wasmtap_tests::Prometheus::start_with(
+        daemon.addr,
+        &format!("    scheme: https\n    tls_config:\n      ca_file: {}\n    basic_auth:\n      username: prom\n      password: s3cret\n", cert.display()),
+    );
+    let comm = unique_comm("tls");
+    run_workload(&comm, 1_234, 5);
+    prometheus.assert_exact_workload(&comm, 1_234, 5);
+    let (_, m) = curl(&cert, &format!("{base}/metrics"), Some("prom:s3cret")).unwrap();
+    assert!(sample(&m, "wasmtap_http_refused_total", &[("reason", "unauthorized")]).unwrap_or(0.0) >= 6.0, "refusals counted");
+}

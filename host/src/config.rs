@@ -94,11 +94,14 @@ pub struct ServerSettings {
     pub header_timeout_ms: u64,
     /// Longest a connection may stay open, whatever it does.
     pub connection_max_ms: u64,
+    /// TLS and basic auth (a TOML file with the exporter toolkit's keys, see
+    /// `server::web`); none: plain HTTP, no auth.
+    pub web_config: Option<PathBuf>,
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        Self { max_connections: 512, max_requests: 40, header_timeout_ms: 10_000, connection_max_ms: 120_000 }
+        Self { max_connections: 512, max_requests: 40, header_timeout_ms: 10_000, connection_max_ms: 120_000, web_config: None }
     }
 }
 
@@ -442,6 +445,7 @@ impl Config {
     /// that starts like a component), without compiling or loading anything.
     pub fn check(path: &Path) -> anyhow::Result<String> {
         let config = Self::load(Some(path))?;
+        crate::server::web::Web::load(config.server.web_config.as_deref())?;
         for plugin in &config.plugins {
             plugin.check_source().with_context(|| format!("plugin {:?}", plugin.name))?;
         }
@@ -483,7 +487,7 @@ impl Config {
         within("server.connection_max_ms", w.connection_max_ms, 1000..=86_400_000)?;
         within("cache_max_bytes", self.cache_max_bytes, 1 << 20..=1 << 40)?;
         crate::privileges::parse(&self.capabilities_keep).context("capabilities_keep")?;
-        for (key, path) in [("cache_dir", &self.cache_dir), ("admin_socket", &self.admin_socket)] {
+        for (key, path) in [("cache_dir", &self.cache_dir), ("admin_socket", &self.admin_socket), ("server.web_config", &self.server.web_config)] {
             if let Some(path) = path
                 && (!path.is_absolute() || path.as_os_str().len() > 100)
             {

@@ -30,6 +30,8 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    let mut web = crate::server::web::Web::load(config.server.web_config.as_deref())?;
+    let (tls, auth) = (web.tls.is_some(), web.auth.is_some());
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}\n  fix: pass a free address with --listen, or set `listen` in the config", config.listen))?;
@@ -37,10 +39,10 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
     let self_metrics = SelfMetrics::register(&mut metric_registry);
     let sink = Arc::new(MetricSink::default());
     metric_registry.register_collector(Box::new(sink.clone()));
-    let state = Arc::new(AppState::new(metric_registry, config.server.clone()));
+    let state = Arc::new(AppState::new(metric_registry, config.server.clone(), web.auth.take()));
     let stop_server = CancellationToken::new();
-    let server = tokio::spawn(server::serve(listener, state.clone(), stop_server.clone()));
-    tracing::info!(listen = %config.listen, "serving /metrics, /healthz, /readyz, /status");
+    let server = tokio::spawn(server::serve(listener, web.tls, state.clone(), stop_server.clone()));
+    tracing::info!(listen = %config.listen, tls, basic_auth = auth, "serving /metrics, /healthz, /readyz, /status");
 
     let cache_dir = config.cache_dir.clone().map_or_else(crate::plugins::cache::default_dir, Ok).inspect_err(|why| {
         tracing::warn!("no plugin cache, compiling in memory: {why}");

@@ -69,11 +69,13 @@ pub struct Launch<'a> {
     /// File capabilities for the copy run as `uid` (`setcap` syntax).
     pub file_caps: Option<&'a str>,
     pub env: &'a [(&'a str, &'a str)],
+    /// How to ask `/readyz` (default: plain HTTP): `(status, body)` or None.
+    pub ready_probe: Option<&'a dyn Fn(SocketAddr) -> Option<(u16, String)>>,
 }
 
 impl Default for Launch<'_> {
     fn default() -> Self {
-        Self { config: None, ready: 200, uid: None, args: &[], wrapper: &[], file_caps: None, env: &[] }
+        Self { config: None, ready: 200, uid: None, args: &[], wrapper: &[], file_caps: None, env: &[], ready_probe: None }
     }
 }
 
@@ -109,7 +111,7 @@ impl Daemon {
 
     /// Starts the daemon as `launch` says.
     pub fn launch(launch: Launch) -> Self {
-        let Launch { config, ready, uid, args, wrapper, file_caps, env } = launch;
+        let Launch { config, ready, uid, args, wrapper, file_caps, env, ready_probe } = launch;
         let dir = TempDir::new();
         let addr = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
         let mut binary = built("wasmtap");
@@ -154,7 +156,11 @@ impl Daemon {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!("wasmtap exited early ({status}):\n{}", daemon.log());
             }
-            daemon.get("/readyz", None).filter(|(code, body)| *code == ready && !body.contains("starting"))
+            let answer = match ready_probe {
+                Some(probe) => probe(daemon.addr),
+                None => daemon.get("/readyz", None),
+            };
+            answer.filter(|(code, body)| *code == ready && !body.contains("starting"))
         });
         daemon
     }
@@ -350,12 +356,17 @@ pub struct Prometheus {
 
 impl Prometheus {
     pub fn start(target: SocketAddr) -> Self {
+        Self::start_with(target, "")
+    }
+
+    /// Starts Prometheus with more keys (YAML, indented 4) in its scrape config.
+    pub fn start_with(target: SocketAddr, scrape: &str) -> Self {
         let dir = TempDir::new();
         let addr = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
         let config = dir.0.join("prometheus.yml");
         std::fs::write(
             &config,
-            format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: wasmtap\n    static_configs:\n      - targets: ['{target}']\n"),
+            format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: wasmtap\n{scrape}    static_configs:\n      - targets: ['{target}']\n"),
         )
         .expect("prometheus config");
         let log = std::fs::File::create(dir.0.join("prometheus.log")).expect("log");

@@ -13,11 +13,13 @@
 //!   scrape renders at a time (off the async workers, so `/healthz` answers meanwhile):
 //!   concurrent scrapes cannot multiply the exposition's size in memory (which the
 //!   plugins' metric budgets bound);
-//! - only GET and HEAD (405 otherwise); accept errors back off.
+//! - only GET and HEAD (405 otherwise); accept errors back off;
+//! - optionally TLS and basic auth ([`web`]).
 
 pub mod admin;
 pub mod connections;
 pub mod status;
+pub mod web;
 
 use std::{
     convert::Infallible,
@@ -39,6 +41,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerSettings;
@@ -57,14 +60,15 @@ pub struct AppState {
     requests: Arc<Semaphore>,
     settings: ServerSettings,
     refused: Refused,
+    auth: Option<Arc<web::BasicAuth>>,
 }
 
 impl AppState {
-    pub fn new(mut registry: Registry, settings: ServerSettings) -> Self {
+    pub fn new(mut registry: Registry, settings: ServerSettings, auth: Option<web::BasicAuth>) -> Self {
         let refused = Refused::default();
         registry.register(
             "wasmtap_http_refused",
-            "Connections and requests the HTTP server turned away: connection_evicted (a newer one took the place of the longest idle), connection_refused, too_many_requests, accept_error",
+            "Connections and requests the HTTP server turned away: connection_evicted (a newer one took the place of the longest idle), connection_refused, too_many_requests, accept_error, tls_handshake, unauthorized",
             refused.clone(),
         );
         Self {
@@ -74,6 +78,7 @@ impl AppState {
             requests: Arc::new(Semaphore::new(settings.max_requests)),
             settings,
             refused,
+            auth: auth.map(Arc::new),
         }
     }
 }
@@ -91,12 +96,11 @@ fn connection_limit(wanted: usize) -> usize {
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Serves until `stop`; in-flight requests finish on their own tasks.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
+/// Serves until `stop` (over TLS with `tls`); in-flight requests finish on their own
+/// tasks.
+pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, state: Arc<AppState>, stop: CancellationToken) {
     let connections = Connections::new(connection_limit(state.settings.max_connections), state.refused.clone());
     let mut backoff = AcceptBackoff::default();
-    let header_timeout = Duration::from_millis(state.settings.header_timeout_ms);
-    let lifetime = Duration::from_millis(state.settings.connection_max_ms);
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => break,
@@ -112,30 +116,51 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
         };
         backoff.succeeded();
         let Some(connection) = connections.admit() else { continue };
-        let state = state.clone();
+        let (state, tls) = (state.clone(), tls.clone());
         tokio::spawn(async move {
             let connection = Arc::new(connection);
-            let in_service = connection.clone();
-            let service = service_fn(move |req| {
-                let (state, connection) = (state.clone(), in_service.clone());
-                async move {
-                    connection.in_request.store(true, Relaxed);
-                    let response = handle(&req, state).await;
-                    connection.idle();
-                    Ok::<_, Infallible>(response)
+            let lifetime = Duration::from_millis(state.settings.connection_max_ms);
+            let served = async {
+                match tls {
+                    None => serve_connection(stream, state, connection.clone()).await,
+                    Some(tls) => {
+                        // The handshake, too, within the time a request head has.
+                        let timeout = Duration::from_millis(state.settings.header_timeout_ms);
+                        match tokio::time::timeout(timeout, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => serve_connection(stream, state, connection.clone()).await,
+                            _ => drop(state.refused.get_or_create(&RefusedLabels { reason: "tls_handshake" }).inc()),
+                        }
+                    }
                 }
-            });
-            let served = http1::Builder::new().timer(TokioTimer::new()).header_read_timeout(header_timeout).serve_connection(TokioIo::new(stream), service);
+            };
             tokio::select! {
-                result = served => if let Err(e) = result {
-                    tracing::debug!("connection ended: {e}");
-                },
+                () = served => {}
                 () = connection.close.cancelled() => {}
                 () = tokio::time::sleep(lifetime) => {}
             }
         });
     }
     connections.close_all();
+}
+
+/// HTTP/1.1 on one connection, plain or TLS.
+async fn serve_connection<I>(io: I, state: Arc<AppState>, connection: Arc<connections::Connection>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let header_timeout = Duration::from_millis(state.settings.header_timeout_ms);
+    let service = service_fn(move |req| {
+        let (state, connection) = (state.clone(), connection.clone());
+        async move {
+            connection.in_request.store(true, Relaxed);
+            let response = handle(&req, state).await;
+            connection.idle();
+            Ok::<_, Infallible>(response)
+        }
+    });
+    if let Err(e) = http1::Builder::new().timer(TokioTimer::new()).header_read_timeout(header_timeout).serve_connection(TokioIo::new(io), service).await {
+        tracing::debug!("connection ended: {e}");
+    }
 }
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -152,6 +177,16 @@ async fn handle(req: &Request<Incoming>, state: Arc<AppState>) -> Response<Full<
         state.refused.get_or_create(&RefusedLabels { reason: "too_many_requests" }).inc();
         return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "too many concurrent requests (server.max_requests)\n");
     };
+    // What the probes saw needs credentials (when users are set); health does not.
+    if let Some(auth) = &state.auth
+        && matches!(req.uri().path(), "/metrics" | "/status")
+        && !auth.allows(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes())).await
+    {
+        state.refused.get_or_create(&RefusedLabels { reason: "unauthorized" }).inc();
+        let mut response = reply(StatusCode::UNAUTHORIZED, "text/plain", "credentials needed\n");
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"wasmtap\""));
+        return response;
+    }
     match req.uri().path() {
         "/metrics" => {
             let wants_openmetrics = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/openmetrics-text"));
