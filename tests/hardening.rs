@@ -21,6 +21,15 @@ use wasmtap_tests::{
 
 const NOBODY: u32 = 65534;
 
+/// The flood of process names fills every daemon's syscall-latency families (each
+/// daemon traces the whole node): tests here that count a workload exactly hold this
+/// for reading, the flood for writing.
+static FLOOD: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn exact_counts() -> std::sync::RwLockReadGuard<'static, ()> {
+    FLOOD.read().unwrap_or_else(|e| e.into_inner())
+}
+
 fn chown(path: &Path, uid: u32) {
     std::os::unix::fs::lchown(path, Some(uid), Some(uid)).expect("chown");
 }
@@ -62,6 +71,7 @@ fn planted_artifacts_are_never_run() {
     if !privileged_or_skip("planted_artifacts_are_never_run") {
         return;
     }
+    let _counting = exact_counts();
     // What would be planted: the variant build, precompiled (its `build` label is the
     // marker that it ran), under the file name of the bundled build's artifact.
     let compiled = Command::new(built("wasmtap"))
@@ -160,6 +170,7 @@ fn every_thread_keeps_only_the_kept_capabilities() {
     if !privileged_or_skip("every_thread_keeps_only_the_kept_capabilities") {
         return;
     }
+    let _counting = exact_counts();
     let kept = format!("{:016x}", (1u64 << 38) | (1 << 39) | (1 << 19)); // perfmon, bpf, sys_ptrace
     let want = |k: &str, v: &str| (k.to_owned(), v.to_owned());
     let expected = vec![
@@ -231,6 +242,7 @@ fn a_flood_of_process_names_does_not_hide_a_later_process() {
     if !privileged_or_skip("a_flood_of_process_names_does_not_hide_a_later_process") {
         return;
     }
+    let _flood = FLOOD.write().unwrap_or_else(|e| e.into_inner());
     let daemon = Daemon::start(None);
     // 20 000 processes with distinct names, as an unprivileged user: twice the series
     // syscall-latency may hold.
@@ -547,6 +559,7 @@ fn metrics_over_tls_with_basic_auth_reach_a_real_prometheus() {
     if !privileged_or_skip("metrics_over_tls_with_basic_auth_reach_a_real_prometheus") {
         return;
     }
+    let _counting = exact_counts();
     let dir = TempDir::new();
     let (cert, key, web) = (dir.0.join("tls.crt"), dir.0.join("tls.key"), dir.0.join("web.toml"));
     let made = Command::new("openssl")

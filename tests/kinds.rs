@@ -29,24 +29,32 @@ struct Churn<'a> {
 }
 
 /// Runs `run` in `cgroup`, waiting while the exec'd children live until the plugin
-/// counted their execs as `(container, exe)` (enrichment reads their facts then);
+/// counted their execs (and the workload's own) as `(container, exe)` (enrichment
+/// reads their facts then);
 /// returns once everything has exited.
 fn churn(daemon: &Daemon, cgroup: &Cgroup, run: Churn<'_>, container: &str, exe: &str) {
     let Churn { comm, forks, codes, exec_path, execs } = run;
-    let mut child = Command::new(built("wt-workload"))
+    // Into the cgroup before wt-workload is exec'd: moved after `spawn` returns, its
+    // exec could still be reported from the cgroup it then is in (execve tells the
+    // parent it succeeded before the kernel reports the exec).
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"", cgroup.0.display()))
+        .arg(built("wt-workload"))
         .args(["churn", comm, &forks.to_string(), &codes.to_string(), exec_path, &execs.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn wt-workload churn");
-    cgroup.enter(&mut child);
+    child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     let mut spawned = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut spawned).expect("read spawned");
     assert_eq!(spawned.trim(), "spawned");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let m = daemon.metrics();
-        if counter(&m, "process_churn_execs_total", &[("container", container), ("exe", exe)]) == u64::from(execs) {
+        // Its held children's execs, and its own.
+        if counter(&m, "process_churn_execs_total", &[("container", container), ("exe", exe)]) == u64::from(execs) + 1 {
             break;
         }
         if Instant::now() > deadline {

@@ -467,11 +467,6 @@ impl Cgroup {
     }
 
     /// Moves `child` (waiting on its stdin) into this cgroup and lets it go.
-    pub fn enter(&self, child: &mut Child) {
-        std::fs::write(self.0.join("cgroup.procs"), child.id().to_string()).expect("move into cgroup");
-        child.stdin.as_mut().expect("piped stdin").write_all(b"go\n").expect("write stdin");
-    }
-
     /// Its path below the cgroup v2 mount, as enrichment reports it.
     pub fn path(&self) -> String {
         let mount = self.0.ancestors().find(|d| d.join("cgroup.controllers").is_file() && !d.parent().is_some_and(|p| p.join("cgroup.controllers").is_file()));
