@@ -72,7 +72,8 @@ fn process_churn_counts_forks_execs_and_exit_codes_per_container_exactly() {
     if !privileged_or_skip("process_churn_counts_forks_execs_and_exit_codes_per_container_exactly") {
         return;
     }
-    let mut daemon = Daemon::start(None);
+    // sys_ptrace: enrichment reads the executables' real paths.
+    let mut daemon = Daemon::spawn_with_args(None, 200, None, &["--capabilities-keep", "bpf,perfmon,sys_ptrace"]);
     let (forks, codes, execs) = (24, 3, 4);
     // Exec'd through a symlink: the record carries the path given to exec, enrichment
     // the executable's real path, which is what the plugin labels with.

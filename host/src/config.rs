@@ -1,7 +1,7 @@
 //! Daemon configuration: TOML, with an embedded default (`host/default.toml`).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
 };
@@ -11,11 +11,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::sinks::{
     logs::sanitize,
-    metrics::{check_namespace, clashes, namespace_for},
+    metrics::{check_namespace, namespace_for},
 };
 
 /// The configuration used when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = include_str!("../default.toml");
+
+/// Plugins one daemon runs (each has its own thread, queue and budgets), and tenants.
+pub const MAX_PLUGINS: usize = 256;
+const MAX_TENANTS: usize = 256;
 
 /// Largest config file read (plugin sections given at run time are bounded by the
 /// admin API's body limit).
@@ -378,6 +382,16 @@ impl PluginConfig {
         nodes
     }
 
+    /// The metric namespace the plugin owns: its own (or its name's), below its
+    /// tenant's.
+    pub fn namespace_within(&self, tenant_namespace: Option<&str>) -> String {
+        let own = self.namespace.clone().unwrap_or_else(|| namespace_for(&self.name));
+        match tenant_namespace {
+            Some(tenant) => format!("{tenant}_{own}"),
+            None => own,
+        }
+    }
+
     /// The section as TOML again, every limit spelled out.
     fn to_table(&self) -> anyhow::Result<toml::Table> {
         let mut table = toml::Table::try_from(self.limits)?;
@@ -495,19 +509,26 @@ impl Config {
             }
         }
         // Namespaces, each with who owns it: no two may clash (see `MetricSink::claim`),
-        // or one plugin's samples could be counted as another's.
-        let mut owners: Vec<(String, String)> = Vec::new();
+        // or one plugin's samples could be counted as another's. Each check looks up
+        // its `_`-prefixes and the names it prefixes, so a long config stays fast.
+        let mut owners: BTreeMap<String, String> = BTreeMap::new();
         let mut own = |namespace: String, owner: String, parent: Option<&str>| -> anyhow::Result<()> {
             check_namespace(&namespace).map_err(|e| anyhow::anyhow!("{owner}: {e}"))?;
-            if let Some((_, other)) = owners.iter().find(|(ns, o)| Some(o.as_str()) != parent && clashes(ns, &namespace)) {
+            let prefixes = namespace.match_indices('_').map(|(i, _)| &namespace[..i]).chain([namespace.as_str()]);
+            let below = owners.range(format!("{namespace}_")..format!("{namespace}`")).map(|(_, o)| o);
+            if let Some(other) = prefixes.filter_map(|p| owners.get(p)).chain(below).find(|o| Some(o.as_str()) != parent) {
                 bail!("{owner} and {other} would own clashing metric namespaces ({namespace:?}): set `namespace` for one of them");
             }
-            owners.push((namespace, owner));
+            owners.insert(namespace, owner);
             Ok(())
         };
+        if self.plugins.len() > MAX_PLUGINS || self.tenants.len() > MAX_TENANTS {
+            bail!("at most {MAX_PLUGINS} plugins and {MAX_TENANTS} tenants, got {} and {}", self.plugins.len(), self.tenants.len());
+        }
+        let mut names = HashSet::new();
         for tenant in &self.tenants {
             check_name("tenant", &tenant.name)?;
-            if self.tenants.iter().filter(|t| t.name == tenant.name).count() > 1 {
+            if !names.insert(&tenant.name) {
                 bail!("tenant name {:?} is used twice", tenant.name);
             }
             if tenant.cgroup.components().any(|c| matches!(c, std::path::Component::ParentDir)) || tenant.cgroup.as_os_str().len() > 4096 {
@@ -516,24 +537,17 @@ impl Config {
             tenant.quota.check().with_context(|| format!("tenant {:?}: quota", tenant.name))?;
             own(tenant.namespace(), format!("tenant {:?}", tenant.name), None)?;
         }
+        let mut names = HashSet::new();
         for plugin in &self.plugins {
-            if self.plugins.iter().filter(|p| p.name == plugin.name).count() > 1 {
+            if !names.insert(&plugin.name) {
                 bail!("plugin name {:?} is used twice", plugin.name);
             }
             self.validate_plugin(plugin)?;
-            let tenant = plugin.tenant.as_ref().map(|t| format!("tenant {t:?}"));
-            own(self.namespace_of(plugin), format!("plugin {:?}", plugin.name), tenant.as_deref())?;
+            let tenant = plugin.tenant.as_ref().and_then(|t| self.tenants.iter().find(|x| &x.name == t));
+            let parent = tenant.map(|t| format!("tenant {:?}", t.name));
+            own(plugin.namespace_within(tenant.map(TenantConfig::namespace).as_deref()), format!("plugin {:?}", plugin.name), parent.as_deref())?;
         }
         Ok(())
-    }
-
-    /// The metric namespace `plugin` will own (see `plugins::namespace_of`).
-    fn namespace_of(&self, plugin: &PluginConfig) -> String {
-        let own = plugin.namespace.clone().unwrap_or_else(|| namespace_for(&plugin.name));
-        match plugin.tenant.as_ref().and_then(|t| self.tenants.iter().find(|x| &x.name == t)) {
-            Some(tenant) => format!("{}_{own}", tenant.namespace()),
-            None => own,
-        }
     }
 
     fn validate_plugin(&self, plugin: &PluginConfig) -> anyhow::Result<()> {
@@ -604,10 +618,12 @@ impl PluginConfig {
 fn toml_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
     let message = sanitize(e.message().trim(), 200);
     let Some(span) = e.span() else { return anyhow::anyhow!("{message}") };
-    let before = &text[..span.start.min(text.len())];
+    // (toml's spans are char boundaries; `get` keeps a wrong one from panicking)
+    let start = span.start.min(text.len());
+    let before = text.get(..start).unwrap_or_default();
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    let excerpt: String = text[span.start.min(text.len())..].chars().take_while(|c| *c != '\n').take(40).collect();
+    let excerpt: String = text.get(start..).unwrap_or_default().chars().take_while(|c| *c != '\n').take(40).collect();
     let at = if excerpt.trim().is_empty() { String::new() } else { format!(" (at `{}`)", sanitize(&excerpt, 80)) };
     anyhow::anyhow!("line {line}, column {column}: {message}{at}")
 }

@@ -44,7 +44,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
     let server = tokio::spawn(server::serve(listener, web.tls, state.clone(), stop_server.clone()));
     tracing::info!(listen = %config.listen, tls, basic_auth = auth, "serving /metrics, /healthz, /readyz, /status");
 
-    let cache_dir = config.cache_dir.clone().map_or_else(crate::plugins::cache::default_dir, Ok).inspect_err(|why| {
+    let cache_dir = crate::plugins::cache::location(config.cache_dir.clone()).inspect_err(|why| {
         tracing::warn!("no plugin cache, compiling in memory: {why}");
     });
     let exe = std::env::current_exe().context("locating wasmtap's own executable (it compiles plugins in a child process)")?;

@@ -28,7 +28,7 @@ enum Command {
         #[arg(long)]
         admin_socket: Option<PathBuf>,
         /// Capabilities to keep, comma-separated (overrides `capabilities_keep`;
-        /// default bpf,perfmon,sys_ptrace); every other one is dropped at start.
+        /// default bpf,perfmon); every other one is dropped at start.
         #[arg(long, value_delimiter = ',')]
         capabilities_keep: Option<Vec<String>>,
     },

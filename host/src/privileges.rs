@@ -4,24 +4,21 @@
 //! NoNewPrivs is set, so nothing it runs (the compiler child) can gain any back.
 //!
 //! What it keeps by default is what attaching a probe needs, at start-up and later (a
-//! plugin loaded or swapped in at run time may subscribe to a kind nobody used yet),
-//! and what enrichment needs:
-//! - `CAP_BPF` (programs, maps, ring buffers) and `CAP_PERFMON` (tracing programs and
-//!   reading kernel memory);
-//! - `CAP_SYS_PTRACE`: the kernel guards `/proc/PID/exe` (a process's executable, which
-//!   enrichment reports) with a ptrace access check; drop it and `exe` is unknown.
-//!
-//! Everything else the daemon touches is root's own files (the uid stays 0) or readable
-//! by anyone (`/proc/PID/{stat,status,cgroup,cmdline}`).
+//! plugin loaded or swapped in at run time may subscribe to a kind nobody used yet):
+//! `CAP_BPF` (programs, maps, ring buffers) and `CAP_PERFMON` (tracing programs and
+//! reading kernel memory). Everything else the daemon touches is root's own files (the
+//! uid stays 0) or readable by anyone (`/proc/PID/{stat,status,cgroup,cmdline}`).
 //! Add what a deployment needs with `capabilities_keep` / `--capabilities-keep`:
-//! `sys_admin` on kernels before 5.8 (no `CAP_BPF`) or where tracefs must be mounted,
-//! `net_bind_service` to listen on a port below 1024.
+//! `sys_ptrace` for enrichment to report executables (the kernel guards
+//! `/proc/PID/exe` with a ptrace access check; without it plugins get the path a
+//! process was exec'd by), `sys_admin` on kernels before 5.8 (no `CAP_BPF`) or where
+//! tracefs must be mounted, `net_bind_service` to listen on a port below 1024.
 
 use anyhow::{Context as _, bail};
 use caps::{CapSet, Capability, CapsHashSet};
 
 /// The default `capabilities_keep`.
-pub const DEFAULT_KEEP: &[&str] = &["bpf", "perfmon", "sys_ptrace"];
+pub const DEFAULT_KEEP: &[&str] = &["bpf", "perfmon"];
 
 /// Parses capability names (`bpf`, `cap_bpf`, `CAP_BPF`).
 pub fn parse(names: &[String]) -> anyhow::Result<CapsHashSet> {

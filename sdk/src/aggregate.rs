@@ -22,7 +22,16 @@ struct Slots<K, V, H: HostApi> {
     last: Option<(K, usize)>,
     /// The slot of the family's overflow series, once the host answered with it.
     overflow: Option<usize>,
+    /// Keys the host answered with the overflow series (each asked once, so the host
+    /// counts each label set once), up to `MAX_OVERFLOWED`; past it, new keys go to the
+    /// overflow slot unasked and unkept (a flood of keys cannot exhaust the plugin's
+    /// memory), until a series is removed (`room`: there may be room again).
+    overflowed: usize,
+    room: bool,
 }
+
+/// Overflowed keys remembered per family (a few MiB at most).
+const MAX_OVERFLOWED: usize = 65_536;
 
 struct Slot<V, S> {
     /// `None` when the host refused the series (e.g. the family's series limit).
@@ -33,7 +42,18 @@ struct Slot<V, S> {
 
 impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
     fn new(host: H, family: H::Family) -> Self {
-        Self { host, family, index: FxHashMap::default(), slots: Vec::new(), free: Vec::new(), dirty: Vec::new(), last: None, overflow: None }
+        Self {
+            host,
+            family,
+            index: FxHashMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            dirty: Vec::new(),
+            last: None,
+            overflow: None,
+            overflowed: 0,
+            room: false,
+        }
     }
 
     #[inline]
@@ -43,6 +63,7 @@ impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
             _ => {
                 let i = match self.index.get(&key) {
                     Some(&i) => i,
+                    None if self.overflowed >= MAX_OVERFLOWED && !self.room => self.overflow.expect("keys overflowed"),
                     None => {
                         let series = self.host.series(&self.family, &labels(&key)).ok();
                         let overflow = series.as_ref().is_some_and(|s| self.host.is_overflow(s));
@@ -66,6 +87,13 @@ impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
                                 i
                             }
                         };
+                        if overflow {
+                            self.room = false;
+                            if self.overflowed >= MAX_OVERFLOWED {
+                                return self.touch(i);
+                            }
+                            self.overflowed += 1;
+                        }
                         self.index.insert(key.clone(), i);
                         i
                     }
@@ -74,6 +102,11 @@ impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
                 i
             }
         };
+        self.touch(i)
+    }
+
+    /// Slot `i`'s value, marked to be sent.
+    fn touch(&mut self, i: usize) -> &mut V {
         let slot = &mut self.slots[i];
         if !slot.dirty {
             slot.dirty = true;
@@ -100,8 +133,10 @@ impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
             self.last = None;
         }
         if self.overflow == Some(i) {
+            self.overflowed -= 1;
             return; // shared with other keys
         }
+        self.room = true;
         let slot = &mut self.slots[i];
         slot.dirty = false;
         if let Some(series) = slot.series.take() {

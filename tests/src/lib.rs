@@ -466,7 +466,6 @@ impl Cgroup {
         Self(dir)
     }
 
-    /// Moves `child` (waiting on its stdin) into this cgroup and lets it go.
     /// Its path below the cgroup v2 mount, as enrichment reports it.
     pub fn path(&self) -> String {
         let mount = self.0.ancestors().find(|d| d.join("cgroup.controllers").is_file() && !d.parent().is_some_and(|p| p.join("cgroup.controllers").is_file()));

@@ -76,7 +76,12 @@ impl ArtifactCache {
                 meta.mode() & 0o7777
             ));
         }
+        // Checked and used by the same path: one with a symlink in it could be pointed
+        // elsewhere between the check and the use.
         let real = fs::canonicalize(&self.dir).map_err(|e| format!("cannot resolve it: {e}"))?;
+        if real != self.dir {
+            return Err(format!("it is reached through a symlink (it is {}); give cache_dir as that path", real.display()));
+        }
         for above in real.ancestors().skip(1) {
             let meta = fs::metadata(above).map_err(|e| format!("cannot inspect {}: {e}", above.display()))?;
             let sticky = meta.mode() & 0o1000 != 0;
@@ -175,16 +180,19 @@ impl ArtifactCache {
     }
 }
 
-/// Where the cache goes when the config does not say: `/var/cache/wasmtap` for root;
-/// for another user the XDG cache, but only when the process has no privileges beyond
-/// the user's (with capabilities, the environment is the invoking user's to set, and
-/// native code the daemon runs must not come from where they point it).
-pub fn default_dir() -> Result<PathBuf, &'static str> {
+/// Where the cache goes: `cache_dir`, else `/var/cache/wasmtap` for root, else the XDG
+/// cache. None when the process has privileges beyond its user's (file capabilities,
+/// set-id): everything under that user's control (the environment, the config, any
+/// directory they own) could then carry native code to run with those privileges.
+pub fn location(configured: Option<PathBuf>) -> Result<PathBuf, &'static str> {
     if nix::unistd::geteuid().is_root() {
-        return Ok(PathBuf::from("/var/cache/wasmtap"));
+        return Ok(configured.unwrap_or_else(|| PathBuf::from("/var/cache/wasmtap")));
     }
     if elevated() {
-        return Err("the daemon runs with capabilities, so the cache location is not taken from the environment; set cache_dir");
+        return Err("the daemon has privileges its user lacks (capabilities or set-id), and a cache that user can write could carry planted code");
+    }
+    if let Some(dir) = configured {
+        return Ok(dir);
     }
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -194,10 +202,11 @@ pub fn default_dir() -> Result<PathBuf, &'static str> {
 }
 
 /// Whether this process has more privileges than its real user: any permitted
-/// capability, or set-id.
+/// capability, or set-uid/gid.
 fn elevated() -> bool {
-    let ids = nix::unistd::getresuid().map(|r| r.real != r.effective || r.real != r.saved).unwrap_or(true);
-    ids || caps::read(None, caps::CapSet::Permitted).map_or(true, |set| !set.is_empty())
+    let uids = nix::unistd::getresuid().map(|r| r.real != r.effective || r.real != r.saved).unwrap_or(true);
+    let gids = nix::unistd::getresgid().map(|r| r.real != r.effective || r.real != r.saved).unwrap_or(true);
+    uids || gids || caps::read(None, caps::CapSet::Permitted).map_or(true, |set| !set.is_empty())
 }
 
 #[cfg(test)]

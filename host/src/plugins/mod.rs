@@ -22,10 +22,7 @@ use crate::{
     budget::{Budget, Reason, Refusal, TenantBudget},
     config::{ConfigNode, PluginConfig},
     enrich::Enricher,
-    sinks::{
-        MetricSink, SelfMetrics,
-        metrics::{Staging, namespace_for},
-    },
+    sinks::{MetricSink, SelfMetrics, metrics::Staging},
 };
 
 /// What every plugin shares from the host.
@@ -73,13 +70,9 @@ pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<Te
     })
 }
 
-/// The metric namespace a plugin owns: its own (or its name's), below its tenant's.
+/// The metric namespace a plugin owns (see `PluginConfig::namespace_within`).
 pub fn namespace_of(config: &PluginConfig, tenant: Option<&TenantBudget>) -> String {
-    let own = config.namespace.clone().unwrap_or_else(|| namespace_for(&config.name));
-    match tenant {
-        Some(tenant) => format!("{}_{own}", tenant.namespace),
-        None => own,
-    }
+    config.namespace_within(tenant.map(|t| t.namespace.as_str()))
 }
 
 /// The component a plugin config names (at most `component_bytes` and one more byte).

@@ -34,7 +34,7 @@ use super::{
 };
 use crate::{
     budget::{Budget, TenantBudget},
-    config::{Config, PluginConfig},
+    config::{Config, MAX_PLUGINS, PluginConfig},
     events::{CgroupScope, Router, Subscriber, route::Observer},
     probes::attached::Attached,
     server::AppState,
@@ -180,8 +180,12 @@ impl Registry {
 
     pub fn load(&self, config: &PluginConfig) -> anyhow::Result<PluginInfo> {
         let _change = self.changes.lock().expect("changes lock");
-        if self.with(|inner| inner.running.iter().any(|r| r.config.name == config.name))? {
+        let (running, count) = self.with(|inner| (inner.running.iter().any(|r| r.config.name == config.name), inner.running.len()))?;
+        if running {
             bail!("plugin {:?} is already running; replace it or unload it first", config.name);
+        }
+        if count >= MAX_PLUGINS {
+            bail!("{count} plugins run already, the most one daemon runs; unload one first");
         }
         self.load_now(config, false)?;
         self.info(&config.name)

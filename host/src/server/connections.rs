@@ -1,9 +1,11 @@
 //! The public server's connections: a bounded table, so that no number of idle or
 //! half-sent connections can keep a scrape out, and accept errors that back off.
 //!
-//! When the table is full, a new connection takes the place of the one that has been
-//! idle longest (connected, but not in a request); only when every one is in a request
-//! is the new one closed. Either is counted in `wasmtap_http_refused_total{reason}`.
+//! When the table is full, a new connection takes the place of an idle one (connected,
+//! but not in a request): one that never finished a request first (a half-sent or
+//! silent connection, not a scraper's), the longest idle among them; only when every one
+//! is in a request is the new one closed. Either is counted in
+//! `wasmtap_http_refused_total{reason}`.
 
 use std::{
     sync::{
@@ -37,6 +39,8 @@ pub struct Connections {
 #[derive(Debug)]
 struct Entry {
     id: u64,
+    /// It has finished a request.
+    served: bool,
     since: Instant,
     in_request: Arc<AtomicBool>,
     close: CancellationToken,
@@ -62,7 +66,7 @@ impl Connections {
     pub fn admit(self: &Arc<Self>) -> Option<Connection> {
         let mut table = self.table.lock().expect("connections");
         if table.len() >= self.max {
-            let idle = table.iter().enumerate().filter(|(_, e)| !e.in_request.load(Relaxed)).min_by_key(|(_, e)| e.since).map(|(i, _)| i);
+            let idle = table.iter().enumerate().filter(|(_, e)| !e.in_request.load(Relaxed)).min_by_key(|(_, e)| (e.served, e.since)).map(|(i, _)| i);
             let reason = match idle {
                 Some(i) => {
                     table.swap_remove(i).close.cancel();
@@ -81,7 +85,7 @@ impl Connections {
         }
         let id = self.next_id.fetch_add(1, Relaxed);
         let (in_request, close) = (Arc::new(AtomicBool::new(false)), CancellationToken::new());
-        table.push(Entry { id, since: Instant::now(), in_request: in_request.clone(), close: close.clone() });
+        table.push(Entry { id, served: false, since: Instant::now(), in_request: in_request.clone(), close: close.clone() });
         Some(Connection { connections: self.clone(), id, in_request, close })
     }
 
@@ -97,6 +101,7 @@ impl Connection {
         self.in_request.store(false, Relaxed);
         if let Some(entry) = self.connections.table.lock().expect("connections").iter_mut().find(|e| e.id == self.id) {
             entry.since = Instant::now();
+            entry.served = true;
         }
     }
 }
@@ -144,16 +149,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_full_table_evicts_the_longest_idle_and_never_one_in_a_request() {
+    fn a_full_table_evicts_an_idle_connection_never_one_in_a_request() {
         let refused = Refused::default();
         let connections = Connections::new(2, refused.clone());
         let (a, b) = (connections.admit().unwrap(), connections.admit().unwrap());
         a.in_request.store(true, Relaxed);
         let c = connections.admit().expect("b is idle");
         assert!(b.close.is_cancelled() && !a.close.is_cancelled());
-        c.in_request.store(true, Relaxed);
+        // A scraper's connection (it finished a request) goes after any that never did,
+        // even one idle for less time.
+        a.idle();
+        let d = connections.admit().expect("c is idle");
+        assert!(c.close.is_cancelled() && !a.close.is_cancelled());
+        a.in_request.store(true, Relaxed);
+        d.in_request.store(true, Relaxed);
         assert!(connections.admit().is_none(), "all in a request");
-        assert_eq!(refused.get_or_create(&RefusedLabels { reason: "connection_evicted" }).get(), 1);
+        assert_eq!(refused.get_or_create(&RefusedLabels { reason: "connection_evicted" }).get(), 2);
         assert_eq!(refused.get_or_create(&RefusedLabels { reason: "connection_refused" }).get(), 1);
         drop(a);
         assert!(connections.admit().is_some(), "a's place is free");

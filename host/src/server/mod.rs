@@ -68,7 +68,7 @@ impl AppState {
         let refused = Refused::default();
         registry.register(
             "wasmtap_http_refused",
-            "Connections and requests the HTTP server turned away: connection_evicted (a newer one took the place of the longest idle), connection_refused, too_many_requests, accept_error, tls_handshake, unauthorized",
+            "Connections and requests the HTTP server turned away: connection_evicted (a newer one took the place of the longest idle), connection_refused, too_many_requests, accept_error, tls_handshake, unauthorized, auth_busy",
             refused.clone(),
         );
         Self {
@@ -119,36 +119,38 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, state: Arc<A
         let (state, tls) = (state.clone(), tls.clone());
         tokio::spawn(async move {
             let connection = Arc::new(connection);
-            let lifetime = Duration::from_millis(state.settings.connection_max_ms);
+            let close = connection.close.clone();
             let served = async {
                 match tls {
-                    None => serve_connection(stream, state, connection.clone()).await,
+                    None => serve_connection(stream, state, connection).await,
                     Some(tls) => {
                         // The handshake, too, within the time a request head has.
                         let timeout = Duration::from_millis(state.settings.header_timeout_ms);
                         match tokio::time::timeout(timeout, tls.accept(stream)).await {
-                            Ok(Ok(stream)) => serve_connection(stream, state, connection.clone()).await,
+                            Ok(Ok(stream)) => serve_connection(stream, state, connection).await,
                             _ => drop(state.refused.get_or_create(&RefusedLabels { reason: "tls_handshake" }).inc()),
                         }
                     }
                 }
             };
+            // Evicted (it was idle): closed at once.
             tokio::select! {
                 () = served => {}
-                () = connection.close.cancelled() => {}
-                () = tokio::time::sleep(lifetime) => {}
+                () = close.cancelled() => {}
             }
         });
     }
     connections.close_all();
 }
 
-/// HTTP/1.1 on one connection, plain or TLS.
+/// HTTP/1.1 on one connection, plain or TLS. At `connection_max_ms` it closes once the
+/// request in flight (if any) is answered.
 async fn serve_connection<I>(io: I, state: Arc<AppState>, connection: Arc<connections::Connection>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let header_timeout = Duration::from_millis(state.settings.header_timeout_ms);
+    let lifetime = Duration::from_millis(state.settings.connection_max_ms);
     let service = service_fn(move |req| {
         let (state, connection) = (state.clone(), connection.clone());
         async move {
@@ -158,7 +160,20 @@ where
             Ok::<_, Infallible>(response)
         }
     });
-    if let Err(e) = http1::Builder::new().timer(TokioTimer::new()).header_read_timeout(header_timeout).serve_connection(TokioIo::new(io), service).await {
+    let served = http1::Builder::new().timer(TokioTimer::new()).header_read_timeout(header_timeout).serve_connection(TokioIo::new(io), service);
+    tokio::pin!(served);
+    let result = tokio::select! {
+        result = served.as_mut() => result,
+        () = tokio::time::sleep(lifetime) => {
+            served.as_mut().graceful_shutdown();
+            // The answer under way gets as long as a request head would.
+            match tokio::time::timeout(header_timeout, served).await {
+                Ok(result) => result,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!("connection ended: {e}");
     }
 }
@@ -173,20 +188,29 @@ async fn handle(req: &Request<Incoming>, state: Arc<AppState>) -> Response<Full<
         response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
         return response;
     }
+    // What the probes saw needs credentials (when users are set); health does not.
+    // Checked before a request slot is taken, so waiting checks hold none.
+    if let Some(auth) = &state.auth
+        && matches!(req.uri().path(), "/metrics" | "/status")
+    {
+        match auth.check(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes())).await {
+            web::Verdict::Allowed => {}
+            web::Verdict::Busy => {
+                state.refused.get_or_create(&RefusedLabels { reason: "auth_busy" }).inc();
+                return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "checking other credentials; retry\n");
+            }
+            web::Verdict::Denied => {
+                state.refused.get_or_create(&RefusedLabels { reason: "unauthorized" }).inc();
+                let mut response = reply(StatusCode::UNAUTHORIZED, "text/plain", "credentials needed\n");
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"wasmtap\""));
+                return response;
+            }
+        }
+    }
     let Ok(_request) = state.requests.clone().try_acquire_owned() else {
         state.refused.get_or_create(&RefusedLabels { reason: "too_many_requests" }).inc();
         return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "too many concurrent requests (server.max_requests)\n");
     };
-    // What the probes saw needs credentials (when users are set); health does not.
-    if let Some(auth) = &state.auth
-        && matches!(req.uri().path(), "/metrics" | "/status")
-        && !auth.allows(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes())).await
-    {
-        state.refused.get_or_create(&RefusedLabels { reason: "unauthorized" }).inc();
-        let mut response = reply(StatusCode::UNAUTHORIZED, "text/plain", "credentials needed\n");
-        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"wasmtap\""));
-        return response;
-    }
     match req.uri().path() {
         "/metrics" => {
             let wants_openmetrics = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/openmetrics-text"));

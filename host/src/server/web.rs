@@ -14,9 +14,11 @@
 //!
 //! With users, `/metrics` and `/status` answer 401 without valid credentials;
 //! `/healthz` and `/readyz` stay open for liveness and readiness probes. A bcrypt check
-//! costs milliseconds of CPU, so checks run one at a time off the async workers, and
-//! credentials that passed are remembered (a hash of them, a few at most): a scrape
-//! every few seconds costs one check, a flood of wrong passwords at most one core.
+//! costs milliseconds of CPU, so checks run one at a time off the async workers (a
+//! request arriving during one is answered 503 at once, never queued), and credentials
+//! that passed are remembered (a hash of them, a few at most) and pass without a check:
+//! a flood of wrong passwords costs at most one core and never delays a scraper whose
+//! credentials passed once.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -99,43 +101,67 @@ fn acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
 /// Users and their bcrypt hashes.
 pub struct BasicAuth {
     users: BTreeMap<String, String>,
+    /// Checked for an unknown user, so that a wrong name takes as long as a wrong
+    /// password (the answer's time does not tell which names exist).
+    decoy: String,
     /// SHA-256 of `user:password` pairs that passed.
     proven: Mutex<VecDeque<[u8; 32]>>,
     checking: Arc<Semaphore>,
 }
 
+/// What a request's credentials get.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed,
+    Denied,
+    /// Another check is running: try again (bcrypt checks run one at a time).
+    Busy,
+}
+
+/// Bcrypt costs accepted: below, hashes are cheap to crack; above, one check takes
+/// seconds to hours.
+const COSTS: std::ops::RangeInclusive<u32> = 4..=14;
+
 impl BasicAuth {
     fn new(users: BTreeMap<String, String>) -> anyhow::Result<Self> {
         for (user, hash) in &users {
-            if user.contains(':') || hash.parse::<bcrypt::HashParts>().is_err() {
-                bail!("basic_auth_users: {user:?} needs a name without `:` and a bcrypt hash (htpasswd -nbB USER PASSWORD)");
+            let cost = hash.parse::<bcrypt::HashParts>().map(|h| h.get_cost()).ok();
+            if user.contains(':') || !cost.is_some_and(|c| COSTS.contains(&c)) {
+                bail!("basic_auth_users: {user:?} needs a name without `:` and a bcrypt hash of cost 4 to 14 (htpasswd -nbB -C 10 USER PASSWORD)");
             }
         }
-        Ok(Self { users, proven: Mutex::default(), checking: Arc::new(Semaphore::new(1)) })
+        let cost = users.values().filter_map(|h| h.parse::<bcrypt::HashParts>().ok()).map(|h| h.get_cost()).max().unwrap_or(4);
+        let decoy = bcrypt::hash("wasmtap decoy", cost).context("making the decoy hash")?;
+        Ok(Self { users, decoy, proven: Mutex::default(), checking: Arc::new(Semaphore::new(1)) })
     }
 
-    /// Whether an `Authorization` header value carries a known user's password.
-    pub async fn allows(self: &Arc<Self>, header: Option<&[u8]>) -> bool {
+    /// What an `Authorization` header value gets: credentials proven before pass at
+    /// once; others wait for no one (one check at a time, the rest are told to retry).
+    pub async fn check(self: &Arc<Self>, header: Option<&[u8]>) -> Verdict {
         let Some(credentials) = header.and_then(|h| h.strip_prefix(b"Basic ")).and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok()) else {
-            return false;
+            return Verdict::Denied;
         };
-        let Some((user, password)) = std::str::from_utf8(&credentials).ok().and_then(|c| c.split_once(':')) else { return false };
-        let Some(hash) = self.users.get(user).cloned() else { return false };
+        let Some((user, password)) = std::str::from_utf8(&credentials).ok().and_then(|c| c.split_once(':')) else { return Verdict::Denied };
         let digest: [u8; 32] = Sha256::digest(&credentials).into();
         if self.proven.lock().expect("proven").contains(&digest) {
-            return true;
+            return Verdict::Allowed;
         }
-        let Ok(_turn) = self.checking.clone().acquire_owned().await else { return false };
+        let Ok(_turn) = self.checking.clone().try_acquire_owned() else { return Verdict::Busy };
+        let (known, hash) = match self.users.get(user) {
+            Some(hash) => (true, hash.clone()),
+            None => (false, self.decoy.clone()),
+        };
         let password = password.to_owned();
         let valid = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false)).await.unwrap_or(false);
-        if valid {
-            let mut proven = self.proven.lock().expect("proven");
-            if proven.len() == REMEMBERED {
-                proven.pop_front();
-            }
-            proven.push_back(digest);
+        if !(known && valid) {
+            return Verdict::Denied;
         }
-        valid
+        let mut proven = self.proven.lock().expect("proven");
+        if proven.len() == REMEMBERED {
+            proven.pop_front();
+        }
+        proven.push_back(digest);
+        Verdict::Allowed
     }
 }
 
@@ -148,12 +174,18 @@ mod tests {
         let hash = bcrypt::hash("s3cret", 4).unwrap();
         let auth = Arc::new(BasicAuth::new([("prom".to_owned(), hash)].into()).unwrap());
         let header = |c: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(c));
-        assert!(auth.allows(Some(header("prom:s3cret").as_bytes())).await);
-        assert!(auth.allows(Some(header("prom:s3cret").as_bytes())).await, "remembered");
-        for wrong in ["prom:nope", "other:s3cret", "prom", ""] {
-            assert!(!auth.allows(Some(header(wrong).as_bytes())).await, "{wrong}");
+        assert_eq!(auth.check(Some(header("prom:s3cret").as_bytes())).await, Verdict::Allowed);
+        {
+            let _busy = auth.checking.clone().try_acquire_owned().unwrap();
+            assert_eq!(auth.check(Some(header("prom:s3cret").as_bytes())).await, Verdict::Allowed, "remembered");
+            assert_eq!(auth.check(Some(header("prom:nope").as_bytes())).await, Verdict::Busy, "no queue behind a check");
         }
-        assert!(!auth.allows(None).await);
+        for wrong in ["prom:nope", "other:s3cret", "prom", ""] {
+            assert_eq!(auth.check(Some(header(wrong).as_bytes())).await, Verdict::Denied, "{wrong}");
+        }
+        assert_eq!(auth.check(None).await, Verdict::Denied);
         assert!(BasicAuth::new([("prom".to_owned(), "plain".to_owned())].into()).is_err(), "a hash, not a password");
+        let slow = bcrypt::hash("x", 4).unwrap().replacen("$04$", "$20$", 1);
+        assert!(BasicAuth::new([("prom".to_owned(), slow)].into()).is_err(), "a cost that would take minutes per check");
     }
 }

@@ -142,7 +142,7 @@ pub fn check_namespace(ns: &str) -> Result<(), String> {
 }
 
 /// Whether two namespaces could produce the same metric name.
-pub fn clashes(a: &str, b: &str) -> bool {
+fn clashes(a: &str, b: &str) -> bool {
     let nested = |outer: &str, inner: &str| inner.strip_prefix(outer).is_some_and(|rest| rest.is_empty() || rest.starts_with('_'));
     nested(a, b) || nested(b, a)
 }
@@ -290,8 +290,14 @@ impl MetricSink {
             budget.release(Reason::Families, 1);
             return Err(e);
         }
-        let reserve = budget.overflow_of(&spec.name) == Overflow::Other;
-        if reserve && let Err(e) = reserve_overflow(&name, &spec, budget) {
+        // (A family without labels has one series, its own overflow.)
+        let reserve = budget.overflow_of(&spec.name) == Overflow::Other && !spec.label_names.is_empty();
+        if reserve && live.is_some() {
+            // Replacing a live family whose reserve the old build holds (and gives back
+            // at the commit): the new build's may not fail where the old one's fit.
+            budget.force_charge(Reason::Series, 1);
+            budget.force_charge(Reason::MetricBytes, series_cost(&name, &spec, &overflow_values(&spec)));
+        } else if reserve && let Err(e) = reserve_overflow(&name, &spec, budget) {
             budget.release(Reason::Families, 1);
             budget.release(Reason::MetricBytes, cost);
             return Err(e);
@@ -316,7 +322,7 @@ impl MetricSink {
             let old_budget = old_budget.unwrap_or(new_budget);
             match live.and_then(|live| families.iter().position(|f| Arc::ptr_eq(f, &live))) {
                 Some(i) if families[i].spec == new.spec => {
-                    new.take_series(&families[i], old_budget);
+                    new.take_series(&families[i], old_budget, new_budget);
                     families[i] = new;
                 }
                 Some(i) => {
@@ -390,6 +396,7 @@ impl MetricFamily {
             let target = self.intern(&values, new_budget, true).expect("forced interning");
             target.fold_in_mapped(&series, Some(&bucket_map));
         }
+        self.settle_overflow_reserve(new_budget);
     }
 
     /// Takes over the series of `live`, a family with the same definition, keeping their
@@ -397,7 +404,7 @@ impl MetricFamily {
     /// this family keeps the series it made (folding in the old values), and the old
     /// build's other series move over as they are. Costs what the new build made, not
     /// the family's size.
-    fn take_series(&self, live: &MetricFamily, old_budget: &Budget) {
+    fn take_series(&self, live: &MetricFamily, old_budget: &Budget, new_budget: &Budget) {
         let moved = std::mem::take(&mut *live.series.write().expect("series lock"));
         let mut table = self.series.write().expect("series lock");
         let made = std::mem::replace(&mut *table, moved);
@@ -421,6 +428,16 @@ impl MetricFamily {
         old_budget.release(Reason::Families, 1);
         old_budget.release(Reason::MetricBytes, family_cost(&live.name, &live.spec));
         live.release_overflow_reserve(old_budget);
+        drop(table);
+        self.settle_overflow_reserve(new_budget);
+    }
+
+    /// An overflow series carried over from the build before is this family's: the
+    /// room kept for one is given back.
+    fn settle_overflow_reserve(&self, budget: &Budget) {
+        if self.series.read().expect("series lock").index.contains_key(&overflow_values(&self.spec)) {
+            self.release_overflow_reserve(budget);
+        }
     }
 
     /// Gives back the room kept for the overflow series, if it was never made.
@@ -522,8 +539,12 @@ impl MetricFamily {
     }
 
     /// Deletes `series` from the family (and from `/metrics`), giving back what it was
-    /// charged. Asking for its labels again starts a new series from zero.
+    /// charged. Asking for its labels again starts a new series from zero. The
+    /// overflow series stays (other label sets count in it): only the handle goes.
     pub fn remove(&self, series: &Arc<Series>, budget: &Budget) {
+        if series.is_overflow() {
+            return; // shared by every label set that overflowed: only the handle goes
+        }
         let values: Vec<String> = series.labels.iter().map(|(_, v)| v.clone()).collect();
         let mut table = self.series.write().expect("series lock");
         let Some(&i) = table.index.get(&values) else { return };
@@ -805,6 +826,32 @@ mod tests {
         // A family whose policy is `refuse` gets no series.
         assert_eq!(strict.series(&["1".into()], &b).unwrap_err().reason, Reason::Series);
         assert_eq!(metrics.series_refused("p", "ns_strict").get(), 1);
+    }
+
+    #[test]
+    fn the_overflow_reserve_survives_remove_and_settles_across_a_swap() {
+        let sink = MetricSink::default();
+        let limits = PluginLimits { series: 3, ..Default::default() };
+        let old = Budget::unmetered("p", limits);
+        let f = sink.declare("ns", spec("a", MetricKind::Counter, vec![]), &old, None).unwrap();
+        f.series(&["1".into()], &old).unwrap();
+        f.series(&["2".into()], &old).unwrap();
+        let other = f.series(&["3".into()], &old).unwrap();
+        assert!(other.is_overflow());
+        assert_eq!(old.used(Reason::Series), 3, "made on its reserve");
+        // Shared: removing it drops only the handle.
+        f.remove(&other, &old);
+        assert!(Arc::ptr_eq(&f.series(&["4".into()], &old).unwrap(), &other));
+        assert_eq!(old.used(Reason::Series), 3);
+        // A new build at the limit declares the family again (not refused), and once the
+        // old build's overflow series is its own, its reserve is given back.
+        let new = Budget::unmetered("p", limits);
+        let reserved = new.reserve(&old);
+        let staging = Staging::default();
+        sink.declare("ns", spec("a", MetricKind::Counter, vec![]), &new, Some(&staging)).unwrap();
+        sink.commit(&staging, Some(&old), &new);
+        new.take_over(&old, reserved);
+        assert_eq!((old.used(Reason::Series), new.used(Reason::Series)), (0, 3));
     }
 
     #[test]
