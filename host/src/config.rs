@@ -38,9 +38,10 @@ pub struct Config {
     pub plugin_defaults: PluginLimits,
     /// Where precompiled plugin components are cached; defaults to
     /// `/var/cache/wasmtap` for root, `$XDG_CACHE_HOME/wasmtap` otherwise.
-    /// Must be the daemon user's, mode 0700, below directories only root or that user
-    /// can write; otherwise plugins are compiled in memory (and the log says why).
-    /// As a non-root user with capabilities there is no default: set it.
+    /// Must be the daemon user's and writable by no one else (made 0700), below
+    /// directories only root or that user can write; otherwise plugins are compiled in
+    /// memory (and the log says why). A non-root daemon with capabilities or set-id
+    /// uses no disk cache.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
     /// Bytes of precompiled components the cache keeps (least recently used go first).

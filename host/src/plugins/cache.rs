@@ -2,9 +2,10 @@
 //! run, so only ever read from a directory nobody but the daemon's user (or root) can
 //! change, and written so that nobody can slip a file in on the way.
 //!
-//! - The directory is the daemon user's, mode 0700 (created so whatever the umask),
-//!   and no directory above it may be writable by anyone else (the sticky `/tmp`
-//!   excepted): checked when the daemon starts and again before every read.
+//! - The directory is the daemon user's and writable by no one else (the daemon creates
+//!   it 0700 whatever the umask), and no directory above it may be writable by anyone
+//!   else (the sticky `/tmp` excepted): checked when the daemon starts and again before
+//!   every read.
 //! - Artifacts are the daemon user's regular files, not writable by group or others.
 //! - New artifacts are written to a fresh file (`O_EXCL`, `O_NOFOLLOW`, mode 0600) and
 //!   renamed into place whole.
@@ -69,9 +70,9 @@ impl ArtifactCache {
         if !meta.is_dir() {
             return Err("it is not a directory (a symlink?)".into());
         }
-        if meta.uid() != me || meta.mode() & 0o077 != 0 {
+        if meta.uid() != me || meta.mode() & 0o022 != 0 {
             return Err(format!(
-                "it is owned by uid {} with mode {:o}; it must be uid {me}'s with mode 0700 (fix: chown {me} and chmod 700 it, or remove it)",
+                "it is owned by uid {} with mode {:o}; it must be uid {me}'s, writable by no one else (fix: chown {me} and chmod 700 it, or remove it)",
                 meta.uid(),
                 meta.mode() & 0o7777
             ));

@@ -68,7 +68,7 @@ impl AppState {
         let refused = Refused::default();
         registry.register(
             "wasmtap_http_refused",
-            "Connections and requests the HTTP server turned away: connection_evicted (a newer one took the place of the longest idle), connection_refused, too_many_requests, accept_error, tls_handshake, unauthorized, auth_busy",
+            "Connections and requests the HTTP server turned away: connection_evicted (an idle one made room for a newer one), connection_refused, too_many_requests, accept_error, tls_handshake, unauthorized, auth_busy",
             refused.clone(),
         );
         Self {
