@@ -19,7 +19,7 @@ use std::{
     fs::{self, DirBuilder, OpenOptions},
     io::{Read as _, Write as _},
     os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     time::{Duration, SystemTime},
 };
@@ -56,10 +56,6 @@ impl ArtifactCache {
                 None
             }
         }
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Whether the directory (and everything above it) can only be changed by this
@@ -224,7 +220,7 @@ mod tests {
     fn artifacts_round_trip_and_the_cache_stays_bounded() {
         let dir = scratch("bounded");
         let cache = ArtifactCache::open(dir.join("c"), 2500).expect("a fresh cache is trusted");
-        assert_eq!(fs::metadata(cache.dir()).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(fs::metadata(&cache.dir).unwrap().mode() & 0o777, 0o700);
         for key in ["a", "b", "c"] {
             cache.store(key, &[7u8; 1000]);
             std::thread::sleep(Duration::from_millis(20)); // distinct mtimes
