@@ -13,6 +13,9 @@ use std::{env, fs, path::PathBuf, process::Command};
 /// memories of 4 MiB each, turned into a component against `wit/`.
 fn multi_memory_component(root: &std::path::Path) -> Vec<u8> {
     use wasm_encoder::{CodeSection, ExportKind, ExportSection, Function, FunctionSection, MemorySection, MemoryType, Module, TypeSection, ValType::*};
+    let mut resolve = wit_parser::Resolve::default();
+    let (package, _) = resolve.push_dir(root.join("wit")).expect("wit/ parses");
+    let version = resolve.packages[package].name.version.as_ref().expect("a versioned package").to_string();
     let mut types = TypeSection::new();
     types.ty().function([I32; 4], [I32]); // cabi_realloc
     types.ty().function([I32; 10], [I32]); // init(host-info: 3 strings + a list, config: a list)
@@ -31,7 +34,7 @@ fn multi_memory_component(root: &std::path::Path) -> Vec<u8> {
     let mut exports = ExportSection::new();
     exports.export("memory", ExportKind::Memory, 0).export("cabi_realloc", ExportKind::Func, 0);
     for (i, name) in ["init", "on-batch", "tick"].iter().enumerate() {
-        exports.export(&format!("wasmtap:plugin/handler@0.2.3#{name}"), ExportKind::Func, i as u32 + 1);
+        exports.export(&format!("wasmtap:plugin/handler@{version}#{name}"), ExportKind::Func, i as u32 + 1);
     }
     let mut code = CodeSection::new();
     let mut realloc = Function::new([]);
@@ -46,8 +49,6 @@ fn multi_memory_component(root: &std::path::Path) -> Vec<u8> {
     module.section(&types).section(&functions).section(&memories).section(&exports).section(&code);
     let mut module = module.finish();
 
-    let mut resolve = wit_parser::Resolve::default();
-    let (package, _) = resolve.push_dir(root.join("wit")).expect("wit/ parses");
     let world = resolve.select_world(&[package], Some("plugin")).expect("the plugin world");
     wit_component::embed_component_metadata(&mut module, &resolve, world, wit_component::StringEncoding::UTF8, false).expect("embed");
     wit_component::ComponentEncoder::default().module(&module).expect("module").validate(true).encode().expect("encode")

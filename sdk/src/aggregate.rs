@@ -28,6 +28,8 @@ struct Slots<K, V, H: HostApi> {
     /// memory), until a series is removed (`room`: there may be room again).
     overflowed: usize,
     room: bool,
+    /// Slots sent by the last `flush` (kept to reuse its allocation).
+    sent: Vec<usize>,
 }
 
 /// Overflowed keys remembered per family (a few MiB at most).
@@ -53,6 +55,7 @@ impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
             overflow: None,
             overflowed: 0,
             room: false,
+            sent: Vec::new(),
         }
     }
 
@@ -126,6 +129,28 @@ impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
         }
     }
 
+    /// Hands each dirty slot's value to `take` (with whether the slot has a series, so
+    /// the value is to be sent) and clears the dirty list; then sends what was taken, in
+    /// one host call, through `send`.
+    fn flush<A>(&mut self, acc: &mut A, mut take: impl FnMut(&mut A, bool, &mut V), send: impl FnOnce(&H, &[&H::Series], &A)) {
+        let mut sent = std::mem::take(&mut self.sent);
+        for i in self.dirty.drain(..) {
+            let slot = &mut self.slots[i];
+            if std::mem::replace(&mut slot.dirty, false) {
+                take(acc, slot.series.is_some(), &mut slot.value);
+                if slot.series.is_some() {
+                    sent.push(i);
+                }
+            }
+        }
+        if !sent.is_empty() {
+            let series: Vec<&H::Series> = sent.iter().filter_map(|&i| self.slots[i].series.as_ref()).collect();
+            send(&self.host, &series, acc);
+        }
+        sent.clear();
+        self.sent = sent;
+    }
+
     /// Forgets `key` and deletes its series in the host (unsent changes are dropped).
     fn remove(&mut self, key: &K) {
         let Some(i) = self.index.remove(key) else { return };
@@ -157,6 +182,8 @@ pub struct HistogramVec<K, H: HostApi = Wit> {
     bounds: Bounds,
     scale: f64,
     slots: Slots<K, HistogramDelta, H>,
+    /// A flush's bucket counts and sums (kept to reuse the allocations).
+    flushed: (Vec<u64>, Vec<f64>),
 }
 
 struct HistogramDelta {
@@ -171,7 +198,7 @@ impl<K: Hash + Eq + Clone, H: HostApi> HistogramVec<K, H> {
     pub fn declare(host: H, name: &str, help: &str, labels: &[&str], bounds: Vec<u64>, scale: f64) -> Result<Self, String> {
         let buckets = bounds.iter().map(|&b| b as f64 * scale).collect();
         let family = declare(&host, name, help, MetricKind::Histogram, labels, buckets)?;
-        Ok(Self { bounds: Bounds::new(bounds), scale, slots: Slots::new(host, family) })
+        Ok(Self { bounds: Bounds::new(bounds), scale, slots: Slots::new(host, family), flushed: Default::default() })
     }
 
     /// The host this family reports to.
@@ -189,16 +216,21 @@ impl<K: Hash + Eq + Clone, H: HostApi> HistogramVec<K, H> {
         delta.sum = delta.sum.wrapping_add(value);
     }
 
-    /// Sends the accumulated deltas to the host, one call per touched series.
+    /// Sends the accumulated deltas of the touched series to the host, in one call.
     pub fn flush(&mut self) {
-        let scale = self.scale;
-        self.slots.drain(|host, series, delta| {
-            if let Some(series) = series {
-                host.histogram_merge(series, &delta.counts, delta.sum as f64 * scale);
+        let (scale, buckets) = (self.scale, self.bounds.bounds.len() + 1);
+        let take = |(counts, sums): &mut (Vec<u64>, Vec<f64>), send: bool, delta: &mut HistogramDelta| {
+            if send {
+                counts.extend_from_slice(&delta.counts);
+                sums.push(delta.sum as f64 * scale);
             }
             delta.counts.fill(0);
             delta.sum = 0;
-        });
+        };
+        let send = |host: &H, series: &[&H::Series], (counts, sums): &(Vec<u64>, Vec<f64>)| host.merge_histograms(series, buckets, counts, sums);
+        self.slots.flush(&mut self.flushed, take, send);
+        self.flushed.0.clear();
+        self.flushed.1.clear();
     }
 
     /// Deletes `key`'s series.
@@ -240,13 +272,15 @@ impl Bounds {
 /// A counter family aggregated in the guest.
 pub struct CounterVec<K, H: HostApi = Wit> {
     slots: Slots<K, u64, H>,
+    /// A flush's values (kept to reuse the allocation).
+    flushed: Vec<u64>,
 }
 
 impl<K: Hash + Eq + Clone, H: HostApi> CounterVec<K, H> {
     /// Declares the family; `name` without the `_total` suffix (the host adds it).
     pub fn declare(host: H, name: &str, help: &str, labels: &[&str]) -> Result<Self, String> {
         let family = declare(&host, name, help, MetricKind::Counter, labels, Vec::new())?;
-        Ok(Self { slots: Slots::new(host, family) })
+        Ok(Self { slots: Slots::new(host, family), flushed: Vec::new() })
     }
 
     /// Adds `n` under `key`; `labels` names a new key's series.
@@ -255,14 +289,16 @@ impl<K: Hash + Eq + Clone, H: HostApi> CounterVec<K, H> {
         *self.slots.get(key, labels, || 0) += n;
     }
 
-    /// Sends the accumulated deltas to the host, one call per touched series.
+    /// Sends the accumulated deltas of the touched series to the host, in one call.
     pub fn flush(&mut self) {
-        self.slots.drain(|host, series, n| {
-            if let Some(series) = series {
-                host.counter_add(series, *n);
+        let take = |values: &mut Vec<u64>, send: bool, n: &mut u64| {
+            if send {
+                values.push(*n);
             }
             *n = 0;
-        });
+        };
+        self.slots.flush(&mut self.flushed, take, |host, series, values| host.add_counters(series, values));
+        self.flushed.clear();
     }
 
     /// Deletes `key`'s series (e.g. for a process that exited).

@@ -16,6 +16,17 @@ pub trait HostApi {
     fn counter_add(&self, series: &Self::Series, value: u64);
     fn gauge_set(&self, series: &Self::Series, value: f64);
     fn histogram_merge(&self, series: &Self::Series, bucket_counts: &[u64], sum: f64);
+    /// Merges many histogram deltas at once: series i takes `bucket_counts[i * buckets..]`
+    /// (`buckets` counts, `+Inf` included) and `sums[i]`.
+    fn merge_histograms(&self, series: &[&Self::Series], buckets: usize, bucket_counts: &[u64], sums: &[f64]) {
+        for ((s, counts), &sum) in series.iter().zip(bucket_counts.chunks_exact(buckets)).zip(sums) {
+            self.histogram_merge(s, counts, sum);
+        }
+    }
+    /// Adds `values[i]` to counter `series[i]`, at once.
+    fn add_counters(&self, series: &[&Self::Series], values: &[u64]) {
+        series.iter().zip(values).for_each(|(s, &v)| self.counter_add(s, v));
+    }
     /// Whether `series` is its family's overflow series (a full family's answer to
     /// every new label set).
     fn is_overflow(&self, _series: &Self::Series) -> bool {
@@ -53,6 +64,14 @@ impl HostApi for Wit {
 
     fn histogram_merge(&self, series: &metrics::Series, bucket_counts: &[u64], sum: f64) {
         series.histogram_merge(bucket_counts, sum)
+    }
+
+    fn merge_histograms(&self, series: &[&metrics::Series], _buckets: usize, bucket_counts: &[u64], sums: &[f64]) {
+        metrics::merge_histograms(series, bucket_counts, sums)
+    }
+
+    fn add_counters(&self, series: &[&metrics::Series], values: &[u64]) {
+        metrics::add_counters(series, values)
     }
 
     fn is_overflow(&self, series: &metrics::Series) -> bool {

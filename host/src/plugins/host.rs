@@ -276,6 +276,33 @@ impl metrics::Host for PluginState {
             Err(refusal) => Ok(Err(refusal.to_string())),
         }
     }
+
+    fn merge_histograms(&mut self, series: Vec<Resource<SeriesHandle>>, bucket_counts: Vec<u64>, sums: Vec<f64>) -> wasmtime::Result<()> {
+        if sums.len() != series.len() {
+            return Err(SeriesError::Misuse("merge-histograms needs one sum per series").into());
+        }
+        let mut counts = bucket_counts.as_slice();
+        for (handle, sum) in series.iter().zip(sums) {
+            // The family's bucket count, plus `+Inf` (any other kind of series traps below).
+            let n = self.handles.get(handle)?.family.buckets().len() + 1;
+            let Some((mine, rest)) = counts.split_at_checked(n) else {
+                return Err(SeriesError::Misuse("merge-histograms got fewer bucket counts than its series have buckets").into());
+            };
+            counts = rest;
+            self.write(handle, |s| s.series.histogram_merge(mine, sum))?;
+        }
+        if !counts.is_empty() {
+            return Err(SeriesError::Misuse("merge-histograms got more bucket counts than its series have buckets").into());
+        }
+        Ok(())
+    }
+
+    fn add_counters(&mut self, series: Vec<Resource<SeriesHandle>>, values: Vec<u64>) -> wasmtime::Result<()> {
+        if values.len() != series.len() {
+            return Err(SeriesError::Misuse("add-counters needs one value per series").into());
+        }
+        series.iter().zip(values).try_for_each(|(handle, value)| self.write(handle, |s| s.series.counter_add(value)))
+    }
 }
 
 impl metrics::HostFamily for PluginState {
@@ -410,5 +437,51 @@ impl enrich::Host for PluginState {
     fn node(&mut self) -> wasmtime::Result<enrich::NodeInfo> {
         let node = self.enricher.node();
         Ok(enrich::NodeInfo { hostname: node.hostname.clone(), kernel_release: node.kernel_release.clone() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::{encoding::prometheus_text, registry::Registry};
+
+    use super::{metrics::Host as _, metrics::HostFamily as _, *};
+    use crate::config::PluginLimits;
+
+    #[test]
+    fn many_deltas_in_one_call_land_like_one_call_each() {
+        let sink = Arc::new(MetricSink::default());
+        let budget = Arc::new(Budget::unmetered("p", PluginLimits::default()));
+        let mut state = PluginState::new("ns", sink.clone(), budget, Arc::new(Enricher::new()), None);
+        let declare = |state: &mut PluginState, name: &str, kind, buckets: Vec<f64>| {
+            let desc = metrics::FamilyDesc { name: name.into(), help: "h".into(), kind, label_names: vec!["a".into()], buckets };
+            let family = state.declare_family(desc).unwrap().unwrap();
+            let mut series = |v: &str| state.series(Resource::new_borrow(family.rep()), vec![v.into()]).unwrap().unwrap();
+            (series("x"), series("y"))
+        };
+        let (hx, hy) = declare(&mut state, "lat_seconds", metrics::MetricKind::Histogram, vec![0.1, 1.0]);
+        let (cx, cy) = declare(&mut state, "errors", metrics::MetricKind::Counter, vec![]);
+        let borrow = |r: &Resource<SeriesHandle>| Resource::<SeriesHandle>::new_borrow(r.rep());
+        state.merge_histograms(vec![borrow(&hx), borrow(&hy)], vec![1, 0, 2, 0, 4, 0], vec![2.5, 1.0]).unwrap();
+        state.add_counters(vec![borrow(&cx), borrow(&cy)], vec![3, 5]).unwrap();
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(sink.clone()));
+        let mut text = String::new();
+        prometheus_text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "ns_lat_seconds_bucket{a=\"x\",le=\"0.1\"} 1\n",
+            "ns_lat_seconds_count{a=\"x\"} 3\n",
+            "ns_lat_seconds_bucket{a=\"y\",le=\"1\"} 4\n",
+            "ns_lat_seconds_count{a=\"y\"} 4\n",
+            "ns_errors_total{a=\"x\"} 3\n",
+            "ns_errors_total{a=\"y\"} 5\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        // Lengths that do not add up are the plugin's bug: the call traps.
+        assert!(state.merge_histograms(vec![borrow(&hx)], vec![1, 0], vec![0.0]).is_err());
+        assert!(state.merge_histograms(vec![borrow(&hx)], vec![1, 0, 0, 1], vec![0.0]).is_err());
+        assert!(state.merge_histograms(vec![borrow(&hx), borrow(&hy)], vec![0; 6], vec![0.0]).is_err());
+        assert!(state.add_counters(vec![borrow(&cx)], vec![]).is_err());
+        assert!(state.merge_histograms(vec![borrow(&cx)], vec![1], vec![0.0]).is_err(), "a counter is no histogram");
     }
 }
