@@ -251,7 +251,11 @@ impl PluginState {
     /// Writes through a series handle; a series removed meanwhile (through another
     /// handle) takes no more values: refused and counted, not kept out of sight.
     fn write(&self, handle: &Resource<SeriesHandle>, write: impl FnOnce(&SeriesHandle) -> Result<(), SeriesError>) -> wasmtime::Result<()> {
-        let s: &SeriesHandle = self.handles.get(handle)?;
+        self.write_to(self.handles.get(handle)?, write)
+    }
+
+    /// `write` for a handle already looked up.
+    fn write_to(&self, s: &SeriesHandle, write: impl FnOnce(&SeriesHandle) -> Result<(), SeriesError>) -> wasmtime::Result<()> {
         if s.series.is_removed() {
             self.budget.refuse(Refusal::new(Reason::RemovedSeries, "a value was written to a removed series".to_owned()));
             return Ok(());
@@ -283,13 +287,13 @@ impl metrics::Host for PluginState {
         }
         let mut counts = bucket_counts.as_slice();
         for (handle, sum) in series.iter().zip(sums) {
+            let s = self.handles.get(handle)?;
             // The family's bucket count, plus `+Inf` (any other kind of series traps below).
-            let n = self.handles.get(handle)?.family.buckets().len() + 1;
-            let Some((mine, rest)) = counts.split_at_checked(n) else {
+            let Some((mine, rest)) = counts.split_at_checked(s.family.buckets().len() + 1) else {
                 return Err(SeriesError::Misuse("merge-histograms got fewer bucket counts than its series have buckets").into());
             };
             counts = rest;
-            self.write(handle, |s| s.series.histogram_merge(mine, sum))?;
+            self.write_to(s, |s| s.series.histogram_merge(mine, sum))?;
         }
         if !counts.is_empty() {
             return Err(SeriesError::Misuse("merge-histograms got more bucket counts than its series have buckets").into());
