@@ -30,9 +30,18 @@ static SELECTOR_FILTER: Array<u8> = Array::with_max_entries(MAX_SELECTORS, 0);
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
 
-/// Whether an event of process `pid` with `selector` passes the kernel filters.
+/// Whether an event of the current task, process `pid`, with `selector` passes the
+/// kernel filters.
 #[inline(always)]
 pub fn wanted(config: &ProbeConfig, pid: u32, selector: u32) -> bool {
+    wanted_by(config, pid, selector, current_cgroup_wanted)
+}
+
+/// Whether an event of process `pid` with `selector` passes the kernel filters;
+/// `cgroup_wanted` says whether the task's cgroup does (only asked when cgroups are
+/// filtered: finding a task's cgroup costs).
+#[inline(always)]
+pub fn wanted_by(config: &ProbeConfig, pid: u32, selector: u32, cgroup_wanted: impl FnOnce() -> bool) -> bool {
     if pid == config.ignore_pid {
         return false;
     }
@@ -59,14 +68,20 @@ pub fn wanted(config: &ProbeConfig, pid: u32, selector: u32) -> bool {
     true
 }
 
-/// Whether the task's cgroup or one of its ancestors is in `CGROUP_FILTER` (a tenant's
-/// scope is a subtree, which may gain cgroups at any time).
+/// Whether cgroup `id` is in `CGROUP_FILTER`.
 #[inline(always)]
-fn cgroup_wanted() -> bool {
+pub fn cgroup_in_filter(id: u64) -> bool {
+    // SAFETY: the value is only tested for presence, never read.
+    unsafe { CGROUP_FILTER.get(&id) }.is_some()
+}
+
+/// Whether the current task's cgroup or one of its ancestors is in `CGROUP_FILTER` (a
+/// tenant's scope is a subtree, which may gain cgroups at any time).
+#[inline(always)]
+fn current_cgroup_wanted() -> bool {
     // SAFETY: the helper has no preconditions.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: the value is only tested for presence, never read.
-    if unsafe { CGROUP_FILTER.get(&cgroup) }.is_some() {
+    if cgroup_in_filter(cgroup) {
         return true;
     }
     for level in 1..=MAX_CGROUP_DEPTH {
@@ -75,8 +90,7 @@ fn cgroup_wanted() -> bool {
         if ancestor == 0 || ancestor == cgroup {
             return false;
         }
-        // SAFETY: presence only.
-        if unsafe { CGROUP_FILTER.get(&ancestor) }.is_some() {
+        if cgroup_in_filter(ancestor) {
             return true;
         }
     }

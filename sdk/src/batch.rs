@@ -19,6 +19,8 @@ pub struct Batch<'a, R: Record> {
 pub type SyscallBatch<'a> = Batch<'a, wasmtap_events::SyscallRecord>;
 /// A batch of `process` records.
 pub type ProcessBatch<'a> = Batch<'a, wasmtap_events::ProcessRecord>;
+/// A batch of `sched` records.
+pub type SchedBatch<'a> = Batch<'a, wasmtap_events::SchedRecord>;
 
 impl<'a, R: Record> Batch<'a, R> {
     /// Views `bytes` as records `record_size` bytes apart. Borrowed when the stride is

@@ -466,6 +466,11 @@ impl Cgroup {
         Self(dir)
     }
 
+    /// Its cgroup id (the directory's inode number), as records carry it.
+    pub fn id(&self) -> u64 {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&self.0).expect("stat cgroup"))
+    }
+
     /// Its path below the cgroup v2 mount, as enrichment reports it.
     pub fn path(&self) -> String {
         let mount = self.0.ancestors().find(|d| d.join("cgroup.controllers").is_file() && !d.parent().is_some_and(|p| p.join("cgroup.controllers").is_file()));

@@ -15,11 +15,13 @@
 #![no_std]
 
 pub mod process;
+pub mod sched;
 pub mod syscall;
 
 use core::mem::size_of;
 
 pub use process::ProcessRecord;
+pub use sched::SchedRecord;
 pub use syscall::SyscallRecord;
 
 /// Length of a task's `comm` as the kernel stores it (`TASK_COMM_LEN`), NUL padded.
@@ -113,9 +115,12 @@ pub struct ProbeConfig {
     pub ignore_pid: u32,
     /// Ring buffer fill level in bytes past which a record wakes the reader up at once.
     pub wakeup_bytes: u64,
+    /// The kind's threshold (e.g. `min_wait_ns` of the sched kind): smaller values are
+    /// not recorded. 0 for kinds without one.
+    pub min_value: u64,
 }
 
-const _: () = assert!(size_of::<ProbeConfig>() == 16);
+const _: () = assert!(size_of::<ProbeConfig>() == 24);
 
 /// `ProbeConfig::filters`: only pids present in `PID_FILTER` are recorded.
 pub const FILTER_PIDS: u32 = 1 << 0;

@@ -17,6 +17,8 @@ pub struct EventFilter {
     pub comms: BTreeSet<[u8; COMM_LEN]>,
     /// The kind's selector values (syscall numbers, process events).
     pub selectors: BTreeSet<u32>,
+    /// The kind's threshold (e.g. sched's `min_wait_ns`); 0 passes everything.
+    pub min_value: u64,
 }
 
 /// What filters look at in a record, whatever its kind.
@@ -26,6 +28,8 @@ pub struct RecordKeys {
     pub cgroup_id: u64,
     pub comm: [u8; COMM_LEN],
     pub selector: u32,
+    /// The value the kind's threshold applies to (0 for kinds without one).
+    pub value: u64,
 }
 
 impl RecordKeys {
@@ -40,6 +44,7 @@ impl RecordKeys {
             cgroup_id: u64_at(std::mem::offset_of!(RecordHeader, cgroup_id)),
             comm: raw[comm_at..comm_at + COMM_LEN].try_into().expect("comm"),
             selector: u32_at(kind.selector_offset),
+            value: kind.threshold.as_ref().map_or(0, |t| u64_at(t.offset)),
         }
     }
 }
@@ -55,7 +60,7 @@ pub fn comm_key(name: &str) -> [u8; COMM_LEN] {
 
 impl EventFilter {
     pub fn is_all(&self) -> bool {
-        self.pids.is_empty() && self.cgroups.is_empty() && self.comms.is_empty() && self.selectors.is_empty()
+        self.pids.is_empty() && self.cgroups.is_empty() && self.comms.is_empty() && self.selectors.is_empty() && self.min_value == 0
     }
 
     /// The reference semantics `CompiledFilters` implements.
@@ -65,6 +70,7 @@ impl EventFilter {
             && (self.cgroups.is_empty() || self.cgroups.contains(&r.cgroup_id))
             && (self.comms.is_empty() || self.comms.contains(&r.comm))
             && (self.selectors.is_empty() || self.selectors.contains(&r.selector))
+            && r.value >= self.min_value
     }
 
     /// The narrowest per-dimension filter that passes every record any of `filters`
@@ -85,7 +91,9 @@ impl EventFilter {
             (!set.is_empty()).then(|| set.clone())
         }
         let (mut pids, mut cgroups, mut comms, mut selectors) = (open(&first.pids), open(&first.cgroups), open(&first.comms), open(&first.selectors));
+        let mut min_value = first.min_value;
         for f in filters {
+            min_value = min_value.min(f.min_value);
             merge(&mut pids, &f.pids);
             merge(&mut cgroups, &f.cgroups);
             merge(&mut comms, &f.comms);
@@ -96,6 +104,7 @@ impl EventFilter {
             cgroups: cgroups.unwrap_or_default(),
             comms: comms.unwrap_or_default(),
             selectors: selectors.unwrap_or_default(),
+            min_value,
         })
     }
 }
@@ -113,6 +122,8 @@ pub struct CompiledFilters {
     /// Indexed by selector; values past the end match only `any_selector`.
     selectors: Vec<u64>,
     any_selector: u64,
+    /// (filter bit, minimum) of the filters with a threshold.
+    thresholds: Vec<(u64, u64)>,
     all: bool,
 }
 
@@ -138,6 +149,9 @@ impl CompiledFilters {
             if f.selectors.is_empty() {
                 c.any_selector |= bit
             }
+            if f.min_value > 0 {
+                c.thresholds.push((bit, f.min_value));
+            }
             f.pids.iter().for_each(|&p| *c.pids.entry(p).or_default() |= bit);
             f.cgroups.iter().for_each(|&g| *c.cgroups.entry(g).or_default() |= bit);
             f.comms.iter().for_each(|&n| *c.comms.entry(n).or_default() |= bit);
@@ -161,7 +175,12 @@ impl CompiledFilters {
         let pid = self.pids.get(&r.pid).copied().unwrap_or(0) | self.any_pid;
         let cgroup = self.cgroups.get(&r.cgroup_id).copied().unwrap_or(0) | self.any_cgroup;
         let selector = self.selectors.get(r.selector as usize).copied().unwrap_or(0) | self.any_selector;
-        let mask = pid & cgroup & selector;
+        let mut mask = pid & cgroup & selector;
+        for &(bit, min) in &self.thresholds {
+            if r.value < min {
+                mask &= !bit;
+            }
+        }
         if mask == 0 || self.any_comm & mask == mask {
             return mask != 0;
         }
@@ -189,13 +208,23 @@ mod tests {
 
     #[test]
     fn matches_every_non_empty_dimension() {
-        let r = RecordKeys { pid: 7, selector: 39, cgroup_id: 3, comm: comm_key("db") };
+        let r = RecordKeys { pid: 7, selector: 39, cgroup_id: 3, comm: comm_key("db"), value: 500 };
         assert!(f(&[], &[]).matches(&r));
         assert!(f(&[7], &[39]).matches(&r));
         assert!(!f(&[8], &[39]).matches(&r));
         assert!(!f(&[7], &[1]).matches(&r));
         assert!(EventFilter { comms: [comm_key("db")].into(), ..f(&[7], &[]) }.matches(&r));
         assert!(!EventFilter { comms: [comm_key("web")].into(), ..f(&[7], &[]) }.matches(&r));
+        assert!(EventFilter { min_value: 500, ..f(&[7], &[]) }.matches(&r));
+        assert!(!EventFilter { min_value: 501, ..f(&[7], &[]) }.matches(&r));
+    }
+
+    #[test]
+    fn union_keeps_the_lowest_threshold() {
+        let with = |min_value| EventFilter { min_value, ..f(&[1], &[]) };
+        assert_eq!(EventFilter::union([&with(500), &with(200)]).unwrap().min_value, 200);
+        assert_eq!(EventFilter::union([&with(500), &with(0)]).unwrap().min_value, 0);
+        assert!(!with(5).is_all());
     }
 
     #[test]
@@ -205,6 +234,8 @@ mod tests {
             f(&[], &[6]),
             EventFilter { cgroups: [9].into(), ..f(&[3], &[]) },
             EventFilter { comms: [comm_key("a")].into(), ..f(&[4], &[4]) },
+            EventFilter { min_value: 1000, ..f(&[5], &[]) },
+            EventFilter { min_value: 10, ..f(&[], &[2000]) },
         ];
         let compiled = CompiledFilters::new(&filters);
         assert!(!compiled.is_all());
@@ -212,8 +243,10 @@ mod tests {
             for selector in [4, 5, 6, 2000] {
                 for cgroup_id in [1, 9] {
                     for comm in [comm_key("a"), comm_key("b")] {
-                        let r = RecordKeys { pid, selector, cgroup_id, comm };
-                        assert_eq!(compiled.matches(&r), filters.iter().any(|f| f.matches(&r)), "{r:?}");
+                        for value in [0, 10, 999, 1000] {
+                            let r = RecordKeys { pid, selector, cgroup_id, comm, value };
+                            assert_eq!(compiled.matches(&r), filters.iter().any(|f| f.matches(&r)), "{r:?}");
+                        }
                     }
                 }
             }

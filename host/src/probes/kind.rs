@@ -33,33 +33,53 @@ pub struct KindSpec {
     /// The subscription parameter that lists selectors by name, e.g. "syscalls".
     pub selector_param: &'static str,
     pub parse_selector: fn(&str) -> Option<u32>,
+    /// The kind's threshold, if it has one: records with a smaller value are not
+    /// written by the kernel (nor delivered to the subscriptions asking for it).
+    pub threshold: Option<Threshold>,
     /// Ways to attach, best first; the first whose programs all attach wins.
     pub flavours: &'static [Flavour],
     /// Globals to set in the object before loading (kernel struct offsets).
     pub globals: fn(Option<&KernelBtf>) -> anyhow::Result<Globals>,
 }
 
+/// A subscription parameter that sets a minimum for one `u64` field of the record.
+pub struct Threshold {
+    /// The parameter, e.g. "min_wait_ns" (one integer).
+    pub param: &'static str,
+    /// Where the `u64` it applies to sits in a record.
+    pub offset: usize,
+}
+
 /// (global name in the object, value).
 pub type Globals = Vec<(&'static str, u32)>;
 
 impl KindSpec {
-    /// A subscription's filter: the common fields as given, and the kind's selector
-    /// parameter (the only parameter a kind takes) parsed by name.
+    /// A subscription's filter: the common fields as given, the kind's selector
+    /// parameter parsed by name, and its threshold parameter (the only parameters a
+    /// kind takes).
     pub fn parse_filter(&self, pids: &[u32], cgroups: &[u64], comms: &[String], params: &[(String, Vec<String>)]) -> anyhow::Result<EventFilter> {
+        let sanitize = |text: &str| crate::sinks::logs::sanitize(text, 64);
         let mut selectors = BTreeSet::new();
+        let mut min_value = 0;
         for (name, values) in params {
+            if let Some(threshold) = self.threshold.as_ref().filter(|t| t.param == name) {
+                min_value = match values.as_slice() {
+                    [value] => value.parse().ok(),
+                    _ => None,
+                }
+                .with_context(|| format!("{} in a {} subscription takes one integer, not {:?}", threshold.param, self.name, sanitize(&values.join(","))))?;
+                continue;
+            }
             if name != self.selector_param {
-                anyhow::bail!(
-                    "the {} kind has no filter parameter {:?}; it takes {:?}",
-                    self.name,
-                    crate::sinks::logs::sanitize(name, 64),
-                    self.selector_param
-                );
+                let takes = match &self.threshold {
+                    Some(t) => format!("{:?} and {:?}", self.selector_param, t.param),
+                    None => format!("{:?}", self.selector_param),
+                };
+                anyhow::bail!("the {} kind has no filter parameter {:?}; it takes {takes}", self.name, sanitize(name));
             }
             for value in values {
-                let selector = (self.parse_selector)(value).with_context(|| {
-                    format!("unknown {} value {:?} in a {} subscription", self.selector_param, crate::sinks::logs::sanitize(value, 64), self.name)
-                })?;
+                let selector = (self.parse_selector)(value)
+                    .with_context(|| format!("unknown {} value {:?} in a {} subscription", self.selector_param, sanitize(value), self.name))?;
                 selectors.insert(selector);
             }
         }
@@ -68,6 +88,7 @@ impl KindSpec {
             cgroups: cgroups.iter().copied().collect(),
             comms: comms.iter().map(|c| crate::events::filter::comm_key(c)).collect(),
             selectors,
+            min_value,
         })
     }
 }
@@ -133,6 +154,7 @@ impl Probe {
             filters: 0,
             ignore_pid: std::process::id(),
             wakeup_bytes: u64::from(settings.ring_buffer_bytes) * u64::from(settings.wakeup_percent) / 100,
+            min_value: 0,
         };
         let mut probe = Self { kind, ebpf, attach: "", config, installed: EventFilter::default(), widened: Vec::new() };
         probe.set_filter(filter)?;
@@ -253,6 +275,7 @@ impl Probe {
             }
         }
         self.config.filters = filters;
+        self.config.min_value = filter.min_value;
         let mut config: Array<_, ProbeConfig> = Array::try_from(self.ebpf.map_mut(maps::CONFIG).context("CONFIG")?)?;
         config.set(0, self.config, 0).context("writing the probe config")?;
         set_selectors(&mut self.ebpf, old.selectors.difference(&filter.selectors), 0)?;

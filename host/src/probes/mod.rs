@@ -9,13 +9,14 @@ pub mod attached;
 pub mod btf;
 pub mod kind;
 pub mod process;
+pub mod sched;
 pub mod syscall;
 pub mod system;
 
 pub use kind::{Kind, KindSpec, Probe, ProbeStream};
 
 /// Every kind this host offers, by name.
-pub static KINDS: &[Kind] = &[&syscall::KIND, &process::KIND];
+pub static KINDS: &[Kind] = &[&syscall::KIND, &process::KIND, &sched::KIND];
 
 /// The kind called `name`.
 pub fn kind(name: &str) -> Option<Kind> {

@@ -23,6 +23,7 @@ pub static KIND: KindSpec = KindSpec {
         "exit" => Some(event::EXIT),
         _ => None,
     },
+    threshold: None,
     flavours: &[Flavour {
         name: "tp_btf",
         programs: &[

@@ -11,6 +11,7 @@ pub static KIND: KindSpec = KindSpec {
     selector_offset: SELECTOR_OFFSET,
     selector_param: "syscalls",
     parse_selector: crate::names::syscall_number,
+    threshold: None,
     flavours: &[
         Flavour {
             name: "tp_btf",

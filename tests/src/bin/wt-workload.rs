@@ -16,6 +16,8 @@
 //!   sets the kernel's last pid so the next fork reuses the child's pid, and forks a
 //!   child that exits at once again; prints how many rounds did reuse the pid (needs
 //!   root: it writes /proc/sys/kernel/ns_last_pid).
+//! - `wt-workload spin COMM CPU MILLIS`: pinned to CPU, waits for a line on stdin, then
+//!   keeps the CPU busy for MILLIS ms of wall-clock time (never sleeping) and exits.
 
 use std::{
     io::{BufRead as _, Read as _, Write as _},
@@ -103,6 +105,18 @@ fn main() {
             }
         }
         [_, "reuse", comm, rounds] => reuse(comm, rounds.parse().expect("ROUNDS")),
+        [_, "spin", comm, cpu, millis] => {
+            let run = std::time::Duration::from_millis(millis.parse().expect("MILLIS"));
+            set_comm(comm);
+            let mut cpus = nix::sched::CpuSet::new();
+            cpus.set(cpu.parse().expect("CPU")).expect("CPU in range");
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("sched_setaffinity");
+            read_line();
+            let started = std::time::Instant::now();
+            while started.elapsed() < run {
+                std::hint::black_box(0u64.wrapping_add(1));
+            }
+        }
         // N getppid calls per line read from stdin, each round answered with a line.
         [_, "rounds", comm, getppid] => {
             let getppid: u64 = getppid.parse().expect("GETPPID_CALLS");

@@ -1,0 +1,173 @@
+//! The `sched` kind: run-queue waits (runnable → running), from BTF tracepoints.
+//!
+//! A task becomes runnable when it is woken (`sched_wakeup`, `sched_wakeup_new`) or
+//! taken off the CPU while still runnable (`sched_switch` with the previous task
+//! preempted, which is also how a task whose cgroup ran out of CPU quota leaves); the
+//! time is kept per thread id, and when `sched_switch` gives the task the CPU, a wait
+//! of at least `min_wait_ns` is recorded. Filters are checked when the task becomes
+//! runnable, so a filtered-out task never touches the map again at `sched_switch` but
+//! for one lookup. The task is not the current one in either place: its ids, name and
+//! cgroup are read from its `task_struct` at offsets the host finds in the kernel's BTF.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use core::ptr::read_volatile;
+
+    use aya_ebpf::{
+        helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated::bpf_get_smp_processor_id},
+        macros::{btf_tracepoint, map},
+        maps::LruHashMap,
+        programs::BtfTracePointContext,
+    };
+    use wasmtap_ebpf::common::{CONFIG, cgroup_in_filter, reserve, submit, wanted_by};
+    use wasmtap_events::{
+        MAX_CGROUP_DEPTH,
+        sched::{SchedRecord, reason},
+    };
+
+    #[unsafe(no_mangle)]
+    static TASK_PID: u32 = 0;
+    #[unsafe(no_mangle)]
+    static TASK_TGID: u32 = 0;
+    #[unsafe(no_mangle)]
+    static TASK_COMM: u32 = 0;
+    #[unsafe(no_mangle)]
+    static TASK_CGROUPS: u32 = 0;
+    #[unsafe(no_mangle)]
+    static CSS_SET_DFL_CGRP: u32 = 0;
+    #[unsafe(no_mangle)]
+    static CGROUP_KN: u32 = 0;
+    #[unsafe(no_mangle)]
+    static KERNFS_NODE_ID: u32 = 0;
+    #[unsafe(no_mangle)]
+    static KERNFS_NODE_PARENT: u32 = 0;
+
+    /// Since when a thread has been runnable, and why.
+    #[derive(Clone, Copy)]
+    #[repr(C)]
+    struct Runnable {
+        since_ns: u64,
+        reason: u32,
+        _pad: u32,
+    }
+
+    /// Runnable threads by thread id (LRU: a thread that exits while runnable, or was
+    /// never switched in while the probe ran, is evicted in time).
+    #[map(name = "RUNNABLE")]
+    static RUNNABLE: LruHashMap<u32, Runnable> = LruHashMap::with_max_entries(65536, 0);
+
+    /// Reads a `T` at `offset` (a global above) bytes into kernel struct `base`.
+    #[inline(always)]
+    fn member<T: Default>(base: *const u8, offset: &'static u32) -> T {
+        // SAFETY: the global is a plain u32; `bpf_probe_read_kernel` checks the address.
+        unsafe { bpf_probe_read_kernel(base.add(read_volatile(offset) as usize).cast::<T>()) }.unwrap_or_default()
+    }
+
+    /// The `kernfs_node` of the task's cgroup v2 cgroup (its id is the cgroup id).
+    #[inline(always)]
+    fn cgroup_node(task: *const u8) -> *const u8 {
+        let css_set: *const u8 = member::<usize>(task, &TASK_CGROUPS) as *const u8;
+        let cgroup: *const u8 = member::<usize>(css_set, &CSS_SET_DFL_CGRP) as *const u8;
+        member::<usize>(cgroup, &CGROUP_KN) as *const u8
+    }
+
+    /// Whether the task's cgroup or one of its ancestors is in the cgroup filter.
+    #[inline(always)]
+    fn cgroup_wanted(task: *const u8) -> bool {
+        let mut node = cgroup_node(task);
+        for _ in 0..=MAX_CGROUP_DEPTH {
+            if node.is_null() {
+                return false;
+            }
+            if cgroup_in_filter(member::<u64>(node, &KERNFS_NODE_ID)) {
+                return true;
+            }
+            node = member::<usize>(node, &KERNFS_NODE_PARENT) as *const u8;
+        }
+        false
+    }
+
+    #[btf_tracepoint(function = "sched_wakeup")]
+    pub fn wt_sched_wakeup(ctx: BtfTracePointContext) -> i32 {
+        // sched_wakeup(struct task_struct *p)
+        runnable(ctx.arg(0), reason::WAKEUP);
+        0
+    }
+
+    #[btf_tracepoint(function = "sched_wakeup_new")]
+    pub fn wt_sched_wakeup_new(ctx: BtfTracePointContext) -> i32 {
+        // sched_wakeup_new(struct task_struct *p)
+        runnable(ctx.arg(0), reason::WAKEUP);
+        0
+    }
+
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn wt_sched_switch(ctx: BtfTracePointContext) -> i32 {
+        // sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
+        //              unsigned int prev_state): prev_state 0 is TASK_RUNNING.
+        let (preempt, prev_state) = (ctx.arg::<u64>(0) as u8, ctx.arg::<u64>(3) as u32);
+        if preempt != 0 || prev_state == 0 {
+            runnable(ctx.arg(1), reason::PREEMPTED);
+        }
+        running(ctx.arg(2));
+        0
+    }
+
+    /// `task` became runnable now, for `why`: remembered if the filters want it.
+    #[inline(always)]
+    fn runnable(task: *const u8, why: u32) {
+        let Some(config) = CONFIG.get(0) else { return };
+        let tid = member::<u32>(task, &TASK_PID);
+        if tid == 0 {
+            return; // an idle task
+        }
+        if !wanted_by(config, member::<u32>(task, &TASK_TGID), why, || cgroup_wanted(task)) {
+            return;
+        }
+        // SAFETY: the helper has no preconditions.
+        let since_ns = unsafe { bpf_ktime_get_ns() };
+        let _ = RUNNABLE.insert(&tid, &Runnable { since_ns, reason: why, _pad: 0 }, 0);
+    }
+
+    /// `task` got the CPU: its wait is recorded if it is long enough.
+    #[inline(always)]
+    fn running(task: *const u8) {
+        let tid = member::<u32>(task, &TASK_PID);
+        // SAFETY: the value is copied out before the entry is deleted.
+        let Some(&Runnable { since_ns, reason, .. }) = (unsafe { RUNNABLE.get(&tid) }) else { return };
+        let _ = RUNNABLE.remove(&tid);
+        let Some(config) = CONFIG.get(0) else { return };
+        // SAFETY: the helper has no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let wait_ns = now.saturating_sub(since_ns);
+        if wait_ns < config.min_value {
+            return;
+        }
+        let Some(mut entry) = reserve::<SchedRecord>() else { return };
+        let r = entry.as_mut_ptr();
+        let node = cgroup_node(task);
+        // SAFETY: `r` points at a reserved, writable `SchedRecord` in the ring buffer;
+        // every field is written before submit (`comm` in full by the helper, which
+        // zero-fills it on failure). The helpers have no preconditions.
+        unsafe {
+            (*r).header.ts_ns = now;
+            (*r).header.cgroup_id = if node.is_null() { 0 } else { member::<u64>(node, &KERNFS_NODE_ID) };
+            (*r).header.pid = member::<u32>(task, &TASK_TGID);
+            (*r).header.tid = tid;
+            let _ = bpf_probe_read_kernel_buf(task.add(read_volatile(&TASK_COMM) as usize), &mut (*r).header.comm);
+            (*r).wait_ns = wait_ns;
+            (*r).reason = reason;
+            (*r).cpu = bpf_get_smp_processor_id();
+        }
+        submit(entry, config);
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
