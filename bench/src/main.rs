@@ -6,7 +6,9 @@
 //! per-comm latency histogram on raw_syscalls, interleaved over several rounds, and
 //! prints medians side by side. Also the daemon's CPU time per event at the loop's
 //! full rate; a fork+exec+exit loop untraced and under wasmtap with process-churn; and
-//! the time a plugin's cached enrichment lookup takes. Prints; asserts nothing.
+//! the time a plugin's cached enrichment lookup takes; and a context-switch ping-pong
+//! untraced, under wasmtap's sched kind (cpu-throttle) and under bpftrace's runqlat.
+//! Prints; asserts nothing.
 //!
 //! Each round pins the loop to one CPU, the same for all three setups, taking the CPUs
 //! in turn: bpftrace's cost differs a lot between the two CPUs of this machine (about
@@ -80,8 +82,13 @@ fn under_wasmtap(cpu: usize) -> WasmtapRun {
 }
 
 fn under_bpftrace(cpu: usize) -> f64 {
+    with_bpftrace(BPFTRACE_PROGRAM, || syscall_loop(cpu))
+}
+
+/// Runs `workload` while bpftrace runs `program` (which prints "tracing" in BEGIN).
+fn with_bpftrace(program: &str, workload: impl FnOnce() -> f64) -> f64 {
     let mut bpftrace = Command::new("bpftrace")
-        .args(["-e", BPFTRACE_PROGRAM])
+        .args(["-e", program])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -94,11 +101,71 @@ fn under_bpftrace(cpu: usize) -> f64 {
     }
     // Give bpftrace its own drain of the remaining output so it never blocks on a pipe.
     let drain = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    let ns = syscall_loop(cpu);
+    let ns = workload();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(bpftrace.id() as i32), nix::sys::signal::SIGINT).ok();
     bpftrace.wait().expect("bpftrace exit");
     let _ = drain.join();
     ns
+}
+
+const HANDOVERS: u64 = 200_000;
+/// runqlat: the run-queue wait of every switched-in task into a histogram.
+const BPFTRACE_RUNQLAT: &str = "BEGIN { printf(\"tracing\\n\"); } \
+    tracepoint:sched:sched_wakeup, tracepoint:sched:sched_wakeup_new { @qtime[args->pid] = nsecs; } \
+    tracepoint:sched:sched_switch { if (args->prev_state == 0) { @qtime[args->prev_pid] = nsecs; } \
+    $ns = @qtime[args->next_pid]; if ($ns) { @usecs = hist((nsecs - $ns) / 1000); } delete(@qtime[args->next_pid]); }";
+
+/// Runs the ping-pong once on `cpu`; ns per hand-over (one wakeup, one switch).
+fn pingpong(cpu: usize) -> f64 {
+    let exe = std::env::current_exe().expect("current_exe").with_file_name("wt-pingpong");
+    let out = Command::new(exe).args([HANDOVERS.to_string(), cpu.to_string()]).output().expect("run wt-pingpong");
+    assert!(out.status.success(), "wt-pingpong failed");
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("ns per hand-over")
+}
+
+/// The sched kind on its matching workload: the ping-pong untraced, under wasmtap with
+/// cpu-throttle at its default threshold (1 ms: the programs run on every switch, but
+/// no wait of the ping-pong is that long, so no record is written), with every wait
+/// recorded (`min_wait_us = 0`: one record per hand-over, through the whole pipeline),
+/// and under bpftrace's runqlat (every wait into an in-kernel histogram).
+fn sched_kind(cpus: usize) {
+    let config = |min_wait_us: u64| format!("[[plugin]]\nname = \"cpu-throttle\"\nbundled = \"cpu-throttle\"\nconfig = {{ min_wait_us = {min_wait_us} }}\n");
+    let events = |d: &Daemon| sample(&d.metrics(), "wasmtap_plugin_events_total", &[("plugin", "cpu-throttle")]).unwrap_or(0.0);
+    let (mut untraced, mut threshold, mut every, mut bpftrace, mut daemon_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let cpu = round % cpus;
+        untraced.push(pingpong(cpu));
+        let daemon = Daemon::start(Some(&config(1000)));
+        threshold.push(pingpong(cpu));
+        drop(daemon);
+        let daemon = Daemon::start(Some(&config(0)));
+        let (e0, c0) = (events(&daemon), cpu_ns(daemon.child.id()));
+        every.push(pingpong(cpu));
+        let e1 = wait_for(Duration::from_secs(30), "the plugin to handle the hand-overs", || {
+            let e = events(&daemon);
+            (e - e0 >= HANDOVERS as f64).then_some(e)
+        });
+        daemon_cpu.push((cpu_ns(daemon.child.id()) - c0) / (e1 - e0));
+        drop(daemon);
+        bpftrace.push(with_bpftrace(BPFTRACE_RUNQLAT, || pingpong(cpu)));
+        eprintln!(
+            "round {}: cpu {cpu}  untraced {:.0}  wasmtap {:.0}  wasmtap every wait {:.0}  bpftrace runqlat {:.0} ns/hand-over",
+            round + 1,
+            untraced[round],
+            threshold[round],
+            every[round],
+            bpftrace[round]
+        );
+    }
+    let (base, t, e, b) = (median(untraced), median(threshold), median(every), median(bpftrace));
+    println!("sched kind: {HANDOVERS} x2 pipe hand-overs between two threads on one CPU (a wakeup and a context switch each), medians of {ROUNDS} rounds");
+    println!(
+        "  untraced {base:.0}  wasmtap cpu-throttle (1 ms threshold) {t:.0} (+{:.0})  every wait recorded {e:.0} (+{:.0})  bpftrace runqlat {b:.0} (+{:.0}) ns/hand-over",
+        t - base,
+        e - base,
+        b - base
+    );
+    println!("  host CPU per recorded wait (daemon user+sys / events delivered): {:.1} ns", median(daemon_cpu));
 }
 
 const FORKS: u64 = 2000;
@@ -197,7 +264,7 @@ fn main() {
         let _ = Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]).status();
     }
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    // One section only: `wasmtap-bench overhead|process|enrichment|swap|load`.
+    // One section only: `wasmtap-bench overhead|process|enrichment|sched|swap|load`.
     let only = std::env::args().nth(1);
     let run = |section: &str| only.as_deref().is_none_or(|o| o == section);
     if run("overhead") {
@@ -208,6 +275,9 @@ fn main() {
     }
     if run("enrichment") {
         enrichment();
+    }
+    if run("sched") {
+        sched_kind(cpus);
     }
     if run("swap") {
         swap();

@@ -5,14 +5,15 @@
 //! preempted, which is also how a task whose cgroup ran out of CPU quota leaves); the
 //! time is kept per thread id, and when `sched_switch` gives the task the CPU, a wait
 //! of at least `min_wait_ns` is recorded. Filters are checked when the task becomes
-//! runnable, so a filtered-out task never touches the map again at `sched_switch` but
-//! for one lookup. The task is not the current one in either place: its ids, name and
+//! runnable, so a filtered-out task costs one lookup at `sched_switch`. Entries are
+//! rewritten in place (and marked taken when the task runs), not inserted and deleted
+//! per switch, which cost more (as in the syscall kind). The task is not the current one in either place: its ids, name and
 //! cgroup are read from its `task_struct` at offsets the host finds in the kernel's BTF.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use core::ptr::read_volatile;
+    use core::ptr::{read_volatile, write_volatile};
 
     use aya_ebpf::{
         helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated::bpf_get_smp_processor_id},
@@ -127,16 +128,29 @@ mod programs {
         }
         // SAFETY: the helper has no preconditions.
         let since_ns = unsafe { bpf_ktime_get_ns() };
-        let _ = RUNNABLE.insert(&tid, &Runnable { since_ns, reason: why, _pad: 0 }, 0);
+        match RUNNABLE.get_ptr_mut(&tid) {
+            // SAFETY: a pointer into the map's value for this thread.
+            Some(entry) => unsafe {
+                (*entry).since_ns = since_ns;
+                (*entry).reason = why;
+            },
+            None => drop(RUNNABLE.insert(&tid, &Runnable { since_ns, reason: why, _pad: 0 }, 0)),
+        }
     }
 
     /// `task` got the CPU: its wait is recorded if it is long enough.
     #[inline(always)]
     fn running(task: *const u8) {
         let tid = member::<u32>(task, &TASK_PID);
-        // SAFETY: the value is copied out before the entry is deleted.
-        let Some(&Runnable { since_ns, reason, .. }) = (unsafe { RUNNABLE.get(&tid) }) else { return };
-        let _ = RUNNABLE.remove(&tid);
+        let Some(entry) = RUNNABLE.get_ptr_mut(&tid) else { return };
+        // SAFETY: a pointer into the map's value for this thread. Marked as taken with a
+        // store in place (a delete per switch cost more).
+        let (since_ns, reason) = unsafe { ((*entry).since_ns, (*entry).reason) };
+        // SAFETY: as above; volatile, so it stays one store.
+        unsafe { write_volatile(&raw mut (*entry).since_ns, 0) };
+        if since_ns == 0 {
+            return; // not runnable since it last ran
+        }
         let Some(config) = CONFIG.get(0) else { return };
         // SAFETY: the helper has no preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
