@@ -1,6 +1,6 @@
 //! The seed's use cases as bundled plugins, each checked against a ground truth the
 //! kernel keeps itself: `cpu-throttle` against the cpu controller's own throttling
-//! accounting (`cpu.stat`).
+//! accounting (`cpu.stat`), in two tenants that each see only their own.
 
 use std::{
     io::Write as _,
@@ -36,7 +36,7 @@ impl CpuQuota {
                 (f.get(2) == Some(&"cgroup") && f.get(3).is_some_and(|o| o.split(',').any(|o| o == "cpu"))).then(|| PathBuf::from(f[1]))
             })
             .expect("a cpu controller, on cgroup v2 or v1");
-        let dir = v1_cpu.join(cgroup.0.file_name().unwrap());
+        let dir = v1_cpu.join(cgroup.path().trim_start_matches('/').replace('/', "-"));
         std::fs::create_dir_all(&dir).expect("mkdir v1 cpu cgroup");
         std::fs::write(dir.join("cpu.cfs_period_us"), period_us.to_string()).expect("write cpu.cfs_period_us");
         std::fs::write(dir.join("cpu.cfs_quota_us"), quota_us.to_string()).expect("write cpu.cfs_quota_us");
@@ -84,14 +84,29 @@ fn cpu_throttle_agrees_with_the_kernels_throttling_accounting() {
     if !privileged_or_skip("cpu_throttle_agrees_with_the_kernels_throttling_accounting") {
         return;
     }
-    let (throttled, free) = (Cgroup::new("throttled"), Cgroup::new("unthrottled"));
+    // Two tenants, each a cgroup subtree with its own cpu-throttle; the spinners run in
+    // a cgroup below each tenant's, so the kernel's filter looks through the waiting
+    // task's ancestors (and each tenant must see only its own).
+    let (squeezed, roomy) = (Cgroup::new("squeezed"), Cgroup::new("roomy"));
+    let (throttled, free) = (squeezed.child("spin"), roomy.child("spin"));
     // 10 % of a CPU: 10 ms of every 100 ms.
     let quota = CpuQuota::new(&throttled, 10_000, 100_000);
-    let config = format!("[[plugin]]\nname = \"cpu-throttle\"\nbundled = \"cpu-throttle\"\nconfig = {{ cgroups = [{}, {}] }}\n", throttled.id(), free.id());
-    let daemon = Daemon::start(Some(&config));
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // A long wait here is 50 ms (the unthrottled spinner must show none; a busy
+    // machine's preemptions last a few ms); roomy records every wait, so that its
+    // spinner's (at least its wakeup) show the tenant's records arrive.
+    let tenant = |name: &str, cgroup: &Cgroup, min_wait_us: u32| {
+        format!(
+            "[[tenant]]\nname = \"{name}\"\ncgroup = \"{}\"\n\n[[plugin]]\nname = \"{name}-cpu\"\nnamespace = \"cpu\"\nbundled = \"cpu-throttle\"\n\
+             tenant = \"{name}\"\nconfig = {{ throttle_ms = 50, min_wait_us = {min_wait_us} }}\n\n",
+            cgroup.0.display()
+        )
+    };
+    let daemon = Daemon::start(Some(&(tenant("squeezed", &squeezed, 1000) + &tenant("roomy", &roomy, 0))));
+    // Each spinner on a CPU of its own where there are two.
+    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("sched_getaffinity");
+    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count()).filter(|&c| allowed.is_set(c).unwrap_or(false)).collect();
     let comm = unique_comm("spin");
-    let mut spinners = [spinner(&throttled, Some(&quota), &comm, cpus - 1, 3000), spinner(&free, None, &comm, 0, 3000)];
+    let mut spinners = [spinner(&throttled, Some(&quota), &comm, cpus[cpus.len() - 1], 3000), spinner(&free, None, &comm, cpus[0], 3000)];
     for s in &mut spinners {
         s.stdin.take().unwrap().write_all(b"go\n").unwrap();
     }
@@ -101,15 +116,16 @@ fn cpu_throttle_agrees_with_the_kernels_throttling_accounting() {
     let (intervals, throttled_ns) = quota.throttling();
     assert!(intervals >= 20, "a 3 s spin at 10 % of a CPU is throttled about 30 times; the kernel says {intervals}");
 
+    let (throttled_path, free_path) = (throttled.path(), free.path());
+    let of = |container: &str| vec![("container", container.to_owned())];
+    let value = |metrics: &str, name: &str, labels: &[(&str, String)]| sample(metrics, name, &labels.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>());
     // Until the plugin counted as many throttled intervals as the kernel (its last
     // records may still be on their way), or, if its count stays off, a while.
-    let container = [("container", throttled.path())];
-    let labels = || container.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>();
     let deadline = Instant::now() + Duration::from_secs(3);
     let (count, seconds, metrics) = loop {
         let metrics = daemon.metrics();
-        let count = sample(&metrics, "cpu_throttle_throttled_seconds_count", &labels()).unwrap_or(0.0);
-        let seconds = sample(&metrics, "cpu_throttle_throttled_seconds_sum", &labels()).unwrap_or(0.0);
+        let count = value(&metrics, "squeezed_cpu_throttled_seconds_count", &of(&throttled_path)).unwrap_or(0.0);
+        let seconds = value(&metrics, "squeezed_cpu_throttled_seconds_sum", &of(&throttled_path)).unwrap_or(0.0);
         if count >= intervals as f64 || Instant::now() > deadline {
             break (count, seconds, metrics);
         }
@@ -120,19 +136,22 @@ fn cpu_throttle_agrees_with_the_kernels_throttling_accounting() {
         "cpu-throttle: throttled intervals plugin {count} kernel {intervals}; throttled time plugin {seconds:.4} s kernel {:.4} s",
         throttled_ns as f64 / 1e9
     );
-    let ours: Vec<&str> = metrics.lines().filter(|l| l.starts_with("cpu_throttle_") && !l.contains("_bucket")).collect();
+    let ours: Vec<&str> = metrics.lines().filter(|l| l.contains("_cpu_") && !l.contains("_bucket")).collect();
+    let ours = ours.join("\n");
     assert!(
         within(count, intervals as f64) && within(seconds, throttled_ns as f64 / 1e9),
-        "throttled intervals: plugin {count}, kernel {intervals}; throttled time: plugin {seconds:.3} s, kernel {:.3} s\n{}\n{}",
+        "throttled intervals: plugin {count}, kernel {intervals}; throttled time: plugin {seconds:.3} s, kernel {:.3} s\n{ours}\n{}",
         throttled_ns as f64 / 1e9,
-        ours.join("\n"),
         daemon.log()
     );
-    // The spinner without a quota was never throttled, nor left waiting that long.
-    let unthrottled = [("container", free.path())];
-    let unthrottled: Vec<(&str, &str)> = unthrottled.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    assert_eq!(sample(&metrics, "cpu_throttle_throttled_seconds_count", &unthrottled), None, "{}", ours.join("\n"));
-    let free_long = [("container", free.path()), ("reason", "preempted".into())];
-    let free_long: Vec<(&str, &str)> = free_long.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    assert_eq!(sample(&metrics, "cpu_throttle_long_waits_total", &free_long), None, "{}", ours.join("\n"));
+    // The spinner without a quota: its waits arrive (its wakeup at least), none of them
+    // throttled, none preempted for long.
+    assert!(value(&metrics, "roomy_cpu_wait_seconds_count", &of(&free_path)).unwrap_or(0.0) >= 1.0, "{ours}");
+    assert_eq!(value(&metrics, "roomy_cpu_throttled_seconds_count", &of(&free_path)), None, "{ours}");
+    let long = |reason: &str| [("container", free_path.clone()), ("reason", reason.to_owned())];
+    assert_eq!(value(&metrics, "roomy_cpu_long_waits_total", &long("preempted")), None, "{ours}");
+    assert_eq!(value(&metrics, "roomy_cpu_long_waits_total", &long("throttled")), None, "{ours}");
+    // Each tenant saw only its own cgroups.
+    assert!(!ours.lines().any(|l| l.starts_with("squeezed_") && l.contains(&free_path)), "{ours}");
+    assert!(!ours.lines().any(|l| l.starts_with("roomy_") && l.contains(&throttled_path)), "{ours}");
 }

@@ -8,9 +8,12 @@ use crate::{Record, RecordHeader};
 pub mod reason {
     /// It was woken up (or is new) and waited to run.
     pub const WAKEUP: u32 = 1;
-    /// It was taken off the CPU while still runnable: preempted by another task, or its
-    /// cgroup ran out of CPU quota (throttled; then the wait is the throttled interval).
+    /// It was taken off the CPU while still runnable, preempted by another task.
     pub const PREEMPTED: u32 = 2;
+    /// It was taken off the CPU because its cgroup ran out of CPU quota (CFS bandwidth
+    /// throttling): the wait is its throttled interval (and what waiting for a CPU
+    /// followed).
+    pub const THROTTLED: u32 = 3;
 }
 
 /// One run-queue wait of at least the subscriptions' `min_wait_ns`, written at
@@ -52,6 +55,25 @@ pub mod offsets {
     pub const TASK_CGROUPS: &str = "TASK_CGROUPS";
     pub const CSS_SET_DFL_CGRP: &str = "CSS_SET_DFL_CGRP";
     pub const CGROUP_KN: &str = "CGROUP_KN";
+    pub const CGROUP_LEVEL: &str = "CGROUP_LEVEL";
+    pub const CGROUP_ANCESTORS: &str = "CGROUP_ANCESTORS";
     pub const KERNFS_NODE_ID: &str = "KERNFS_NODE_ID";
-    pub const KERNFS_NODE_PARENT: &str = "KERNFS_NODE_PARENT";
+    /// How a throttled task is told: one of [`super::throttle_by`].
+    pub const THROTTLE_BY: &str = "THROTTLE_BY";
+    /// `task_struct.throttled` (Linux 6.18 and later), for `throttle_by::TASK`.
+    pub const TASK_THROTTLED: &str = "TASK_THROTTLED";
+    /// `task_struct.se.cfs_rq` and `cfs_rq.throttle_count`, for `throttle_by::CFS_RQ`.
+    pub const TASK_SE_CFS_RQ: &str = "TASK_SE_CFS_RQ";
+    pub const CFS_RQ_THROTTLE_COUNT: &str = "CFS_RQ_THROTTLE_COUNT";
+}
+
+/// Values of the `THROTTLE_BY` global: where the program reads whether the task leaving
+/// the CPU is being throttled.
+pub mod throttle_by {
+    /// The kernel has neither: no wait is reported as throttled.
+    pub const NONE: u32 = 0;
+    /// The task's own flag (the task-based throttling of Linux 6.18).
+    pub const TASK: u32 = 1;
+    /// Its run queue's (or an ancestor's) throttle count (kernels before 6.18).
+    pub const CFS_RQ: u32 = 2;
 }

@@ -2,7 +2,8 @@
 //!
 //! A task becomes runnable when it is woken (`sched_wakeup`, `sched_wakeup_new`) or
 //! taken off the CPU while still runnable (`sched_switch` with the previous task
-//! preempted, which is also how a task whose cgroup ran out of CPU quota leaves); the
+//! preempted, or throttled: its cgroup ran out of CPU quota, told by the task's flag
+//! on 6.18+ and by its run queue's throttle count before); the
 //! time is kept per thread id, and when `sched_switch` gives the task the CPU, a wait
 //! of at least `min_wait_ns` is recorded. Filters are checked when the task becomes
 //! runnable, so a filtered-out task costs one lookup at `sched_switch`. Entries are
@@ -13,7 +14,10 @@
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use core::ptr::{read_volatile, write_volatile};
+    use core::{
+        mem::size_of,
+        ptr::{read_volatile, write_volatile},
+    };
 
     use aya_ebpf::{
         helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated::bpf_get_smp_processor_id},
@@ -24,7 +28,7 @@ mod programs {
     use wasmtap_ebpf::common::{CONFIG, cgroup_in_filter, reserve, submit, wanted_by};
     use wasmtap_events::{
         MAX_CGROUP_DEPTH,
-        sched::{SchedRecord, reason},
+        sched::{SchedRecord, reason, throttle_by},
     };
 
     #[unsafe(no_mangle)]
@@ -40,9 +44,19 @@ mod programs {
     #[unsafe(no_mangle)]
     static CGROUP_KN: u32 = 0;
     #[unsafe(no_mangle)]
+    static CGROUP_LEVEL: u32 = 0;
+    #[unsafe(no_mangle)]
+    static CGROUP_ANCESTORS: u32 = 0;
+    #[unsafe(no_mangle)]
     static KERNFS_NODE_ID: u32 = 0;
     #[unsafe(no_mangle)]
-    static KERNFS_NODE_PARENT: u32 = 0;
+    static THROTTLE_BY: u32 = 0;
+    #[unsafe(no_mangle)]
+    static TASK_THROTTLED: u32 = 0;
+    #[unsafe(no_mangle)]
+    static TASK_SE_CFS_RQ: u32 = 0;
+    #[unsafe(no_mangle)]
+    static CFS_RQ_THROTTLE_COUNT: u32 = 0;
 
     /// Since when a thread has been runnable, and why.
     #[derive(Clone, Copy)]
@@ -65,28 +79,57 @@ mod programs {
         unsafe { bpf_probe_read_kernel(base.add(read_volatile(offset) as usize).cast::<T>()) }.unwrap_or_default()
     }
 
-    /// The `kernfs_node` of the task's cgroup v2 cgroup (its id is the cgroup id).
+    /// The task's cgroup v2 cgroup.
     #[inline(always)]
-    fn cgroup_node(task: *const u8) -> *const u8 {
+    fn cgroup_of(task: *const u8) -> *const u8 {
         let css_set: *const u8 = member::<usize>(task, &TASK_CGROUPS) as *const u8;
-        let cgroup: *const u8 = member::<usize>(css_set, &CSS_SET_DFL_CGRP) as *const u8;
-        member::<usize>(cgroup, &CGROUP_KN) as *const u8
+        member::<usize>(css_set, &CSS_SET_DFL_CGRP) as *const u8
     }
 
-    /// Whether the task's cgroup or one of its ancestors is in the cgroup filter.
+    /// A cgroup's id (its kernfs node's), 0 if unreadable.
+    #[inline(always)]
+    fn cgroup_id(cgroup: *const u8) -> u64 {
+        let node: *const u8 = member::<usize>(cgroup, &CGROUP_KN) as *const u8;
+        if node.is_null() { 0 } else { member::<u64>(node, &KERNFS_NODE_ID) }
+    }
+
+    /// Whether the task's cgroup or one of its ancestors at levels 1 to
+    /// `MAX_CGROUP_DEPTH` below the root is in the cgroup filter: the levels the filter
+    /// looks through for the current task (`bpf_get_current_ancestor_cgroup_id`).
     #[inline(always)]
     fn cgroup_wanted(task: *const u8) -> bool {
-        let mut node = cgroup_node(task);
-        for _ in 0..=MAX_CGROUP_DEPTH {
-            if node.is_null() {
-                return false;
+        let cgroup = cgroup_of(task);
+        if cgroup_in_filter(cgroup_id(cgroup)) {
+            return true;
+        }
+        let level = member::<i32>(cgroup, &CGROUP_LEVEL);
+        for l in 1..=MAX_CGROUP_DEPTH {
+            if l >= level {
+                return false; // the cgroup itself, checked above
             }
-            if cgroup_in_filter(member::<u64>(node, &KERNFS_NODE_ID)) {
+            // SAFETY: the global is a plain u32; `bpf_probe_read_kernel` checks the address.
+            let ancestor =
+                unsafe { bpf_probe_read_kernel(cgroup.add(read_volatile(&CGROUP_ANCESTORS) as usize + l as usize * size_of::<usize>()).cast::<usize>()) }
+                    .unwrap_or_default() as *const u8;
+            if !ancestor.is_null() && cgroup_in_filter(cgroup_id(ancestor)) {
                 return true;
             }
-            node = member::<usize>(node, &KERNFS_NODE_PARENT) as *const u8;
         }
         false
+    }
+
+    /// Whether `task`, leaving the CPU runnable, leaves because its cgroup is throttled.
+    #[inline(always)]
+    fn throttled(task: *const u8) -> bool {
+        // SAFETY: plain u32 globals.
+        match unsafe { read_volatile(&THROTTLE_BY) } {
+            throttle_by::TASK => member::<u8>(task, &TASK_THROTTLED) != 0,
+            throttle_by::CFS_RQ => {
+                let cfs_rq: *const u8 = member::<usize>(task, &TASK_SE_CFS_RQ) as *const u8;
+                !cfs_rq.is_null() && member::<i32>(cfs_rq, &CFS_RQ_THROTTLE_COUNT) > 0
+            }
+            _ => false,
+        }
     }
 
     #[btf_tracepoint(function = "sched_wakeup")]
@@ -109,7 +152,8 @@ mod programs {
         //              unsigned int prev_state): prev_state 0 is TASK_RUNNING.
         let (preempt, prev_state) = (ctx.arg::<u64>(0) as u8, ctx.arg::<u64>(3) as u32);
         if preempt != 0 || prev_state == 0 {
-            runnable(ctx.arg(1), reason::PREEMPTED);
+            let prev: *const u8 = ctx.arg(1);
+            runnable(prev, if throttled(prev) { reason::THROTTLED } else { reason::PREEMPTED });
         }
         running(ctx.arg(2));
         0
@@ -160,13 +204,12 @@ mod programs {
         }
         let Some(mut entry) = reserve::<SchedRecord>() else { return };
         let r = entry.as_mut_ptr();
-        let node = cgroup_node(task);
         // SAFETY: `r` points at a reserved, writable `SchedRecord` in the ring buffer;
         // every field is written before submit (`comm` in full by the helper, which
         // zero-fills it on failure). The helpers have no preconditions.
         unsafe {
             (*r).header.ts_ns = now;
-            (*r).header.cgroup_id = if node.is_null() { 0 } else { member::<u64>(node, &KERNFS_NODE_ID) };
+            (*r).header.cgroup_id = cgroup_id(cgroup_of(task));
             (*r).header.pid = member::<u32>(task, &TASK_TGID);
             (*r).header.tid = tid;
             let _ = bpf_probe_read_kernel_buf(task.add(read_volatile(&TASK_COMM) as usize), &mut (*r).header.comm);

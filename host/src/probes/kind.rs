@@ -60,14 +60,17 @@ impl KindSpec {
     pub fn parse_filter(&self, pids: &[u32], cgroups: &[u64], comms: &[String], params: &[(String, Vec<String>)]) -> anyhow::Result<EventFilter> {
         let sanitize = |text: &str| crate::sinks::logs::sanitize(text, 64);
         let mut selectors = BTreeSet::new();
-        let mut min_value = 0;
+        let mut min_value = None;
         for (name, values) in params {
             if let Some(threshold) = self.threshold.as_ref().filter(|t| t.param == name) {
-                min_value = match values.as_slice() {
-                    [value] => value.parse().ok(),
-                    _ => None,
-                }
-                .with_context(|| format!("{} in a {} subscription takes one integer, not {:?}", threshold.param, self.name, sanitize(&values.join(","))))?;
+                anyhow::ensure!(min_value.is_none(), "{} is given twice in a {} subscription", threshold.param, self.name);
+                min_value = Some(
+                    match values.as_slice() {
+                        [value] => value.parse().ok(),
+                        _ => None,
+                    }
+                    .with_context(|| format!("{} in a {} subscription takes one integer, not {:?}", threshold.param, self.name, sanitize(&values.join(","))))?,
+                );
                 continue;
             }
             if name != self.selector_param {
@@ -88,7 +91,7 @@ impl KindSpec {
             cgroups: cgroups.iter().copied().collect(),
             comms: comms.iter().map(|c| crate::events::filter::comm_key(c)).collect(),
             selectors,
-            min_value,
+            min_value: min_value.unwrap_or(0),
         })
     }
 }
@@ -303,4 +306,27 @@ fn sync_set<K: aya::Pod + Ord>(ebpf: &mut Ebpf, name: &str, old: &BTreeSet<K>, n
         Stage::Remove => old.difference(new).try_for_each(|k| map.remove(k)),
     }
     .with_context(|| format!("updating {name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::probes::{sched, syscall};
+
+    fn parse(kind: super::Kind, params: &[(&str, &[&str])]) -> anyhow::Result<crate::events::EventFilter> {
+        let params: Vec<(String, Vec<String>)> = params.iter().map(|(n, v)| (n.to_string(), v.iter().map(|s| s.to_string()).collect())).collect();
+        kind.parse_filter(&[], &[], &[], &params)
+    }
+
+    #[test]
+    fn a_threshold_is_one_integer_given_once() {
+        let filter = parse(&sched::KIND, &[("min_wait_ns", &["5000"]), ("reasons", &["preempted"])]).unwrap();
+        assert_eq!((filter.min_value, filter.selectors.len()), (5000, 1));
+        assert!(format!("{:#}", parse(&sched::KIND, &[("min_wait_ns", &["5ms"])]).unwrap_err()).contains("takes one integer"));
+        assert!(format!("{:#}", parse(&sched::KIND, &[("min_wait_ns", &["1", "2"])]).unwrap_err()).contains("takes one integer"));
+        assert!(format!("{:#}", parse(&sched::KIND, &[("min_wait_ns", &["1"]), ("min_wait_ns", &["2"])]).unwrap_err()).contains("twice"));
+        let other = format!("{:#}", parse(&sched::KIND, &[("syscalls", &["read"])]).unwrap_err());
+        assert!(other.contains("\"reasons\" and \"min_wait_ns\""), "{other}");
+        // A kind without a threshold has no such parameter.
+        assert!(parse(&syscall::KIND, &[("min_wait_ns", &["1"])]).is_err());
+    }
 }

@@ -4,11 +4,11 @@
 //!
 //! - `wait_seconds`: a histogram of run-queue waits of at least `min_wait_us`;
 //! - `long_waits_total{reason}`: waits of at least `throttle_ms`, by why the task was
-//!   runnable ("wakeup": woken and left waiting; "preempted": taken off the CPU while
-//!   runnable, which is what CFS bandwidth throttling does to a cgroup out of quota);
-//! - `throttled_seconds`: a histogram of the preempted waits of at least `throttle_ms`,
-//!   whose `_count` is the number of throttled intervals and `_sum` the total time the
-//!   container's tasks spent throttled.
+//!   runnable ("wakeup": woken and left waiting; "preempted": taken off the CPU by
+//!   another task; "throttled": its cgroup ran out of CPU quota);
+//! - `throttled_seconds`: a histogram of the throttled waits: each task's throttled
+//!   intervals (`_count`) and the time each spent throttled (`_sum`), summed over the
+//!   container's tasks (N busy threads throttled together count N intervals).
 //!
 //! Config (all optional): `min_wait_us` (default 1000; shorter waits never leave the
 //! kernel), `throttle_ms` (default 5), and `pids`, `cgroups`, `comms` to narrow the
@@ -38,6 +38,7 @@ fn reason_label(why: u32) -> String {
     match why {
         reason::WAKEUP => "wakeup".into(),
         reason::PREEMPTED => "preempted".into(),
+        reason::THROTTLED => "throttled".into(),
         other => other.to_string(),
     }
 }
@@ -49,16 +50,15 @@ fn pow2_bounds_ns(from: u32) -> Vec<u64> {
 
 impl<H: HostApi + Clone> CpuThrottle<H> {
     pub fn new(host: H, min_wait_ns: u64, throttle_ns: u64) -> Result<Self, String> {
-        // Buckets start at the lowest wait the kernel sends (and at the throttle
-        // threshold for throttled intervals).
-        let first = |ns: u64| ns.max(1).ilog2().clamp(10, 30);
+        // Buckets start at the lowest wait the kernel sends.
+        let first = min_wait_ns.max(1).ilog2().clamp(10, 30);
         Ok(Self {
             waits: HistogramVec::declare(
                 host.clone(),
                 "wait_seconds",
                 "Run-queue waits: time runnable tasks waited for a CPU.",
                 &["container"],
-                pow2_bounds_ns(first(min_wait_ns)),
+                pow2_bounds_ns(first),
                 1e-9,
             )?,
             long_waits: CounterVec::declare(
@@ -70,9 +70,9 @@ impl<H: HostApi + Clone> CpuThrottle<H> {
             throttled: HistogramVec::declare(
                 host,
                 "throttled_seconds",
-                "Preempted waits of at least throttle_ms (CPU throttling): _count intervals, _sum time.",
+                "Waits of tasks throttled by their CPU quota: _count intervals, _sum time (per task).",
                 &["container"],
-                pow2_bounds_ns(first(throttle_ns)),
+                pow2_bounds_ns(first),
                 1e-9,
             )?,
             throttle_ns,
@@ -86,9 +86,9 @@ impl<H: HostApi + Clone> CpuThrottle<H> {
             self.waits.observe(cgroup, r.wait_ns, |id| vec![container_label(*id)]);
             if r.wait_ns >= self.throttle_ns {
                 self.long_waits.add((cgroup, r.reason), 1, |(id, why)| vec![container_label(*id), reason_label(*why)]);
-                if r.reason == reason::PREEMPTED {
-                    self.throttled.observe(cgroup, r.wait_ns, |id| vec![container_label(*id)]);
-                }
+            }
+            if r.reason == reason::THROTTLED {
+                self.throttled.observe(cgroup, r.wait_ns, |id| vec![container_label(*id)]);
             }
         }
         self.waits.flush();
