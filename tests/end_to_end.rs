@@ -104,15 +104,15 @@ fn sigterm_unloads_every_program() {
     }
     let mut daemon = Daemon::start(None);
     // Every kind the default config subscribes to: syscall (sys_enter, sys_exit and the
-    // thread exit and exec cleanups), process (fork, exec, exit) and sched (wakeup,
-    // wakeup_new, switch).
+    // thread exit and exec cleanups), process (fork, exec, exit), sched (wakeup,
+    // wakeup_new, switch) and tcp (state changes, sends, receives, retransmits).
     let status = daemon.status();
     let probes = status["probes"].as_array().expect("probes in /status");
     let kinds: Vec<&str> = probes.iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["syscall", "process", "sched"]);
+    assert_eq!(kinds, ["syscall", "process", "sched", "tcp"]);
     let ids: Vec<u32> =
         probes.iter().flat_map(|p| p["program_ids"].as_array().expect("program ids in /status").iter().map(|v| v.as_u64().unwrap() as u32)).collect();
-    assert_eq!(ids.len(), 10, "four syscall, three process and three sched programs are loaded");
+    assert_eq!(ids.len(), 14, "four syscall, three process, three sched and four tcp programs are loaded");
     let loaded = || -> Vec<u32> { aya::programs::loaded_programs().filter_map(Result::ok).map(|p| p.id()).collect() };
     assert!(ids.iter().all(|id| loaded().contains(id)), "programs {ids:?} are loaded while running");
     daemon.terminate();

@@ -1,15 +1,17 @@
 //! The seed's use cases as bundled plugins, each checked against a ground truth the
-//! kernel keeps itself: `cpu-throttle` against the cpu controller's own throttling
-//! accounting (`cpu.stat`), in two tenants that each see only their own.
+//! kernel or the program keeps itself: `cpu-throttle` against the cpu controller's own
+//! throttling accounting (`cpu.stat`), in two tenants that each see only their own;
+//! `tcp-per-cgroup` against the connections, bytes and retransmits a workload made (the
+//! last as the kernel's `tcpi_total_retrans`).
 
 use std::{
-    io::Write as _,
+    io::{BufRead as _, BufReader, Write as _},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use wasmtap_tests::{Cgroup, Daemon, built, privileged_or_skip, sample, unique_comm, wait_for_removal};
+use wasmtap_tests::{Cgroup, Daemon, built, privileged_or_skip, sample, sum_samples, unique_comm, wait_for_removal};
 
 /// A CPU quota on a cgroup: on the cgroup v2 cgroup itself where v2 offers the cpu
 /// controller, else in a cgroup of the v1 cpu hierarchy made beside it (hybrid hosts,
@@ -154,4 +156,141 @@ fn cpu_throttle_agrees_with_the_kernels_throttling_accounting() {
     // Each tenant saw only its own cgroups.
     assert!(!ours.lines().any(|l| l.starts_with("squeezed_") && l.contains(&free_path)), "{ours}");
     assert!(!ours.lines().any(|l| l.starts_with("roomy_") && l.contains(&throttled_path)), "{ours}");
+}
+
+/// `wt-workload ARGS` in `cgroup`, with piped stdin and stdout.
+fn workload_in(cgroup: &Cgroup, args: &[&str]) -> Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"", cgroup.0.display()))
+        .arg(built("wt-workload"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn wt-workload")
+}
+
+fn tcp_config(cgroup: &Cgroup) -> String {
+    format!("[[plugin]]\nname = \"tcp-per-cgroup\"\nbundled = \"tcp-per-cgroup\"\nconfig = {{ cgroups = [{}] }}\n", cgroup.id())
+}
+
+#[test]
+fn tcp_per_cgroup_counts_connections_and_bytes_exactly() {
+    if !privileged_or_skip("tcp_per_cgroup_counts_connections_and_bytes_exactly") {
+        return;
+    }
+    let cgroup = Cgroup::new("tcp");
+    let daemon = Daemon::start(Some(&tcp_config(&cgroup)));
+    let (n, bytes) = (25u64, 100_000u64);
+    let mut child = workload_in(&cgroup, &["tcp", &unique_comm("tcp"), &n.to_string(), &bytes.to_string()]);
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut port = String::new();
+    out.read_line(&mut port).expect("the port");
+    let port = port.trim().to_owned();
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert!(child.wait().unwrap().success());
+
+    let container = cgroup.path();
+    let get = |m: &str, name: &str, direction: Option<&str>| {
+        let mut labels = vec![("container", container.as_str()), ("port", port.as_str())];
+        labels.extend(direction.map(|d| ("direction", d)));
+        sample(m, name, &labels).unwrap_or(0.0)
+    };
+    // (name, direction, expected): every connection both ways, each one's bytes once.
+    let expected = [
+        ("tcp_per_cgroup_connections_total", Some("out"), n),
+        ("tcp_per_cgroup_connections_total", Some("in"), n),
+        ("tcp_per_cgroup_connect_seconds_count", None, n),
+        ("tcp_per_cgroup_connection_seconds_count", Some("out"), n),
+        ("tcp_per_cgroup_connection_seconds_count", Some("in"), n),
+        ("tcp_per_cgroup_sent_bytes_total", Some("out"), n * bytes),
+        ("tcp_per_cgroup_received_bytes_total", Some("in"), n * bytes),
+        ("tcp_per_cgroup_received_bytes_total", Some("out"), 0),
+        ("tcp_per_cgroup_sent_bytes_total", Some("in"), 0),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = daemon.metrics();
+        let got: Vec<u64> = expected.iter().map(|(name, dir, _)| get(&m, name, *dir) as u64).collect();
+        if got.iter().zip(&expected).all(|(g, e)| *g == e.2) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let ours: Vec<&str> = m.lines().filter(|l| l.starts_with("tcp_per_cgroup_") && !l.contains("_bucket")).collect();
+            panic!("expected {expected:?}, got {got:?}\n{}\n{}", ours.join("\n"), daemon.log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(get(&daemon.metrics(), "tcp_per_cgroup_connect_failures_total", None), 0.0);
+}
+
+#[test]
+fn tcp_per_cgroup_counts_retransmits_like_the_kernel() {
+    if !privileged_or_skip("tcp_per_cgroup_counts_retransmits_like_the_kernel") {
+        return;
+    }
+    let cgroup = Cgroup::new("retransmit");
+    let daemon = Daemon::start(Some(&tcp_config(&cgroup)));
+    // In a network namespace of its own, where an nftables rule can drop its packets.
+    let mut child = Command::new("unshare")
+        .args(["-n", "sh", "-c"])
+        .arg(format!("ip link set lo up && echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"", cgroup.0.display()))
+        .arg(built("wt-workload"))
+        .args(["retransmit", &unique_comm("retx")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn wt-workload retransmit in a network namespace");
+    let pid = child.id().to_string();
+    let (mut stdin, mut out) = (child.stdin.take().unwrap(), BufReader::new(child.stdout.take().unwrap()));
+    // Never left behind by a failed assertion.
+    struct Reap(Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reap(child);
+    let mut line = String::new();
+    let mut expect = |what: &str, line: &mut String| {
+        line.clear();
+        out.read_line(line).expect("workload output");
+        assert!(line.starts_with(what), "expected {what:?}, the workload said {line:?}");
+    };
+    expect("connected", &mut line);
+    let nft = |script: &str| {
+        let mut nft =
+            Command::new("nsenter").args(["-t", &pid, "-n", "nft", "-f", "-"]).stdin(Stdio::piped()).spawn().expect("nsenter nft (apt-get install nftables)");
+        nft.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        assert!(nft.wait().unwrap().success(), "nft -f: {script}");
+    };
+    // Every TCP packet lost on its way in (dropped on output, a send would fail locally
+    // instead): the byte sent next is retransmitted until the rule goes.
+    nft("table inet wasmtap_test {\n chain in {\n  type filter hook input priority 0;\n  meta l4proto tcp drop\n }\n}\n");
+    stdin.write_all(b"send\n").unwrap();
+    expect("sent", &mut line);
+    let container = cgroup.path();
+    let retransmits = |d: &Daemon| sum_samples(&d.metrics(), "tcp_per_cgroup_retransmits_total", &[("container", &container)]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while retransmits(&daemon) < 1.0 {
+        assert!(Instant::now() < deadline, "no retransmit counted in 20 s\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nft("delete table inet wasmtap_test");
+    stdin.write_all(b"finish\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).expect("the kernel's retransmit count");
+    let kernel: f64 = line.trim().parse().expect("tcpi_total_retrans");
+    assert!(child.0.wait().unwrap().success());
+    assert!(kernel >= 1.0);
+    // Until the plugin has the connection's close too (its last retransmits are then in).
+    let closes = |d: &Daemon| sum_samples(&d.metrics(), "tcp_per_cgroup_connection_seconds_count", &[("container", &container)]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while closes(&daemon) < 2.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("tcp-per-cgroup: retransmits plugin {} kernel {kernel}", retransmits(&daemon));
+    assert_eq!(retransmits(&daemon), kernel, "the plugin's retransmits against the kernel's tcpi_total_retrans\n{}", daemon.log());
 }

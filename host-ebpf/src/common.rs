@@ -1,9 +1,14 @@
 //! Maps and helpers every kind's object has. The host programs the filter maps and
 //! `CONFIG` from the union of the plugins' subscriptions to the kind.
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm},
+    },
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
 };
@@ -42,30 +47,31 @@ pub fn wanted(config: &ProbeConfig, pid: u32, selector: u32) -> bool {
 /// filtered: finding a task's cgroup costs).
 #[inline(always)]
 pub fn wanted_by(config: &ProbeConfig, pid: u32, selector: u32, cgroup_wanted: impl FnOnce() -> bool) -> bool {
+    selected(config, selector) && who_wanted(config, pid, cgroup_wanted)
+}
+
+/// Whether `selector` passes the selector filter.
+#[inline(always)]
+pub fn selected(config: &ProbeConfig, selector: u32) -> bool {
+    if config.filters & FILTER_SELECTORS == 0 {
+        return true;
+    }
+    selector < MAX_SELECTORS && matches!(SELECTOR_FILTER.get(selector), Some(&1))
+}
+
+/// Whether process `pid` (and its cgroup, see [`wanted_by`]) passes the pid and cgroup
+/// filters, and is not the daemon.
+#[inline(always)]
+pub fn who_wanted(config: &ProbeConfig, pid: u32, cgroup_wanted: impl FnOnce() -> bool) -> bool {
     if pid == config.ignore_pid {
         return false;
     }
     let filters = config.filters;
-    if filters == 0 {
-        return true;
-    }
-    if filters & FILTER_SELECTORS != 0 {
-        if selector >= MAX_SELECTORS {
-            return false;
-        }
-        match SELECTOR_FILTER.get(selector) {
-            Some(&1) => {}
-            _ => return false,
-        }
-    }
     // SAFETY: the value is only tested for presence, never read.
     if filters & FILTER_PIDS != 0 && unsafe { PID_FILTER.get(&pid) }.is_none() {
         return false;
     }
-    if filters & FILTER_CGROUPS != 0 && !cgroup_wanted() {
-        return false;
-    }
-    true
+    filters & FILTER_CGROUPS == 0 || cgroup_wanted()
 }
 
 /// Whether cgroup `id` is in `CGROUP_FILTER`.
@@ -78,7 +84,7 @@ pub fn cgroup_in_filter(id: u64) -> bool {
 /// Whether the current task's cgroup or one of its ancestors is in `CGROUP_FILTER` (a
 /// tenant's scope is a subtree, which may gain cgroups at any time).
 #[inline(always)]
-fn current_cgroup_wanted() -> bool {
+pub fn current_cgroup_wanted() -> bool {
     // SAFETY: the helper has no preconditions.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     if cgroup_in_filter(cgroup) {
@@ -91,6 +97,55 @@ fn current_cgroup_wanted() -> bool {
             return false;
         }
         if cgroup_in_filter(ancestor) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Reads a `T` at `offset` (a global the host sets from the kernel's BTF) bytes into
+/// kernel struct `base`; the default value if it cannot be read.
+#[inline(always)]
+pub fn member<T: Default>(base: *const u8, offset: &'static u32) -> T {
+    // SAFETY: the global is a plain u32; `bpf_probe_read_kernel` checks the address.
+    unsafe { bpf_probe_read_kernel(base.add(read_volatile(offset) as usize).cast::<T>()) }.unwrap_or_default()
+}
+
+// Offsets in `struct cgroup` and `struct kernfs_node` (`wasmtap_events::cgroup_offsets`),
+// for the cgroup of a task or socket that is not the current task's.
+#[unsafe(no_mangle)]
+static CGROUP_KN: u32 = 0;
+#[unsafe(no_mangle)]
+static CGROUP_LEVEL: u32 = 0;
+#[unsafe(no_mangle)]
+static CGROUP_ANCESTORS: u32 = 0;
+#[unsafe(no_mangle)]
+static KERNFS_NODE_ID: u32 = 0;
+
+/// A cgroup's id (its kernfs node's), 0 if unreadable.
+#[inline(always)]
+pub fn cgroup_id(cgroup: *const u8) -> u64 {
+    let node: *const u8 = member::<usize>(cgroup, &CGROUP_KN) as *const u8;
+    if node.is_null() { 0 } else { member::<u64>(node, &KERNFS_NODE_ID) }
+}
+
+/// Whether `cgroup` or one of its ancestors at levels 1 to `MAX_CGROUP_DEPTH` below
+/// the root is in the cgroup filter: the levels the filter looks through for the
+/// current task (`bpf_get_current_ancestor_cgroup_id`).
+#[inline(always)]
+pub fn cgroup_wanted(cgroup: *const u8) -> bool {
+    if cgroup_in_filter(cgroup_id(cgroup)) {
+        return true;
+    }
+    let level = member::<i32>(cgroup, &CGROUP_LEVEL);
+    for l in 1..=MAX_CGROUP_DEPTH {
+        if l >= level {
+            return false; // the cgroup itself, checked above
+        }
+        // SAFETY: the global is a plain u32; `bpf_probe_read_kernel` checks the address.
+        let ancestor = unsafe { bpf_probe_read_kernel(cgroup.add(read_volatile(&CGROUP_ANCESTORS) as usize + l as usize * size_of::<usize>()).cast::<usize>()) }
+            .unwrap_or_default() as *const u8;
+        if !ancestor.is_null() && cgroup_in_filter(cgroup_id(ancestor)) {
             return true;
         }
     }

@@ -652,7 +652,7 @@ mod tests {
     fn default_config_loads_the_bundled_plugins() {
         let c = Config::load(None).unwrap();
         let bundled: Vec<_> = c.plugins.iter().map(|p| p.bundled.as_deref()).collect();
-        assert_eq!(bundled, [Some("syscall-latency"), Some("process-churn"), Some("cpu-throttle")]);
+        assert_eq!(bundled, [Some("syscall-latency"), Some("process-churn"), Some("cpu-throttle"), Some("tcp-per-cgroup")]);
         assert_eq!(c.probes.drain_interval_ms, 10);
         // default.toml documents every limit with its default value.
         assert_eq!(c.plugin_defaults, PluginLimits::default());

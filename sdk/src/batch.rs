@@ -21,6 +21,8 @@ pub type SyscallBatch<'a> = Batch<'a, wasmtap_events::SyscallRecord>;
 pub type ProcessBatch<'a> = Batch<'a, wasmtap_events::ProcessRecord>;
 /// A batch of `sched` records.
 pub type SchedBatch<'a> = Batch<'a, wasmtap_events::SchedRecord>;
+/// A batch of `tcp` records.
+pub type TcpBatch<'a> = Batch<'a, wasmtap_events::TcpRecord>;
 
 impl<'a, R: Record> Batch<'a, R> {
     /// Views `bytes` as records `record_size` bytes apart. Borrowed when the stride is

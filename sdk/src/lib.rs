@@ -2,7 +2,7 @@
 //!
 //! A plugin implements [`Plugin`] and calls [`export_plugin!`]; the SDK supplies the
 //! WIT bindings, zero-copy typed views over each batch ([`SyscallBatch`],
-//! [`ProcessBatch`], [`SchedBatch`]), the typed configuration ([`Config`]), enrichment ([`enrich`]), and
+//! [`ProcessBatch`], [`SchedBatch`], [`TcpBatch`]), the typed configuration ([`Config`]), enrichment ([`enrich`]), and
 //! metric helpers that aggregate in the guest and flush one delta per series per batch
 //! ([`HistogramVec`], [`CounterVec`], [`GaugeVec`]).
 //!
@@ -37,10 +37,10 @@ pub mod host;
 pub mod names;
 
 pub use aggregate::{CounterVec, GaugeVec, HistogramVec};
-pub use batch::{Batch, ProcessBatch, SchedBatch, SyscallBatch};
+pub use batch::{Batch, ProcessBatch, SchedBatch, SyscallBatch, TcpBatch};
 pub use config::{Config, FromConfig};
 pub use host::{HostApi, Wit};
-pub use wasmtap_events::{ProcessRecord, Record, RecordHeader, SchedRecord, SyscallRecord, process, sched};
+pub use wasmtap_events::{ProcessRecord, Record, RecordHeader, SchedRecord, SyscallRecord, TcpRecord, process, sched, tcp};
 
 /// Bindings generated from `wit/` (the one contract with the host).
 pub mod bindings {
@@ -77,6 +77,9 @@ pub trait Plugin: Sized + 'static {
 
     /// Handles one batch of `sched` records (run-queue waits).
     fn on_sched(&mut self, _batch: SchedBatch<'_>) {}
+
+    /// Handles one batch of `tcp` records (connection events).
+    fn on_tcp(&mut self, _batch: TcpBatch<'_>) {}
 
     /// Handles a batch of a kind this SDK has no typed view for (raw records,
     /// `record_size` bytes apart).
@@ -118,6 +121,7 @@ pub fn dispatch<P: Plugin>(plugin: &mut P, kind: &str, record_size: u32, records
         SyscallRecord::KIND => plugin.on_syscalls(SyscallBatch::new(records, record_size, dropped)),
         ProcessRecord::KIND => plugin.on_process(ProcessBatch::new(records, record_size, dropped)),
         SchedRecord::KIND => plugin.on_sched(SchedBatch::new(records, record_size, dropped)),
+        TcpRecord::KIND => plugin.on_tcp(TcpBatch::new(records, record_size, dropped)),
         other => plugin.on_other(other, record_size, records, dropped),
     }
 }

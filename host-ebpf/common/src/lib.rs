@@ -17,12 +17,14 @@
 pub mod process;
 pub mod sched;
 pub mod syscall;
+pub mod tcp;
 
 use core::mem::size_of;
 
 pub use process::ProcessRecord;
 pub use sched::SchedRecord;
 pub use syscall::SyscallRecord;
+pub use tcp::TcpRecord;
 
 /// Length of a task's `comm` as the kernel stores it (`TASK_COMM_LEN`), NUL padded.
 pub const COMM_LEN: usize = 16;
@@ -136,6 +138,16 @@ pub mod counter {
     pub const RINGBUF_FULL: u32 = 0;
     /// Number of counters.
     pub const LEN: u32 = 1;
+}
+
+/// Member offsets the shared cgroup helpers read (for a task, or a socket, that is
+/// not the current task): globals in every object that uses them, set by the host from
+/// the kernel's BTF.
+pub mod cgroup_offsets {
+    pub const CGROUP_KN: &str = "CGROUP_KN";
+    pub const CGROUP_LEVEL: &str = "CGROUP_LEVEL";
+    pub const CGROUP_ANCESTORS: &str = "CGROUP_ANCESTORS";
+    pub const KERNFS_NODE_ID: &str = "KERNFS_NODE_ID";
 }
 
 /// Names of the maps every kind's kernel object has, shared so the host cannot

@@ -47,17 +47,13 @@ pub const THRESHOLD_OFFSET: usize = offset_of!(SchedRecord, wait_ns);
 
 /// Member offsets the sched programs read from kernel structs (set by the host from the
 /// kernel's BTF): the waiting task is not the current one, so its ids, name and cgroup
-/// come from its `task_struct`.
+/// come from its `task_struct` (and the cgroup's, `crate::cgroup_offsets`).
 pub mod offsets {
     pub const TASK_PID: &str = "TASK_PID";
     pub const TASK_TGID: &str = "TASK_TGID";
     pub const TASK_COMM: &str = "TASK_COMM";
     pub const TASK_CGROUPS: &str = "TASK_CGROUPS";
     pub const CSS_SET_DFL_CGRP: &str = "CSS_SET_DFL_CGRP";
-    pub const CGROUP_KN: &str = "CGROUP_KN";
-    pub const CGROUP_LEVEL: &str = "CGROUP_LEVEL";
-    pub const CGROUP_ANCESTORS: &str = "CGROUP_ANCESTORS";
-    pub const KERNFS_NODE_ID: &str = "KERNFS_NODE_ID";
     /// How a throttled task is told: one of [`super::throttle_by`].
     pub const THROTTLE_BY: &str = "THROTTLE_BY";
     /// `task_struct.throttled` (Linux 6.18 and later), for `throttle_by::TASK`.

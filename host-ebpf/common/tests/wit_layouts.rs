@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, mem::offset_of};
 
-use wasmtap_events::{ProcessRecord, Record, RecordHeader, SchedRecord, SyscallRecord};
+use wasmtap_events::{ProcessRecord, Record, RecordHeader, SchedRecord, SyscallRecord, TcpRecord};
 
 /// A record's layout: its size (none for the header, which has no stride of its own)
 /// and its fields with their offsets.
@@ -20,6 +20,13 @@ fn rust_layouts() -> Vec<(&'static str, Layout<&'static str>)> {
         ("syscall-record", (Some(SyscallRecord::SIZE), fields!(SyscallRecord: header, latency_ns, ret, syscall_nr, reserved))),
         ("process-record", (Some(ProcessRecord::SIZE), fields!(ProcessRecord: header, event, ppid, uid, child_pid, exit_code, signal, lifetime_ns, filename))),
         ("sched-record", (Some(SchedRecord::SIZE), fields!(SchedRecord: header, wait_ns, reason, cpu))),
+        (
+            "tcp-record",
+            (
+                Some(TcpRecord::SIZE),
+                fields!(TcpRecord: header, event, family, direction, local_port, remote_port, retransmits, duration_ns, bytes_sent, bytes_received, local_addr, remote_addr),
+            ),
+        ),
     ]
 }
 

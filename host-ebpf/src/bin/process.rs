@@ -12,13 +12,13 @@ mod programs {
 
     use aya_ebpf::{
         helpers::{
-            bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+            bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf,
             generated::{bpf_get_current_task, bpf_probe_read_kernel_str},
         },
         macros::btf_tracepoint,
         programs::BtfTracePointContext,
     };
-    use wasmtap_ebpf::common::{CONFIG, fill_header, reserve, submit, wanted};
+    use wasmtap_ebpf::common::{CONFIG, fill_header, member, reserve, submit, wanted};
     use wasmtap_events::process::{FILENAME_LEN, ProcessRecord, event};
 
     // Member offsets, set by the host from the kernel's BTF (see `offsets` in the
@@ -44,16 +44,6 @@ mod programs {
     static SIGNAL_LIVE: u32 = 0;
     #[unsafe(no_mangle)]
     static BPRM_FILENAME: u32 = 0;
-
-    /// Reads a `T` at `offset` (a global above) bytes into kernel struct `base`.
-    #[inline(always)]
-    fn member<T>(base: *const u8, offset: &'static u32) -> T
-    where
-        T: Default,
-    {
-        // SAFETY: the global is a plain u32; `bpf_probe_read_kernel` checks the address.
-        unsafe { bpf_probe_read_kernel(base.add(read_volatile(offset) as usize).cast::<T>()) }.unwrap_or_default()
-    }
 
     #[btf_tracepoint(function = "sched_process_fork")]
     pub fn wt_process_fork(ctx: BtfTracePointContext) -> i32 {

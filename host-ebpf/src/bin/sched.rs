@@ -14,22 +14,16 @@
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use core::{
-        mem::size_of,
-        ptr::{read_volatile, write_volatile},
-    };
+    use core::ptr::{read_volatile, write_volatile};
 
     use aya_ebpf::{
-        helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated::bpf_get_smp_processor_id},
+        helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_buf, generated::bpf_get_smp_processor_id},
         macros::{btf_tracepoint, map},
         maps::LruHashMap,
         programs::BtfTracePointContext,
     };
-    use wasmtap_ebpf::common::{CONFIG, cgroup_in_filter, reserve, submit, wanted_by};
-    use wasmtap_events::{
-        MAX_CGROUP_DEPTH,
-        sched::{SchedRecord, reason, throttle_by},
-    };
+    use wasmtap_ebpf::common::{CONFIG, cgroup_id, cgroup_wanted, member, reserve, submit, wanted_by};
+    use wasmtap_events::sched::{SchedRecord, reason, throttle_by};
 
     #[unsafe(no_mangle)]
     static TASK_PID: u32 = 0;
@@ -41,14 +35,6 @@ mod programs {
     static TASK_CGROUPS: u32 = 0;
     #[unsafe(no_mangle)]
     static CSS_SET_DFL_CGRP: u32 = 0;
-    #[unsafe(no_mangle)]
-    static CGROUP_KN: u32 = 0;
-    #[unsafe(no_mangle)]
-    static CGROUP_LEVEL: u32 = 0;
-    #[unsafe(no_mangle)]
-    static CGROUP_ANCESTORS: u32 = 0;
-    #[unsafe(no_mangle)]
-    static KERNFS_NODE_ID: u32 = 0;
     #[unsafe(no_mangle)]
     static THROTTLE_BY: u32 = 0;
     #[unsafe(no_mangle)]
@@ -72,50 +58,11 @@ mod programs {
     #[map(name = "RUNNABLE")]
     static RUNNABLE: LruHashMap<u32, Runnable> = LruHashMap::with_max_entries(65536, 0);
 
-    /// Reads a `T` at `offset` (a global above) bytes into kernel struct `base`.
-    #[inline(always)]
-    fn member<T: Default>(base: *const u8, offset: &'static u32) -> T {
-        // SAFETY: the global is a plain u32; `bpf_probe_read_kernel` checks the address.
-        unsafe { bpf_probe_read_kernel(base.add(read_volatile(offset) as usize).cast::<T>()) }.unwrap_or_default()
-    }
-
     /// The task's cgroup v2 cgroup.
     #[inline(always)]
     fn cgroup_of(task: *const u8) -> *const u8 {
         let css_set: *const u8 = member::<usize>(task, &TASK_CGROUPS) as *const u8;
         member::<usize>(css_set, &CSS_SET_DFL_CGRP) as *const u8
-    }
-
-    /// A cgroup's id (its kernfs node's), 0 if unreadable.
-    #[inline(always)]
-    fn cgroup_id(cgroup: *const u8) -> u64 {
-        let node: *const u8 = member::<usize>(cgroup, &CGROUP_KN) as *const u8;
-        if node.is_null() { 0 } else { member::<u64>(node, &KERNFS_NODE_ID) }
-    }
-
-    /// Whether the task's cgroup or one of its ancestors at levels 1 to
-    /// `MAX_CGROUP_DEPTH` below the root is in the cgroup filter: the levels the filter
-    /// looks through for the current task (`bpf_get_current_ancestor_cgroup_id`).
-    #[inline(always)]
-    fn cgroup_wanted(task: *const u8) -> bool {
-        let cgroup = cgroup_of(task);
-        if cgroup_in_filter(cgroup_id(cgroup)) {
-            return true;
-        }
-        let level = member::<i32>(cgroup, &CGROUP_LEVEL);
-        for l in 1..=MAX_CGROUP_DEPTH {
-            if l >= level {
-                return false; // the cgroup itself, checked above
-            }
-            // SAFETY: the global is a plain u32; `bpf_probe_read_kernel` checks the address.
-            let ancestor =
-                unsafe { bpf_probe_read_kernel(cgroup.add(read_volatile(&CGROUP_ANCESTORS) as usize + l as usize * size_of::<usize>()).cast::<usize>()) }
-                    .unwrap_or_default() as *const u8;
-            if !ancestor.is_null() && cgroup_in_filter(cgroup_id(ancestor)) {
-                return true;
-            }
-        }
-        false
     }
 
     /// Whether `task`, leaving the CPU runnable, leaves because its cgroup is throttled.
@@ -167,7 +114,7 @@ mod programs {
         if tid == 0 {
             return; // an idle task
         }
-        if !wanted_by(config, member::<u32>(task, &TASK_TGID), why, || cgroup_wanted(task)) {
+        if !wanted_by(config, member::<u32>(task, &TASK_TGID), why, || cgroup_wanted(cgroup_of(task))) {
             return;
         }
         // SAFETY: the helper has no preconditions.

@@ -87,6 +87,18 @@ impl KernelBtf {
         &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
     }
 
+    /// The offsets the kernel objects' shared cgroup helpers read
+    /// (`wasmtap_events::cgroup_offsets`).
+    pub fn cgroup_offsets(&self) -> anyhow::Result<Vec<(&'static str, u32)>> {
+        use wasmtap_events::cgroup_offsets as names;
+        Ok(vec![
+            (names::CGROUP_KN, self.member_offset("cgroup", &["kn"])?),
+            (names::CGROUP_LEVEL, self.member_offset("cgroup", &["level"])?),
+            (names::CGROUP_ANCESTORS, self.member_offset("cgroup", &["ancestors"])?),
+            (names::KERNFS_NODE_ID, self.member_offset("kernfs_node", &["id"])?),
+        ])
+    }
+
     /// Byte offset of the first of `names` that `strukt` has (fields get renamed across
     /// kernel versions, so callers list the known spellings).
     pub fn member_offset(&self, strukt: &str, names: &[&str]) -> anyhow::Result<u32> {

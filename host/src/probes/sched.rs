@@ -62,10 +62,7 @@ fn globals(btf: Option<&KernelBtf>) -> anyhow::Result<Globals> {
             (offsets::TASK_COMM, task(&["comm"])?),
             (offsets::TASK_CGROUPS, task(&["cgroups"])?),
             (offsets::CSS_SET_DFL_CGRP, btf.member_offset("css_set", &["dfl_cgrp"])?),
-            (offsets::CGROUP_KN, btf.member_offset("cgroup", &["kn"])?),
-            (offsets::CGROUP_LEVEL, btf.member_offset("cgroup", &["level"])?),
-            (offsets::CGROUP_ANCESTORS, btf.member_offset("cgroup", &["ancestors"])?),
-            (offsets::KERNFS_NODE_ID, btf.member_offset("kernfs_node", &["id"])?),
         ])
+        .chain(btf.cgroup_offsets()?)
         .collect())
 }

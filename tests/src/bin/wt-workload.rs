@@ -16,6 +16,13 @@
 //!   sets the kernel's last pid so the next fork reuses the child's pid, and forks a
 //!   child that exits at once again; prints how many rounds did reuse the pid (needs
 //!   root: it writes /proc/sys/kernel/ns_last_pid).
+//! - `wt-workload tcp COMM N BYTES`: listens on 127.0.0.1 (prints the port), waits for a
+//!   line on stdin, then makes N connections to itself, each sending BYTES bytes and
+//!   closing once the accepting side has read them all and closed; prints "done".
+//! - `wt-workload retransmit COMM`: listens on 127.0.0.1 and connects to itself once,
+//!   prints "connected", waits for a line, sends one byte, prints "sent", waits for a
+//!   line, then waits until the byte arrived and prints the kernel's count of
+//!   retransmitted segments on the connecting socket (`tcpi_total_retrans`) and closes.
 //! - `wt-workload spin COMM CPU MILLIS`: pinned to CPU, waits for a line on stdin, then
 //!   keeps the CPU busy for MILLIS ms of wall-clock time (never sleeping) and exits.
 
@@ -80,6 +87,63 @@ fn reuse(comm: &str, rounds: u32) {
     println!("{reused}");
 }
 
+/// A listener on 127.0.0.1 whose accepted connections are read to their end and
+/// closed, `n` of them, on a thread; its port.
+fn echo_sink(n: usize) -> (u16, std::thread::JoinHandle<u64>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("local addr").port();
+    let server = std::thread::spawn(move || {
+        let mut total = 0;
+        for _ in 0..n {
+            let (mut conn, _) = listener.accept().expect("accept");
+            total += std::io::copy(&mut conn, &mut std::io::sink()).expect("read");
+        }
+        total
+    });
+    (port, server)
+}
+
+fn tcp(comm: &str, n: usize, bytes: usize) {
+    set_comm(comm);
+    let (port, server) = echo_sink(n);
+    println!("{port}");
+    std::io::stdout().flush().expect("stdout");
+    read_line();
+    let payload = vec![7u8; bytes];
+    for _ in 0..n {
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        conn.write_all(&payload).expect("send");
+        conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        // Until the accepting side read everything and closed.
+        assert_eq!(conn.read(&mut [0u8; 1]).expect("read"), 0);
+    }
+    assert_eq!(server.join().expect("server"), (n * bytes) as u64);
+    println!("done");
+}
+
+fn retransmit(comm: &str) {
+    use std::os::fd::AsRawFd as _;
+    set_comm(comm);
+    let (port, server) = echo_sink(1);
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    println!("connected");
+    std::io::stdout().flush().expect("stdout");
+    read_line();
+    conn.write_all(b"x").expect("send");
+    println!("sent");
+    std::io::stdout().flush().expect("stdout");
+    read_line();
+    conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    assert_eq!(server.join().expect("server"), 1);
+    // SAFETY: tcp_info is plain integers, for which all zeros is a value.
+    let mut info: nix::libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<nix::libc::tcp_info>() as nix::libc::socklen_t;
+    // SAFETY: `info` is a writable tcp_info of `len` bytes.
+    let rc = unsafe { nix::libc::getsockopt(conn.as_raw_fd(), nix::libc::IPPROTO_TCP, nix::libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
+    assert_eq!(rc, 0, "getsockopt(TCP_INFO)");
+    println!("{}", info.tcpi_total_retrans);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -105,6 +169,8 @@ fn main() {
             }
         }
         [_, "reuse", comm, rounds] => reuse(comm, rounds.parse().expect("ROUNDS")),
+        [_, "tcp", comm, n, bytes] => tcp(comm, n.parse().expect("N"), bytes.parse().expect("BYTES")),
+        [_, "retransmit", comm] => retransmit(comm),
         [_, "spin", comm, cpu, millis] => {
             let run = std::time::Duration::from_millis(millis.parse().expect("MILLIS"));
             set_comm(comm);
