@@ -7,7 +7,9 @@
 //! prints medians side by side. Also the daemon's CPU time per event at the loop's
 //! full rate; a fork+exec+exit loop untraced and under wasmtap with process-churn; and
 //! the time a plugin's cached enrichment lookup takes; and a context-switch ping-pong
-//! untraced, under wasmtap's sched kind (cpu-throttle) and under bpftrace's runqlat.
+//! untraced, under wasmtap's sched kind (cpu-throttle) and under bpftrace's runqlat;
+//! a connect/send/close loop untraced, under the tcp kind (tcp-per-cgroup) and under
+//! bpftrace following the same socket states and sends.
 //! Prints; asserts nothing.
 //!
 //! Each round pins the loop to one CPU, the same for all three setups, taking the CPUs
@@ -171,6 +173,65 @@ fn sched_kind(cpus: usize) {
     println!("  host CPU per recorded wait, every wait recorded (daemon user+sys / events delivered): {:.1} ns", median(daemon_cpu));
 }
 
+const CONNECTIONS: u64 = 20_000;
+/// The tcp kind's work in bpftrace: per-socket SYN time, connect latency histogram,
+/// closes and bytes sent and received per socket.
+const BPFTRACE_TCP: &str = "BEGIN { printf(\"tracing\\n\"); } \
+    tracepoint:sock:inet_sock_set_state /args->protocol == 6/ { \
+      if (args->newstate == 2) { @syn[args->skaddr] = nsecs; } \
+      if (args->oldstate == 2 && args->newstate == 1) { @connect = hist(nsecs - @syn[args->skaddr]); delete(@syn[args->skaddr]); } \
+      if (args->newstate == 7) { @closes = count(); delete(@sent[args->skaddr]); delete(@received[args->skaddr]); } } \
+    tracepoint:sock:sock_send_length /args->ret > 0/ { @sent[args->sk] = sum(args->ret); } \
+    tracepoint:sock:sock_recv_length /args->ret > 0/ { @received[args->sk] = sum(args->ret); } \
+    tracepoint:tcp:tcp_retransmit_skb { @retransmits = count(); }";
+
+/// Runs the connect/send/close loop once on `cpu`; ns per connection.
+fn tcp_loop(cpu: usize) -> f64 {
+    let exe = std::env::current_exe().expect("current_exe").with_file_name("wt-tcp-loop");
+    let out = Command::new(exe).args([CONNECTIONS.to_string(), cpu.to_string()]).output().expect("run wt-tcp-loop");
+    assert!(out.status.success(), "wt-tcp-loop failed");
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("ns per connection")
+}
+
+/// The tcp kind on its matching workload: the loop untraced, under wasmtap with
+/// tcp-per-cgroup (4 records per connection: connect, accept, two closes), and under
+/// bpftrace doing the same following in the kernel.
+fn tcp_kind(cpus: usize) {
+    let config = "[[plugin]]\nname = \"tcp-per-cgroup\"\nbundled = \"tcp-per-cgroup\"\n";
+    let events = |d: &Daemon| sample(&d.metrics(), "wasmtap_plugin_events_total", &[("plugin", "tcp-per-cgroup")]).unwrap_or(0.0);
+    let read = |d: &Daemon| sample(&d.metrics(), "wasmtap_probe_records_total", &[("probe", "tcp")]).unwrap_or(0.0);
+    let (mut untraced, mut traced, mut bpftrace, mut daemon_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let cpu = round % cpus;
+        untraced.push(tcp_loop(cpu));
+        let daemon = Daemon::start(Some(config));
+        let (e0, c0) = (events(&daemon), cpu_ns(daemon.child.id()));
+        traced.push(tcp_loop(cpu));
+        let e1 = wait_for(Duration::from_secs(30), "the plugin to handle the connections", || {
+            let (e, r) = (events(&daemon), read(&daemon));
+            (e >= r && e - e0 >= 4.0 * CONNECTIONS as f64).then_some(e)
+        });
+        daemon_cpu.push((cpu_ns(daemon.child.id()) - c0) / (e1 - e0));
+        drop(daemon);
+        bpftrace.push(with_bpftrace(BPFTRACE_TCP, || tcp_loop(cpu)));
+        eprintln!(
+            "round {}: cpu {cpu}  untraced {:.0}  wasmtap {:.0}  bpftrace {:.0} ns/connection",
+            round + 1,
+            untraced[round],
+            traced[round],
+            bpftrace[round]
+        );
+    }
+    let (base, w, b) = (median(untraced), median(traced), median(bpftrace));
+    println!("tcp kind: {CONNECTIONS} loopback connect + send 100 bytes + close, medians of {ROUNDS} rounds");
+    println!(
+        "  untraced {base:.0}  wasmtap tcp-per-cgroup {w:.0} (+{:.0})  bpftrace (same states and sends) {b:.0} (+{:.0}) ns/connection",
+        w - base,
+        b - base
+    );
+    println!("  host CPU per record (daemon user+sys / events delivered; 4 records per connection): {:.1} ns", median(daemon_cpu));
+}
+
 const FORKS: u64 = 2000;
 
 /// Runs the fork+exec+exit loop once on `cpu`; ns per iteration.
@@ -267,7 +328,7 @@ fn main() {
         let _ = Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]).status();
     }
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    // One section only: `wasmtap-bench overhead|process|enrichment|sched|swap|load`.
+    // One section only: `wasmtap-bench overhead|process|enrichment|sched|tcp|swap|load`.
     let only = std::env::args().nth(1);
     let run = |section: &str| only.as_deref().is_none_or(|o| o == section);
     if run("overhead") {
@@ -281,6 +342,9 @@ fn main() {
     }
     if run("sched") {
         sched_kind(cpus);
+    }
+    if run("tcp") {
+        tcp_kind(cpus);
     }
     if run("swap") {
         swap();
