@@ -13,6 +13,14 @@ use std::{
 
 use wasmtap_tests::{Cgroup, Daemon, built, privileged_or_skip, sample, sum_samples, unique_comm, wait_for_removal};
 
+/// The tests here run one at a time: a throttled task's wait includes any wait for a CPU
+/// after its quota is refilled, which another test's load would lengthen.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A CPU quota on a cgroup: on the cgroup v2 cgroup itself where v2 offers the cpu
 /// controller, else in a cgroup of the v1 cpu hierarchy made beside it (hybrid hosts,
 /// such as these VMs, keep cpu on v1).
@@ -86,6 +94,7 @@ fn cpu_throttle_agrees_with_the_kernels_throttling_accounting() {
     if !privileged_or_skip("cpu_throttle_agrees_with_the_kernels_throttling_accounting") {
         return;
     }
+    let _serial = one_at_a_time();
     // Two tenants, each a cgroup subtree with its own cpu-throttle; the spinners run in
     // a cgroup below each tenant's, so the kernel's filter looks through the waiting
     // task's ancestors (and each tenant must see only its own).
@@ -180,6 +189,7 @@ fn tcp_per_cgroup_counts_connections_and_bytes_exactly() {
     if !privileged_or_skip("tcp_per_cgroup_counts_connections_and_bytes_exactly") {
         return;
     }
+    let _serial = one_at_a_time();
     let cgroup = Cgroup::new("tcp");
     let daemon = Daemon::start(Some(&tcp_config(&cgroup)));
     let (n, bytes) = (25u64, 100_000u64);
@@ -230,6 +240,7 @@ fn tcp_per_cgroup_counts_retransmits_like_the_kernel() {
     if !privileged_or_skip("tcp_per_cgroup_counts_retransmits_like_the_kernel") {
         return;
     }
+    let _serial = one_at_a_time();
     let cgroup = Cgroup::new("retransmit");
     let daemon = Daemon::start(Some(&tcp_config(&cgroup)));
     // In a network namespace of its own, where an nftables rule can drop its packets.

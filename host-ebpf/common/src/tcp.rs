@@ -52,10 +52,10 @@ pub struct TcpRecord {
     pub retransmits: u32,
     /// Connect, connect failed: since the SYN; close: since established; nanoseconds.
     pub duration_ns: u64,
-    /// Close: bytes the application sent on the connection (`send`, `write`, ...;
-    /// not `sendfile`/`splice`).
+    /// Close: bytes the application sent on the connection through the socket calls
+    /// (`send`, `write`, ...; `sendfile` from Linux 6.5); 0 before 6.3.
     pub bytes_sent: u64,
-    /// Close: bytes the application read from it.
+    /// Close: bytes the application read from it until the close.
     pub bytes_received: u64,
     /// Local address: IPv4 in the first 4 bytes (network order), or IPv6.
     pub local_addr: [u8; 16],

@@ -87,10 +87,10 @@ mod programs {
     }
 
     impl Conn {
-        /// `pid_tgid` as `bpf_get_current_pid_tgid` has it; `current_comm`: the current
-        /// task's comm, else zeros. Written field by field (zeros by volatile stores: a
-        /// zeroed struct literal becomes a `memset`, which does not link for BPF).
         /// Tracks `sk` as this connection; the map's entry, if it could be made.
+        /// `pid_tgid` as `bpf_get_current_pid_tgid` has it; `current_comm`: take the
+        /// current task's comm, else zeros. Written field by field (zeros by volatile
+        /// stores: a zeroed struct literal becomes a `memset`, which does not link).
         #[inline(always)]
         fn track(sk: *const u8, syn_ns: u64, established_ns: u64, cgroup_id: u64, pid_tgid: u64, current_comm: bool, direction: u16) -> Option<*mut Conn> {
             let mut conn = core::mem::MaybeUninit::<Conn>::uninit();
@@ -178,12 +178,27 @@ mod programs {
 
     #[btf_tracepoint(function = "tcp_retransmit_skb")]
     pub fn wt_tcp_retransmit(ctx: BtfTracePointContext) -> i32 {
-        // tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb[, int err])
-        let sk: *const u8 = ctx.arg(0);
+        // tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb, int err)
+        // (6.17 and later, where failed attempts fire too): only what went out counts.
+        if ctx.arg::<u64>(2) as i32 == 0 {
+            retransmitted(ctx.arg(0));
+        }
+        0
+    }
+
+    #[btf_tracepoint(function = "tcp_retransmit_skb")]
+    pub fn wt_tcp_retransmit_any(ctx: BtfTracePointContext) -> i32 {
+        // tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb) before
+        // 6.17, which fires for retransmits that went out only.
+        retransmitted(ctx.arg(0));
+        0
+    }
+
+    #[inline(always)]
+    fn retransmitted(sk: *const u8) {
         if let Some(conn) = CONNS.get_ptr(&(sk as u64)) {
             emit(sk, conn, event::RETRANSMIT, 0, false);
         }
-        0
     }
 
     /// This side sent a SYN (the connecting task is current): tracked if wanted.
@@ -214,9 +229,13 @@ mod programs {
     /// A passive open completed (softirq: no task): tracked under the listening
     /// socket's cgroup if wanted.
     fn accepted(sk: *const u8) {
+        if CONNS.get_ptr(&(sk as u64)).is_some() {
+            return connected(sk); // a simultaneous open: this side sent a SYN too
+        }
         let Some(config) = CONFIG.get(0) else { return };
+        // (No cgroup is the root cgroup: its id reads as 0.)
         let cgroup: *const u8 = member::<usize>(sk, &SK_CGROUP) as *const u8;
-        if cgroup.is_null() || !who_wanted(config, 0, || cgroup_wanted(cgroup)) {
+        if !who_wanted(config, 0, || !cgroup.is_null() && cgroup_wanted(cgroup)) {
             return;
         }
         // SAFETY: the helper has no preconditions.
@@ -264,7 +283,8 @@ mod programs {
             (*r).event = what;
             (*r).family = family;
             (*r).direction = (*conn).direction;
-            (*r).local_port = (*conn).local_port;
+            // The port is bound after SYN_SENT is set: read it here until it is known.
+            (*r).local_port = if (*conn).local_port != 0 { (*conn).local_port } else { member::<u16>(sk, &SK_NUM) };
             (*r).remote_port = (*conn).remote_port;
             (*r).duration_ns = duration_ns;
             if counts {

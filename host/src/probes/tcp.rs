@@ -28,15 +28,32 @@ pub static KIND: KindSpec = KindSpec {
         _ => None,
     },
     threshold: None,
-    flavours: &[Flavour {
-        name: "tp_btf",
-        programs: &[
-            ("wt_tcp_state", Point::Btf("inet_sock_set_state")),
-            ("wt_tcp_send", Point::Btf("sock_send_length")),
-            ("wt_tcp_recv", Point::Btf("sock_recv_length")),
-            ("wt_tcp_retransmit", Point::Btf("tcp_retransmit_skb")),
-        ],
-    }],
+    // Best first: retransmit failures told apart (6.17+), then without them, then
+    // without the send/recv tracepoints (before 6.3: bytes read as 0).
+    flavours: &[
+        Flavour {
+            name: "tp_btf",
+            programs: &[
+                ("wt_tcp_state", Point::Btf("inet_sock_set_state")),
+                ("wt_tcp_send", Point::Btf("sock_send_length")),
+                ("wt_tcp_recv", Point::Btf("sock_recv_length")),
+                ("wt_tcp_retransmit", Point::Btf("tcp_retransmit_skb")),
+            ],
+        },
+        Flavour {
+            name: "tp_btf (retransmit failures not told apart)",
+            programs: &[
+                ("wt_tcp_state", Point::Btf("inet_sock_set_state")),
+                ("wt_tcp_send", Point::Btf("sock_send_length")),
+                ("wt_tcp_recv", Point::Btf("sock_recv_length")),
+                ("wt_tcp_retransmit_any", Point::Btf("tcp_retransmit_skb")),
+            ],
+        },
+        Flavour {
+            name: "tp_btf (no byte counts: sock_send_length needs Linux 6.3)",
+            programs: &[("wt_tcp_state", Point::Btf("inet_sock_set_state")), ("wt_tcp_retransmit_any", Point::Btf("tcp_retransmit_skb"))],
+        },
+    ],
     globals,
 };
 

@@ -5,13 +5,14 @@
 //! - `connect_seconds{port}`: connect latency (SYN sent to established);
 //! - `connect_failures_total{port}`: connects refused or timed out;
 //! - `sent_bytes_total`, `received_bytes_total{direction,port}`: counted when a
-//!   connection closes (bytes sent and acknowledged, bytes received);
+//!   connection closes (bytes the application wrote to it and read from it);
 //! - `retransmits_total{direction,port}`: segments (and SYNs) sent again;
 //! - `connection_seconds{direction,port}`: how long connections lasted.
 //!
 //! `port` is the service's: the remote port of a connection this side made, the local
 //! port of one it accepted (the other end's is ephemeral). At most `max_ports` ports
-//! (default 64) get their own label; the rest count as `port="other"`, so a port scan
+//! (default 64) get their own label, the first ones a connection was established on
+//! (a failed connect takes none); the rest count as `port="other"`, so a port scan
 //! cannot blow up the series. Config (all optional): `max_ports`, and `pids`, `cgroups`,
 //! `comms` to narrow the subscription (a pid filter never matches accepted connections,
 //! which belong to no task).
@@ -63,8 +64,8 @@ impl<H: HostApi + Clone> TcpPerCgroup<H> {
             connections: CounterVec::declare(host.clone(), "connections", "TCP connections made (out) and accepted (in).", &all)?,
             connect: HistogramVec::declare(host.clone(), "connect_seconds", "TCP connect latency: SYN sent to established.", &out, pow2(12, 33), 1e-9)?,
             failures: CounterVec::declare(host.clone(), "connect_failures", "TCP connects refused or timed out.", &out)?,
-            sent: CounterVec::declare(host.clone(), "sent_bytes", "Bytes sent and acknowledged, counted when a connection closes.", &all)?,
-            received: CounterVec::declare(host.clone(), "received_bytes", "Bytes received, counted when a connection closes.", &all)?,
+            sent: CounterVec::declare(host.clone(), "sent_bytes", "Bytes the application wrote to its connections, counted when one closes.", &all)?,
+            received: CounterVec::declare(host.clone(), "received_bytes", "Bytes the application read from its connections, counted when one closes.", &all)?,
             retransmits: CounterVec::declare(host.clone(), "retransmits", "TCP segments (and SYNs) retransmitted.", &all)?,
             lifetime: HistogramVec::declare(host, "connection_seconds", "How long TCP connections lasted.", &all, pow2(16, 40), 1e-9)?,
             ports: Vec::new(),
@@ -72,13 +73,15 @@ impl<H: HostApi + Clone> TcpPerCgroup<H> {
         })
     }
 
-    /// The port label of a record: the service's port, or 0 ("other") past `max_ports`.
+    /// The port label of a record: the service's port, or 0 ("other") past
+    /// `max_ports`. Only an established connection takes a port a label of its own.
     fn port(&mut self, r: &TcpRecord) -> u16 {
         let port = if r.direction == direction::INBOUND { r.local_port } else { r.remote_port };
         if self.ports.contains(&port) {
             return port;
         }
-        if self.ports.len() < self.max_ports && port != 0 {
+        let established = matches!(r.event, event::CONNECT | event::ACCEPT);
+        if established && self.ports.len() < self.max_ports && port != 0 {
             self.ports.push(port);
             return port;
         }
