@@ -2,13 +2,13 @@
 //!
 //! A task becomes runnable when it is woken (`sched_wakeup`, `sched_wakeup_new`) or
 //! taken off the CPU while still runnable (`sched_switch` with the previous task
-//! preempted, or throttled: its cgroup ran out of CPU quota, told by the task's flag
-//! on 6.18+ and by its run queue's throttle count before); the
-//! time is kept per thread id, and when `sched_switch` gives the task the CPU, a wait
-//! of at least `min_wait_ns` is recorded. Filters are checked when the task becomes
-//! runnable, so a filtered-out task costs one lookup at `sched_switch`. Entries are
-//! rewritten in place (and marked taken when the task runs), not inserted and deleted
-//! per switch, which cost more (as in the syscall kind). The task is not the current one in either place: its ids, name and
+//! preempted, or throttled: its cgroup ran out of CPU quota, told by the task's flag on
+//! 6.18+ and by its run queue's throttle count before). The time is kept per thread id,
+//! and when `sched_switch` gives the task the CPU, a wait of at least `min_wait_ns` is
+//! recorded. Filters are checked when the task becomes runnable, so a filtered-out task
+//! costs one lookup at `sched_switch`. Entries are rewritten in place (and marked taken
+//! when the task runs), not inserted and deleted per switch, which cost more (as in the
+//! syscall kind). The task is not the current one in either place: its ids, name and
 //! cgroup are read from its `task_struct` at offsets the host finds in the kernel's BTF.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
