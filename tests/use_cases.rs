@@ -76,17 +76,17 @@ impl Drop for CpuQuota {
     }
 }
 
-/// Starts `wt-workload spin` in `cgroup` (and `quota`'s cgroup), pinned to `cpu`,
-/// waiting for a line on stdin to start spinning.
-fn spinner(cgroup: &Cgroup, quota: Option<&CpuQuota>, comm: &str, cpu: usize, millis: u64) -> Child {
+/// `wt-workload ARGS` in `cgroup` (and in `quota`'s cgroup), with piped stdin and stdout.
+fn workload_in(cgroup: &Cgroup, quota: Option<&CpuQuota>, args: &[&str]) -> Child {
     Command::new("sh")
         .arg("-c")
         .arg(format!("echo $$ > {}/cgroup.procs && {} && exec \"$0\" \"$@\"", cgroup.0.display(), quota.map_or("true".into(), CpuQuota::join)))
         .arg(built("wt-workload"))
-        .args(["spin", comm, &cpu.to_string(), &millis.to_string()])
+        .args(args)
         .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
         .spawn()
-        .expect("spawn wt-workload spin")
+        .expect("spawn wt-workload")
 }
 
 #[test]
@@ -117,7 +117,8 @@ fn cpu_throttle_agrees_with_the_kernels_throttling_accounting() {
     let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("sched_getaffinity");
     let cpus: Vec<usize> = (0..nix::sched::CpuSet::count()).filter(|&c| allowed.is_set(c).unwrap_or(false)).collect();
     let comm = unique_comm("spin");
-    let mut spinners = [spinner(&throttled, Some(&quota), &comm, cpus[cpus.len() - 1], 3000), spinner(&free, None, &comm, cpus[0], 3000)];
+    let (last, first) = (cpus[cpus.len() - 1].to_string(), cpus[0].to_string());
+    let mut spinners = [workload_in(&throttled, Some(&quota), &["spin", &comm, &last, "3000"]), workload_in(&free, None, &["spin", &comm, &first, "3000"])];
     for s in &mut spinners {
         s.stdin.take().unwrap().write_all(b"go\n").unwrap();
     }
@@ -167,19 +168,6 @@ fn cpu_throttle_agrees_with_the_kernels_throttling_accounting() {
     assert!(!ours.lines().any(|l| l.starts_with("roomy_") && l.contains(&throttled_path)), "{ours}");
 }
 
-/// `wt-workload ARGS` in `cgroup`, with piped stdin and stdout.
-fn workload_in(cgroup: &Cgroup, args: &[&str]) -> Child {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"", cgroup.0.display()))
-        .arg(built("wt-workload"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn wt-workload")
-}
-
 fn tcp_config(cgroup: &Cgroup) -> String {
     format!("[[plugin]]\nname = \"tcp-per-cgroup\"\nbundled = \"tcp-per-cgroup\"\nconfig = {{ cgroups = [{}] }}\n", cgroup.id())
 }
@@ -193,7 +181,7 @@ fn tcp_per_cgroup_counts_connections_and_bytes_exactly() {
     let cgroup = Cgroup::new("tcp");
     let daemon = Daemon::start(Some(&tcp_config(&cgroup)));
     let (n, bytes) = (25u64, 100_000u64);
-    let mut child = workload_in(&cgroup, &["tcp", &unique_comm("tcp"), &n.to_string(), &bytes.to_string()]);
+    let mut child = workload_in(&cgroup, None, &["tcp", &unique_comm("tcp"), &n.to_string(), &bytes.to_string()]);
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut port = String::new();
     out.read_line(&mut port).expect("the port");
