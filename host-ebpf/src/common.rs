@@ -63,12 +63,20 @@ pub fn selected(config: &ProbeConfig, selector: u32) -> bool {
 /// filters, and is not the daemon.
 #[inline(always)]
 pub fn who_wanted(config: &ProbeConfig, pid: u32, cgroup_wanted: impl FnOnce() -> bool) -> bool {
+    family_wanted(config, pid, 0, cgroup_wanted)
+}
+
+/// [`who_wanted`], where the pid filter also passes a process whose parent `parent`
+/// (0: none) is in it (the `uprobe` kind: a server and its workers).
+#[inline(always)]
+pub fn family_wanted(config: &ProbeConfig, pid: u32, parent: u32, cgroup_wanted: impl FnOnce() -> bool) -> bool {
     if pid == config.ignore_pid {
         return false;
     }
     let filters = config.filters;
-    // SAFETY: the value is only tested for presence, never read.
-    if filters & FILTER_PIDS != 0 && unsafe { PID_FILTER.get(&pid) }.is_none() {
+    // SAFETY: the values are only tested for presence, never read.
+    let in_filter = |pid: u32| unsafe { PID_FILTER.get(&pid) }.is_some();
+    if filters & FILTER_PIDS != 0 && !in_filter(pid) && (parent == 0 || !in_filter(parent)) {
         return false;
     }
     filters & FILTER_CGROUPS == 0 || cgroup_wanted()

@@ -23,6 +23,8 @@ pub type ProcessBatch<'a> = Batch<'a, wasmtap_events::ProcessRecord>;
 pub type SchedBatch<'a> = Batch<'a, wasmtap_events::SchedRecord>;
 /// A batch of `tcp` records.
 pub type TcpBatch<'a> = Batch<'a, wasmtap_events::TcpRecord>;
+/// A batch of `uprobe` records.
+pub type UprobeBatch<'a> = Batch<'a, wasmtap_events::UprobeRecord>;
 
 impl<'a, R: Record> Batch<'a, R> {
     /// Views `bytes` as records `record_size` bytes apart. Borrowed when the stride is

@@ -2,7 +2,7 @@
 //!
 //! A plugin implements [`Plugin`] and calls [`export_plugin!`]; the SDK supplies the
 //! WIT bindings, zero-copy typed views over each batch ([`SyscallBatch`],
-//! [`ProcessBatch`], [`SchedBatch`], [`TcpBatch`]), the typed configuration ([`Config`]), enrichment ([`enrich`]), and
+//! [`ProcessBatch`], [`SchedBatch`], [`TcpBatch`], [`UprobeBatch`]), the typed configuration ([`Config`]), enrichment ([`enrich`]), and
 //! metric helpers that aggregate in the guest and flush one delta per series per batch
 //! ([`HistogramVec`], [`CounterVec`], [`GaugeVec`]).
 //!
@@ -37,10 +37,10 @@ pub mod host;
 pub mod names;
 
 pub use aggregate::{CounterVec, GaugeVec, HistogramVec};
-pub use batch::{Batch, ProcessBatch, SchedBatch, SyscallBatch, TcpBatch};
+pub use batch::{Batch, ProcessBatch, SchedBatch, SyscallBatch, TcpBatch, UprobeBatch};
 pub use config::{Config, FromConfig};
 pub use host::{HostApi, Wit};
-pub use wasmtap_events::{ProcessRecord, Record, RecordHeader, SchedRecord, SyscallRecord, TcpRecord, process, sched, tcp};
+pub use wasmtap_events::{ProcessRecord, Record, RecordHeader, SchedRecord, SyscallRecord, TcpRecord, UprobeRecord, process, sched, tcp, uprobe};
 
 /// Bindings generated from `wit/` (the one contract with the host).
 pub mod bindings {
@@ -80,6 +80,10 @@ pub trait Plugin: Sized + 'static {
 
     /// Handles one batch of `tcp` records (connection events).
     fn on_tcp(&mut self, _batch: TcpBatch<'_>) {}
+
+    /// Handles one batch of `uprobe` records (hits of the probe points the plugin
+    /// named; `uprobe::probe_id` of a point's text tells them apart).
+    fn on_uprobe(&mut self, _batch: UprobeBatch<'_>) {}
 
     /// Handles a batch of a kind this SDK has no typed view for (raw records,
     /// `record_size` bytes apart).
@@ -122,6 +126,7 @@ pub fn dispatch<P: Plugin>(plugin: &mut P, kind: &str, record_size: u32, records
         ProcessRecord::KIND => plugin.on_process(ProcessBatch::new(records, record_size, dropped)),
         SchedRecord::KIND => plugin.on_sched(SchedBatch::new(records, record_size, dropped)),
         TcpRecord::KIND => plugin.on_tcp(TcpBatch::new(records, record_size, dropped)),
+        UprobeRecord::KIND => plugin.on_uprobe(UprobeBatch::new(records, record_size, dropped)),
         other => plugin.on_other(other, record_size, records, dropped),
     }
 }

@@ -18,6 +18,7 @@ pub mod process;
 pub mod sched;
 pub mod syscall;
 pub mod tcp;
+pub mod uprobe;
 
 use core::mem::size_of;
 
@@ -25,6 +26,7 @@ pub use process::ProcessRecord;
 pub use sched::SchedRecord;
 pub use syscall::SyscallRecord;
 pub use tcp::TcpRecord;
+pub use uprobe::UprobeRecord;
 
 /// Length of a task's `comm` as the kernel stores it (`TASK_COMM_LEN`), NUL padded.
 pub const COMM_LEN: usize = 16;

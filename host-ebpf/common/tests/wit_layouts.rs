@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, mem::offset_of};
 
-use wasmtap_events::{ProcessRecord, Record, RecordHeader, SchedRecord, SyscallRecord, TcpRecord};
+use wasmtap_events::{ProcessRecord, Record, RecordHeader, SchedRecord, SyscallRecord, TcpRecord, UprobeRecord};
 
 /// A record's layout: its size (none for the header, which has no stride of its own)
 /// and its fields with their offsets.
@@ -27,6 +27,7 @@ fn rust_layouts() -> Vec<(&'static str, Layout<&'static str>)> {
                 fields!(TcpRecord: header, event, family, direction, local_port, remote_port, retransmits, duration_ns, bytes_sent, bytes_received, local_addr, remote_addr),
             ),
         ),
+        ("uprobe-record", (Some(UprobeRecord::SIZE), fields!(UprobeRecord: header, probe, parent_pid, args, text_len, text_arg, text))),
     ]
 }
 

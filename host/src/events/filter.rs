@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use rustc_hash::FxHashMap;
-use wasmtap_events::{COMM_LEN, RecordHeader};
+use wasmtap_events::{COMM_LEN, MAX_SELECTORS, RecordHeader};
 
 use crate::probes::Kind;
 
@@ -30,6 +30,9 @@ pub struct RecordKeys {
     pub selector: u32,
     /// The value the kind's threshold applies to (0 for kinds without one).
     pub value: u64,
+    /// The parent's pid, for kinds whose pid filter also matches a process's children
+    /// (0 for the others).
+    pub parent_pid: u32,
 }
 
 impl RecordKeys {
@@ -45,6 +48,7 @@ impl RecordKeys {
             comm: raw[comm_at..comm_at + COMM_LEN].try_into().expect("comm"),
             selector: u32_at(kind.selector_offset),
             value: kind.threshold.as_ref().map_or(0, |t| u64_at(t.offset)),
+            parent_pid: kind.parent_pid_offset.map_or(0, u32_at),
         }
     }
 }
@@ -66,7 +70,7 @@ impl EventFilter {
     /// The reference semantics `CompiledFilters` implements.
     #[cfg(test)]
     pub fn matches(&self, r: &RecordKeys) -> bool {
-        (self.pids.is_empty() || self.pids.contains(&r.pid))
+        (self.pids.is_empty() || self.pids.contains(&r.pid) || (r.parent_pid != 0 && self.pids.contains(&r.parent_pid)))
             && (self.cgroups.is_empty() || self.cgroups.contains(&r.cgroup_id))
             && (self.comms.is_empty() || self.comms.contains(&r.comm))
             && (self.selectors.is_empty() || self.selectors.contains(&r.selector))
@@ -119,8 +123,11 @@ pub struct CompiledFilters {
     any_cgroup: u64,
     comms: FxHashMap<[u8; COMM_LEN], u64>,
     any_comm: u64,
-    /// Indexed by selector; values past the end match only `any_selector`.
+    /// Indexed by selector, below `MAX_SELECTORS`; values past the end match only
+    /// `any_selector`.
     selectors: Vec<u64>,
+    /// Selectors from `MAX_SELECTORS` up (probe point ids).
+    large_selectors: FxHashMap<u32, u64>,
     any_selector: u64,
     /// (filter bit, minimum) of the filters with a threshold.
     thresholds: Vec<(u64, u64)>,
@@ -156,6 +163,10 @@ impl CompiledFilters {
             f.cgroups.iter().for_each(|&g| *c.cgroups.entry(g).or_default() |= bit);
             f.comms.iter().for_each(|&n| *c.comms.entry(n).or_default() |= bit);
             for &s in &f.selectors {
+                if s >= MAX_SELECTORS {
+                    *c.large_selectors.entry(s).or_default() |= bit;
+                    continue;
+                }
                 if c.selectors.len() <= s as usize {
                     c.selectors.resize(s as usize + 1, 0);
                 }
@@ -172,9 +183,16 @@ impl CompiledFilters {
 
     #[inline]
     pub fn matches(&self, r: &RecordKeys) -> bool {
-        let pid = self.pids.get(&r.pid).copied().unwrap_or(0) | self.any_pid;
+        let mut pid = self.pids.get(&r.pid).copied().unwrap_or(0) | self.any_pid;
+        if r.parent_pid != 0 {
+            pid |= self.pids.get(&r.parent_pid).copied().unwrap_or(0);
+        }
         let cgroup = self.cgroups.get(&r.cgroup_id).copied().unwrap_or(0) | self.any_cgroup;
-        let selector = self.selectors.get(r.selector as usize).copied().unwrap_or(0) | self.any_selector;
+        let selector = match self.selectors.get(r.selector as usize) {
+            Some(&mask) => mask,
+            None if r.selector >= MAX_SELECTORS => self.large_selectors.get(&r.selector).copied().unwrap_or(0),
+            None => 0,
+        } | self.any_selector;
         let mut mask = pid & cgroup & selector;
         for &(bit, min) in &self.thresholds {
             if r.value < min {
@@ -208,7 +226,7 @@ mod tests {
 
     #[test]
     fn matches_every_non_empty_dimension() {
-        let r = RecordKeys { pid: 7, selector: 39, cgroup_id: 3, comm: comm_key("db"), value: 500 };
+        let r = RecordKeys { pid: 7, selector: 39, cgroup_id: 3, comm: comm_key("db"), value: 500, parent_pid: 0 };
         assert!(f(&[], &[]).matches(&r));
         assert!(f(&[7], &[39]).matches(&r));
         assert!(!f(&[8], &[39]).matches(&r));
@@ -236,16 +254,19 @@ mod tests {
             EventFilter { comms: [comm_key("a")].into(), ..f(&[4], &[4]) },
             EventFilter { min_value: 1000, ..f(&[5], &[]) },
             EventFilter { min_value: 10, ..f(&[], &[2000]) },
+            f(&[6], &[0xdead_beef]),
         ];
         let compiled = CompiledFilters::new(&filters);
         assert!(!compiled.is_all());
-        for pid in 0..6 {
-            for selector in [4, 5, 6, 2000] {
+        for pid in 0..7 {
+            for selector in [4, 5, 6, 2000, 0xdead_beef] {
                 for cgroup_id in [1, 9] {
                     for comm in [comm_key("a"), comm_key("b")] {
                         for value in [0, 10, 999, 1000] {
-                            let r = RecordKeys { pid, selector, cgroup_id, comm, value };
-                            assert_eq!(compiled.matches(&r), filters.iter().any(|f| f.matches(&r)), "{r:?}");
+                            for parent_pid in [0, 1, 6] {
+                                let r = RecordKeys { pid, selector, cgroup_id, comm, value, parent_pid };
+                                assert_eq!(compiled.matches(&r), filters.iter().any(|f| f.matches(&r)), "{r:?}");
+                            }
                         }
                     }
                 }

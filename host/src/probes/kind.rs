@@ -6,11 +6,11 @@ use anyhow::Context as _;
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{BtfTracePoint, Program, TracePoint},
+    programs::{BtfTracePoint, Program, TracePoint, UProbe},
 };
 use wasmtap_events::{FILTER_CGROUPS, FILTER_PIDS, FILTER_SELECTORS, MAX_FILTER_ENTRIES, MAX_SELECTORS, ProbeConfig, maps};
 
-use super::{btf::KernelBtf, explain, system};
+use super::{btf::KernelBtf, explain, system, uprobe};
 use crate::{
     config::ProbeSettings,
     events::{EventFilter, ring::RingReader},
@@ -33,6 +33,14 @@ pub struct KindSpec {
     /// The subscription parameter that lists selectors by name, e.g. "syscalls".
     pub selector_param: &'static str,
     pub parse_selector: fn(&str) -> Option<u32>,
+    /// For a kind whose programs are attached per probe point (the selector) rather
+    /// than at fixed places: resolves a point's text to its id. Such a kind's selector is
+    /// not filtered in the kernel (only wanted points are attached), and a subscription
+    /// must name its points.
+    pub points: Option<fn(&str) -> anyhow::Result<u32>>,
+    /// Where the record's parent pid sits, for a kind whose pid filter also matches a
+    /// process's direct children.
+    pub parent_pid_offset: Option<usize>,
     /// The kind's threshold, if it has one: records with a smaller value are not
     /// written by the kernel (nor delivered to the subscriptions asking for it).
     pub threshold: Option<Threshold>,
@@ -81,10 +89,16 @@ impl KindSpec {
                 anyhow::bail!("the {} kind has no filter parameter {:?}; it takes {takes}", self.name, sanitize(name));
             }
             for value in values {
-                let selector = (self.parse_selector)(value)
-                    .with_context(|| format!("unknown {} value {:?} in a {} subscription", self.selector_param, sanitize(value), self.name))?;
+                let selector = match self.points {
+                    Some(resolve) => resolve(value)?,
+                    None => (self.parse_selector)(value)
+                        .with_context(|| format!("unknown {} value {:?} in a {} subscription", self.selector_param, sanitize(value), self.name))?,
+                };
                 selectors.insert(selector);
             }
+        }
+        if self.points.is_some() && selectors.is_empty() {
+            anyhow::bail!("a {} subscription names its probe points in the filter parameter {:?}", self.name, self.selector_param);
         }
         Ok(EventFilter {
             pids: pids.iter().copied().collect(),
@@ -120,6 +134,8 @@ pub enum Point {
     Btf(&'static str),
     /// A classic tracepoint (category, name), through tracefs.
     Tracepoint(&'static str, &'static str),
+    /// A uprobe program, loaded here and attached at each wanted probe point's sites.
+    PerSelector,
 }
 
 /// One loaded kind: programs, filter maps, config. Dropping it detaches and unloads
@@ -131,6 +147,8 @@ pub struct Probe {
     config: ProbeConfig,
     installed: EventFilter,
     widened: Vec<&'static str>,
+    /// The probe points attached, for a kind attached per point.
+    points: uprobe::Points,
 }
 
 /// What the reader owns: the ring buffer and the kernel drop counters.
@@ -159,9 +177,12 @@ impl Probe {
             wakeup_bytes: u64::from(settings.ring_buffer_bytes) * u64::from(settings.wakeup_percent) / 100,
             min_value: 0,
         };
-        let mut probe = Self { kind, ebpf, attach: "", config, installed: EventFilter::default(), widened: Vec::new() };
+        let mut probe = Self { kind, ebpf, attach: "", config, installed: EventFilter::default(), widened: Vec::new(), points: Default::default() };
         probe.set_filter(filter)?;
         probe.attach(btf.as_ref())?;
+        if kind.points.is_some() {
+            probe.points.sync(&mut probe.ebpf, &filter.selectors)?;
+        }
         Ok((probe, ProbeStream { kind, ring, drops }))
     }
 
@@ -182,6 +203,7 @@ impl Probe {
                         match self.ebpf.program_mut(program) {
                             Some(Program::BtfTracePoint(p)) => drop(p.unload()),
                             Some(Program::TracePoint(p)) => drop(p.unload()),
+                            Some(Program::UProbe(p)) => drop(p.unload()),
                             _ => {}
                         }
                     }
@@ -207,6 +229,10 @@ impl Probe {
                     let p: &mut TracePoint = program_mut.try_into()?;
                     p.load().map_err(|e| explain(e, &format!("cannot load tracepoint {category}/{event}")))?;
                     p.attach(category, event).map_err(|e| explain(e, &format!("cannot attach tracepoint {category}/{event}")))?;
+                }
+                Point::PerSelector => {
+                    let p: &mut UProbe = program_mut.try_into()?;
+                    p.load().map_err(|e| explain(e, &format!("cannot load the {} program", self.kind.name)))?;
                 }
             }
         }
@@ -234,10 +260,17 @@ impl Probe {
     /// kernel (the host's routing still delivers each plugin exactly its records), rather
     /// than the probe recording for nobody. Comms are matched in the host only.
     pub fn set_filter(&mut self, filter: &EventFilter) -> anyhow::Result<()> {
+        let mut filter = filter.clone();
+        if self.kind.points.is_some() {
+            // Only wanted points are attached: every record is of a wanted point.
+            if !self.attach.is_empty() {
+                self.points.sync(&mut self.ebpf, &filter.selectors)?;
+            }
+            filter.selectors.clear();
+        }
         if let Some(&s) = filter.selectors.iter().find(|&&s| s >= MAX_SELECTORS) {
             anyhow::bail!("{} selector {s} is beyond the probe's table of {MAX_SELECTORS}", self.kind.selector_param);
         }
-        let mut filter = filter.clone();
         self.widened.clear();
         let kind = self.kind.name;
         let mut widen = |dimension: &'static str, len: usize| {

@@ -13,11 +13,12 @@ pub mod sched;
 pub mod syscall;
 pub mod system;
 pub mod tcp;
+pub mod uprobe;
 
 pub use kind::{Kind, KindSpec, Probe, ProbeStream};
 
 /// Every kind this host offers, by name.
-pub static KINDS: &[Kind] = &[&syscall::KIND, &process::KIND, &sched::KIND, &tcp::KIND];
+pub static KINDS: &[Kind] = &[&syscall::KIND, &process::KIND, &sched::KIND, &tcp::KIND, &uprobe::KIND];
 
 /// The kind called `name`.
 pub fn kind(name: &str) -> Option<Kind> {

@@ -24,6 +24,8 @@ pub static KIND: KindSpec = KindSpec {
         _ => None,
     },
     threshold: None,
+    points: None,
+    parent_pid_offset: None,
     flavours: &[Flavour {
         name: "tp_btf",
         programs: &[

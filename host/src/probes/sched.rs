@@ -25,6 +25,8 @@ pub static KIND: KindSpec = KindSpec {
         _ => None,
     },
     threshold: Some(Threshold { param: "min_wait_ns", offset: THRESHOLD_OFFSET }),
+    points: None,
+    parent_pid_offset: None,
     flavours: &[Flavour {
         name: "tp_btf",
         programs: &[

@@ -12,6 +12,8 @@ pub static KIND: KindSpec = KindSpec {
     selector_param: "syscalls",
     parse_selector: crate::names::syscall_number,
     threshold: None,
+    points: None,
+    parent_pid_offset: None,
     flavours: &[
         Flavour {
             name: "tp_btf",

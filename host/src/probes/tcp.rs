@@ -28,6 +28,8 @@ pub static KIND: KindSpec = KindSpec {
         _ => None,
     },
     threshold: None,
+    points: None,
+    parent_pid_offset: None,
     // Best first: retransmit failures told apart (6.17+), then without them, then
     // without the send/recv tracepoints (before 6.3: bytes read as 0).
     flavours: &[
