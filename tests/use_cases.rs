@@ -2,7 +2,8 @@
 //! kernel or the program keeps itself: `cpu-throttle` against the cpu controller's own
 //! throttling accounting (`cpu.stat`), in two tenants that each see only their own;
 //! `tcp-per-cgroup` against the connections, bytes and retransmits a workload made (the
-//! last as the kernel's `tcpi_total_retrans`).
+//! last as the kernel's `tcpi_total_retrans`); `pg-query-latency` against
+//! `pg_stat_statements` of two real PostgreSQL servers.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -11,7 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use wasmtap_tests::{Cgroup, Daemon, built, privileged_or_skip, sample, sum_samples, unique_comm, wait_for_removal};
+use wasmtap_tests::{
+    Cgroup, Daemon, HOSTILE_WASM, admin_call, built,
+    postgres::{self, Postgres},
+    privileged_or_skip, sample, sum_samples, unique_comm, wait_for, wait_for_removal,
+};
 
 /// The tests here run one at a time: a throttled task's wait includes any wait for a CPU
 /// after its quota is refilled, which another test's load would lengthen.
@@ -292,4 +297,107 @@ fn tcp_per_cgroup_counts_retransmits_like_the_kernel() {
     }
     eprintln!("tcp-per-cgroup: retransmits plugin {} kernel {kernel}", retransmits(&daemon));
     assert_eq!(retransmits(&daemon), kernel, "the plugin's retransmits against the kernel's tcpi_total_retrans\n{}", daemon.log());
+}
+
+/// The same statements as `pg_stat_statements` normalises them, with literals.
+const PG_MIX: [&str; 3] =
+    ["SELECT count(*) FROM items WHERE id < $1", "INSERT INTO items (id, name) VALUES ($1, $2)", "UPDATE items SET name = $1 WHERE id = $2"];
+
+/// `n` runs of each statement of `PG_MIX`, with literals that vary, ids from `first`.
+fn pg_mix(n: u64, first: u64) -> String {
+    (first..first + n)
+        .map(|i| {
+            format!(
+                "SELECT count(*) FROM items WHERE id < {i};\nINSERT INTO items (id, name) VALUES ({i}, 'item {i}');\nUPDATE items SET name = 'renamed {}' WHERE id = {i};\n",
+                i * 7
+            )
+        })
+        .collect()
+}
+
+/// pg-query-latency's fingerprint of a statement `pg_stat_statements` shows as `query`.
+fn fingerprint(query: &str) -> String {
+    query.replace("$1", "?").replace("$2", "?")
+}
+
+#[test]
+fn pg_query_latency_counts_queries_like_pg_stat_statements_and_scopes_by_server() {
+    if !privileged_or_skip("pg_query_latency_counts_queries_like_pg_stat_statements_and_scopes_by_server") {
+        return;
+    }
+    let _serial = one_at_a_time();
+    let (a, b) = (Postgres::start(), Postgres::start());
+    let binary = postgres::bin_dir().join("postgres");
+    let plugin = |name: &str, pids: &str| {
+        format!("[[plugin]]\nname = \"{name}\"\nbundled = \"pg-query-latency\"\nconfig = {{ binary = \"{}\"{pids} }}\n\n", binary.display())
+    };
+    // The kernel grants uprobe perf events only with CAP_SYS_ADMIN.
+    let config = "capabilities_keep = [\"bpf\", \"perfmon\", \"sys_admin\"]\n\n".to_owned()
+        + &plugin("pg-a", &format!(", pids = [{}]", a.pid()))
+        + &plugin("pg-all", "");
+    let daemon = Daemon::start(Some(&config));
+    let count =
+        |m: &str, plugin: &str, query: &str| sample(m, &format!("{plugin}_query_seconds_count"), &[("fingerprint", &fingerprint(query))]).unwrap_or(0.0) as u64;
+    // The probes fire (their semaphores were raised in the running servers).
+    for server in [&a, &b] {
+        server.psql("CREATE TABLE items (id int PRIMARY KEY, name text)");
+        wait_for(Duration::from_secs(20), "a query to be seen", || {
+            server.psql("SELECT 'ready'");
+            (count(&daemon.metrics(), "pg_all", "SELECT $1") > 0).then_some(())
+        });
+        server.psql("SELECT pg_stat_statements_reset()");
+    }
+    let before: Vec<u64> = PG_MIX.iter().map(|q| count(&daemon.metrics(), "pg_all", q)).collect();
+    assert_eq!(before, [0, 0, 0]);
+    a.run_script(&pg_mix(40, 0));
+    b.run_script(&pg_mix(25, 1000));
+
+    let truth_a: Vec<u64> = PG_MIX.iter().map(|q| a.calls(q)).collect();
+    let truth_b: Vec<u64> = PG_MIX.iter().map(|q| b.calls(q)).collect();
+    assert_eq!((truth_a.clone(), truth_b.clone()), (vec![40; 3], vec![25; 3]), "pg_stat_statements counts the mix");
+    let both: Vec<u64> = truth_a.iter().zip(&truth_b).map(|(a, b)| a + b).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = daemon.metrics();
+        let scoped: Vec<u64> = PG_MIX.iter().map(|q| count(&m, "pg_a", q)).collect();
+        let all: Vec<u64> = PG_MIX.iter().map(|q| count(&m, "pg_all", q)).collect();
+        if scoped == truth_a && all == both {
+            break;
+        }
+        if Instant::now() > deadline {
+            let ours: Vec<&str> = m.lines().filter(|l| l.starts_with("pg_") && l.contains("_count")).collect();
+            panic!("server a {truth_a:?} (pg-a got {scoped:?}), both {both:?} (pg-all got {all:?})\n{}\n{}", ours.join("\n"), daemon.log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Latencies are real: each query took more than a microsecond and less than a minute.
+    let m = daemon.metrics();
+    let sum = sample(&m, "pg_a_query_seconds_sum", &[("fingerprint", &fingerprint(PG_MIX[0]))]).unwrap();
+    assert!(sum > 40e-6 && sum < 60.0, "{sum}");
+}
+
+#[test]
+fn a_kprobe_or_fentry_point_is_refused_naming_the_tracepoint_to_use() {
+    if !privileged_or_skip("a_kprobe_or_fentry_point_is_refused_naming_the_tracepoint_to_use") {
+        return;
+    }
+    let daemon = Daemon::start(Some(""));
+    let load = |point: &str| {
+        let section = format!("name = \"probes\"\npath = \"{HOSTILE_WASM}\"\nconfig = {{ mode = \"probes\", probes = [\"{point}\"] }}\n");
+        admin_call(&daemon.admin_socket(), "POST", "/v1/plugins", &section)
+    };
+    let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
+    let (code, answer) = load("kprobe:tcp_retransmit_skb");
+    if kprobes {
+        assert_eq!(code, 200, "{answer}");
+    } else {
+        assert_eq!(code, 422, "{answer}");
+        let error = answer.to_string();
+        assert!(error.contains("no kprobe PMU") && error.contains("CONFIG_KPROBES") && error.contains("tracepoint tcp:tcp_retransmit_skb"), "{error}");
+    }
+    let (code, answer) = load("fentry:do_sys_openat2");
+    assert_eq!(code, 422, "{answer}");
+    assert!(answer.to_string().contains("does not attach fentry") && answer.to_string().contains("the syscall kind"), "{answer}");
+    // The daemon carries on.
+    assert_eq!(daemon.get("/healthz", None).map(|(code, _)| code), Some(200));
 }

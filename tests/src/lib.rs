@@ -8,6 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod postgres;
+
 /// The hostile test plugin (tests/hostile-plugin, built by build.rs).
 pub const HOSTILE_WASM: &str = env!("HOSTILE_WASM");
 /// syscall-latency's second build (other buckets, a `build` label), built by build.rs.
@@ -250,9 +252,28 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
         let (series, value) = line.rsplit_once(' ')?;
         let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
-        let got: Vec<&str> = rest.trim_end_matches('}').split(',').filter(|s| !s.is_empty()).collect();
-        (metric == name && got.len() == want.len() && want.iter().all(|w| got.contains(&w.as_str()))).then(|| value.parse().ok()).flatten()
+        let got = label_pairs(rest.strip_suffix('}').unwrap_or(rest));
+        (metric == name && got.len() == want.len() && want.iter().all(|w| got.contains(w))).then(|| value.parse().ok()).flatten()
     })
+}
+
+/// `k="v"` pairs of a sample's labels, split at the commas outside quoted values.
+fn label_pairs(labels: &str) -> Vec<String> {
+    let (mut pairs, mut pair, mut quoted, mut escaped) = (Vec::new(), String::new(), false, false);
+    for c in labels.chars() {
+        match c {
+            ',' if !quoted => pairs.push(std::mem::take(&mut pair)),
+            '"' if !escaped => {
+                quoted = !quoted;
+                pair.push(c);
+            }
+            _ => pair.push(c),
+        }
+        escaped = quoted && c == '\\' && !escaped;
+    }
+    pairs.push(pair);
+    pairs.retain(|p| !p.is_empty());
+    pairs
 }
 
 /// The sum of every sample `name{…}` whose labels include `labels` (others free).

@@ -49,10 +49,7 @@ pub const MAX_POINTS: usize = 1024;
 
 fn globals(btf: Option<&KernelBtf>) -> anyhow::Result<Globals> {
     let btf = btf.ok_or_else(|| anyhow::anyhow!("the uprobe kind reads the parent's pid and needs the kernel's BTF (/sys/kernel/btf/vmlinux)"))?;
-    Ok(vec![
-        (names::TASK_TGID, btf.member_offset("task_struct", &["tgid"])?),
-        (names::TASK_REAL_PARENT, btf.member_offset("task_struct", &["real_parent"])?),
-    ])
+    Ok(vec![(names::TASK_TGID, btf.member_offset("task_struct", &["tgid"])?), (names::TASK_REAL_PARENT, btf.member_offset("task_struct", &["real_parent"])?)])
 }
 
 /// A resolved point: its text and its sites; `attached` while a probe has it attached.

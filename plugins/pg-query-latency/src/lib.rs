@@ -154,7 +154,8 @@ impl Plugin for PgQueryLatency {
         let max_fingerprints = config.get::<u64>("max_fingerprints")?.unwrap_or(100) as usize;
         let max_len = config.get::<u64>("max_fingerprint_len")?.unwrap_or(120) as usize;
         let (start, done) = points(&binary);
-        let filter = Filter { pids: config.list("pids")?, cgroups: config.list("cgroups")?, comms: Vec::new(), params: vec![("probes".into(), vec![start, done])] };
+        let filter =
+            Filter { pids: config.list("pids")?, cgroups: config.list("cgroups")?, comms: Vec::new(), params: vec![("probes".into(), vec![start, done])] };
         let subscriptions = vec![Subscription { kind: UprobeRecord::KIND.into(), filter }];
         Ok((Self::new(Wit, &binary, max_fingerprints, max_len)?, Manifest { subscriptions, tick_interval_ms: 0 }))
     }

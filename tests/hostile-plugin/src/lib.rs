@@ -110,6 +110,12 @@ impl Plugin for Hostile {
                 let pids = (0..n).map(|i| 3_000_000 + i).collect();
                 subscriptions = vec![Subscription { kind: SyscallRecord::KIND.into(), filter: Filter { pids, ..Filter::default() } }];
             }
+            // Not hostile: subscribes to the probe points `probes` names (for the
+            // uprobe kind's refusals).
+            "probes" => {
+                let params = vec![("probes".into(), config.list("probes")?)];
+                subscriptions = vec![Subscription { kind: "uprobe".into(), filter: Filter { params, ..Filter::default() } }];
+            }
             "huge-error" => return Err("E".repeat(20 << 20)),
             "init-fail" => return Err("init refused on purpose".into()),
             "stateful" => {

@@ -63,6 +63,7 @@ struct LinkCreate {
 }
 
 const BPF_LINK_CREATE: libc::c_long = 28;
+const CAP_SYS_ADMIN: u32 = 21;
 const BPF_PERF_EVENT: u32 = 41;
 const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
 /// `_IO('$', 0)`.
@@ -80,12 +81,8 @@ pub struct SiteLink {
 /// opened for every process (pid -1) on CPU 0, which for uprobes and kprobes runs the
 /// program on whichever CPU hits the site.
 pub fn attach(program: BorrowedFd<'_>, pmu: &Pmu, retprobe: bool, cookie: u64) -> anyhow::Result<SiteLink> {
-    let mut attr = PerfEventAttr {
-        kind: Pmu::perf_type(pmu.name())?,
-        size: size_of::<PerfEventAttr>() as u32,
-        config: u64::from(retprobe),
-        ..Default::default()
-    };
+    let mut attr =
+        PerfEventAttr { kind: Pmu::perf_type(pmu.name())?, size: size_of::<PerfEventAttr>() as u32, config: u64::from(retprobe), ..Default::default() };
     match pmu {
         Pmu::Uprobe { path, offset, ref_ctr_offset } => {
             attr.config |= ref_ctr_offset << 32;
@@ -98,17 +95,20 @@ pub fn attach(program: BorrowedFd<'_>, pmu: &Pmu, retprobe: bool, cookie: u64) -
     // `pmu` for the call) and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, &attr as *const PerfEventAttr, -1, 0, -1, PERF_FLAG_FD_CLOEXEC) };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("perf_event_open refused the probe");
+        let error = std::io::Error::last_os_error();
+        let denied = matches!(error.raw_os_error(), Some(libc::EACCES | libc::EPERM));
+        if denied && !crate::probes::system::has_cap(CAP_SYS_ADMIN) {
+            return Err(error).context(
+                "perf_event_open refused the probe: the kernel grants uprobe and kprobe perf events to CAP_SYS_ADMIN, which the daemon dropped \
+                 (CAP_PERFMON is not enough)\n  fix: add \"sys_admin\" to capabilities_keep in the config",
+            );
+        }
+        return Err(error).context("perf_event_open refused the probe");
     }
     // SAFETY: `fd` is a new descriptor this process owns from here on.
     let event = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let link = LinkCreate {
-        prog_fd: program.as_raw_fd() as u32,
-        target_fd: event.as_raw_fd() as u32,
-        attach_type: BPF_PERF_EVENT,
-        flags: 0,
-        bpf_cookie: cookie,
-    };
+    let link =
+        LinkCreate { prog_fd: program.as_raw_fd() as u32, target_fd: event.as_raw_fd() as u32, attach_type: BPF_PERF_EVENT, flags: 0, bpf_cookie: cookie };
     // SAFETY: BPF_LINK_CREATE reads `size_of::<LinkCreate>()` bytes of `link` (the rest
     // of `union bpf_attr` counts as zero) and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_CREATE, &link as *const LinkCreate, size_of::<LinkCreate>()) };
