@@ -9,8 +9,10 @@
 //! the time a plugin's cached enrichment lookup takes; and a context-switch ping-pong
 //! untraced, under wasmtap's sched kind (cpu-throttle) and under bpftrace's runqlat;
 //! a connect/send/close loop untraced, under the tcp kind (tcp-per-cgroup) and under
-//! bpftrace following the same socket states and sends.
-//! Prints; asserts nothing.
+//! bpftrace following the same socket states and sends; pgbench's select-only
+//! transactions against a real PostgreSQL untraced, under the uprobe kind
+//! (pg-query-latency on its USDT query probes) and under bpftrace timing the same
+//! probes. Prints; asserts nothing.
 //!
 //! Each round pins the loop to one CPU, the same for all three setups, taking the CPUs
 //! in turn: bpftrace's cost differs a lot between the two CPUs of this machine (about
@@ -25,7 +27,11 @@ use std::{
     time::Duration,
 };
 
-use wasmtap_tests::{Daemon, HOSTILE_WASM, SYSCALL_LATENCY_VARIANT_WASM, TempDir, admin_call, sample, wait_for};
+use wasmtap_tests::{
+    Daemon, HOSTILE_WASM, SYSCALL_LATENCY_VARIANT_WASM, TempDir, admin_call,
+    postgres::{self, Postgres},
+    sample, wait_for,
+};
 
 const CALLS: u64 = 3_000_000;
 const ROUNDS: usize = 6;
@@ -235,6 +241,63 @@ fn tcp_kind(cpus: usize) {
 const FORKS: u64 = 2000;
 
 /// Runs the fork+exec+exit loop once on `cpu`; ns per iteration.
+/// Seconds each pgbench run lasts.
+const PGBENCH_SECONDS: u32 = 5;
+
+/// pgbench's select-only transactions per second over one connection.
+fn pgbench(pg: &Postgres) -> f64 {
+    let out = pg.tool("pgbench").args(["-S", "-n", "-c", "1", "-j", "1", "-T", &PGBENCH_SECONDS.to_string(), "postgres"]).output().expect("run pgbench");
+    assert!(out.status.success(), "pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().find_map(|l| l.strip_prefix("tps = ")?.split_whitespace().next()?.parse().ok()).unwrap_or_else(|| panic!("no tps in {text}"))
+}
+
+/// The uprobe kind on PostgreSQL's query probes: pgbench select-only untraced, under
+/// wasmtap with pg-query-latency (two records per query: start with the query text,
+/// done), and under bpftrace timing the same probes (no query text).
+fn pg_kind() {
+    let pg = Postgres::start();
+    let init = pg.tool("pgbench").args(["-i", "-q", "-s", "1", "postgres"]).output().expect("pgbench -i");
+    assert!(init.status.success(), "pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
+    let binary = postgres::bin_dir().join("postgres");
+    let config = format!(
+        "capabilities_keep = [\"bpf\", \"perfmon\", \"sys_admin\"]\n[[plugin]]\nname = \"pg-query-latency\"\nbundled = \"pg-query-latency\"\nconfig = {{ binary = \"{}\" }}\n",
+        binary.display()
+    );
+    let program = format!(
+        "BEGIN {{ printf(\"tracing\\n\"); }} usdt:{0}:postgresql:query__start {{ @start[tid] = nsecs; }} \
+         usdt:{0}:postgresql:query__done /@start[tid]/ {{ @lat = hist(nsecs - @start[tid]); delete(@start[tid]); }}",
+        binary.display()
+    );
+    let events = |d: &Daemon| sample(&d.metrics(), "wasmtap_plugin_events_total", &[("plugin", "pg-query-latency")]).unwrap_or(0.0);
+    let read = |d: &Daemon| sample(&d.metrics(), "wasmtap_probe_records_total", &[("probe", "uprobe")]).unwrap_or(0.0);
+    let (mut untraced, mut traced, mut bpftrace, mut daemon_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        untraced.push(pgbench(&pg));
+        let daemon = Daemon::start(Some(&config));
+        let (e0, c0) = (events(&daemon), cpu_ns(daemon.child.id()));
+        let tps = pgbench(&pg);
+        traced.push(tps);
+        let e1 = wait_for(Duration::from_secs(30), "the plugin to handle the queries", || {
+            let (e, r) = (events(&daemon), read(&daemon));
+            (e >= r && e - e0 >= 2.0 * tps * f64::from(PGBENCH_SECONDS) * 0.9).then_some(e)
+        });
+        daemon_cpu.push((cpu_ns(daemon.child.id()) - c0) / (e1 - e0));
+        drop(daemon);
+        bpftrace.push(with_bpftrace(&program, || pgbench(&pg)));
+        eprintln!("round {}: untraced {:.0}  wasmtap {:.0}  bpftrace {:.0} tps", round + 1, untraced[round], traced[round], bpftrace[round]);
+    }
+    let (base, w, b) = (median(untraced), median(traced), median(bpftrace));
+    let per_query = |tps: f64| 1e9 / tps - 1e9 / base;
+    println!("uprobe kind: pgbench -S (select only, 1 connection, {PGBENCH_SECONDS} s), medians of {ROUNDS} rounds");
+    println!(
+        "  untraced {base:.0} tps  wasmtap pg-query-latency {w:.0} tps (+{:.0} ns/query)  bpftrace (same probes, no query text) {b:.0} tps (+{:.0} ns/query)",
+        per_query(w),
+        per_query(b)
+    );
+    println!("  host CPU per record (daemon user+sys / events delivered; 2 records per query): {:.1} ns", median(daemon_cpu));
+}
+
 fn fork_loop(cpu: usize) -> f64 {
     let exe = std::env::current_exe().expect("current_exe").with_file_name("wt-fork-loop");
     let out = Command::new(exe).args([FORKS.to_string(), cpu.to_string()]).output().expect("run wt-fork-loop");
@@ -328,7 +391,7 @@ fn main() {
         let _ = Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]).status();
     }
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    // One section only: `wasmtap-bench overhead|process|enrichment|sched|tcp|swap|load`.
+    // One section only: `wasmtap-bench overhead|process|enrichment|sched|tcp|pg|swap|load`.
     let only = std::env::args().nth(1);
     let run = |section: &str| only.as_deref().is_none_or(|o| o == section);
     if run("overhead") {
@@ -345,6 +408,9 @@ fn main() {
     }
     if run("tcp") {
         tcp_kind(cpus);
+    }
+    if run("pg") {
+        pg_kind();
     }
     if run("swap") {
         swap();

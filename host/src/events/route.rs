@@ -39,15 +39,14 @@ impl Subscriber {
 
     fn select(&self, records: &[u8]) -> Vec<u8> {
         let in_scope = |r: &RecordKeys| self.scope.as_ref().is_none_or(|s| s.contains(r.cgroup_id));
-        records
-            .chunks_exact(self.kind.record_size)
-            .filter(|raw| {
-                let keys = RecordKeys::read(self.kind, raw);
-                self.compiled.matches(&keys) && in_scope(&keys)
-            })
-            .flatten()
-            .copied()
-            .collect()
+        let mut selected = Vec::with_capacity(records.len());
+        for raw in records.chunks_exact(self.kind.record_size) {
+            let keys = RecordKeys::read(self.kind, raw);
+            if self.compiled.matches(&keys) && in_scope(&keys) {
+                selected.extend_from_slice(raw);
+            }
+        }
+        selected
     }
 
     /// The same subscription delivering into `queue`, counting its drops apart (a

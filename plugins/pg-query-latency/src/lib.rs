@@ -50,11 +50,13 @@ pub fn fingerprint(query: &str, max_len: usize) -> String {
     let mut chars = query.trim().trim_end_matches(';').trim_end().chars().peekable();
     // Whether the previous character continues an identifier (so a digit is part of it).
     let mut in_word = false;
+    let mut len = 0;
     while let Some(c) = chars.next() {
-        if out.chars().count() >= max_len {
+        if len >= max_len {
             out.push_str("...");
             return out;
         }
+        len += 1;
         match c {
             '\'' => {
                 // A string literal; '' inside is a quote.
