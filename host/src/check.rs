@@ -81,15 +81,23 @@ pub fn run() -> bool {
             Err(e) => r.unavailable(name, &format!("probe refused: {:#}", anyhow::Error::from(e))),
         }
     }
-    if Path::new("/sys/bus/event_source/devices/kprobe").exists() {
-        r.ok("kprobes", "supported");
+    if Path::new("/sys/bus/event_source/devices/uprobe").exists() {
+        r.ok("uprobes", "supported (the uprobe kind needs \"sys_admin\" in capabilities_keep: the kernel grants uprobe perf events only with it)");
     } else {
-        r.unavailable("kprobes", "this kernel has no kprobe PMU (CONFIG_KPROBES off); wasmtap's probes do not need it");
+        r.unavailable("uprobes", "this kernel has no uprobe PMU (CONFIG_UPROBE_EVENTS off); the uprobe kind cannot attach");
+    }
+    if Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+        r.ok("kprobes", "supported (kprobe: points of the uprobe kind)");
+    } else {
+        r.unavailable("kprobes", "this kernel has no kprobe PMU (CONFIG_KPROBES off); kprobe: points are refused, naming the tracepoint to use instead");
     }
     match is_program_supported(ProgramType::Tracing) {
-        Ok(true) => r.ok("fentry/fexit", "supported"),
-        Ok(false) => r.unavailable("fentry/fexit", "not supported by this kernel"),
-        Err(e) => r.unavailable("fentry/fexit", &format!("refused by the kernel ({:#}); wasmtap's probes do not need it", anyhow::Error::from(e))),
+        Ok(true) => r.ok("fentry/fexit", "supported by the kernel; wasmtap does not attach fentry programs (use tracepoints)"),
+        Ok(false) => r.unavailable("fentry/fexit", "not supported by this kernel; wasmtap does not attach fentry programs (use tracepoints)"),
+        Err(e) => r.unavailable(
+            "fentry/fexit",
+            &format!("refused by the kernel ({:#}); wasmtap does not attach fentry programs (use tracepoints)", anyhow::Error::from(e)),
+        ),
     }
 
     // The real thing: load and attach every kind's probe, recording nothing. (A small

@@ -109,3 +109,11 @@ mod programs {
         if spec.signed != 0 { ((value as i64) >> shift) as u64 } else { value >> shift }
     }
 }
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
