@@ -240,7 +240,6 @@ fn tcp_kind(cpus: usize) {
 
 const FORKS: u64 = 2000;
 
-/// Runs the fork+exec+exit loop once on `cpu`; ns per iteration.
 /// Seconds each pgbench run lasts, and rounds (more than the other sections: a run's
 /// throughput swings by 20 % on this VM, more than tracing costs).
 const PGBENCH_SECONDS: u32 = 3;
@@ -312,11 +311,10 @@ fn pg_kind() {
         let show = |(tps, busy): (f64, f64)| format!("{tps:.0} tps {busy:.0} ns");
         eprintln!("round {}: untraced {}  wasmtap {}  bpftrace {}", round + 1, show(untraced[round]), show(traced[round]), show(bpftrace[round]));
     }
-    // Added time per query, per round against that round's untraced run (the
-    // throughput drifts between rounds more than tracing costs).
     let tps = |runs: &[(f64, f64)]| median(runs.iter().map(|r| r.0).collect());
     let busy = |runs: &[(f64, f64)]| median(runs.iter().map(|r| r.1).collect());
-    // Added CPU time per query, paired with each round's untraced run.
+    // Added CPU time per query, paired with each round's untraced run (the throughput
+    // drifts between rounds more than tracing costs).
     let added = |runs: &[(f64, f64)]| median(runs.iter().zip(&untraced).map(|(t, u)| t.1 - u.1).collect());
     println!("uprobe kind: pgbench -S (select only, 1 connection, {PGBENCH_SECONDS} s; pgbench and the server on CPU 1), medians of {PG_ROUNDS} rounds");
     println!(
@@ -333,6 +331,7 @@ fn pg_kind() {
     println!("  host CPU per record (daemon user+sys / events delivered; 2 records per query): {:.1} ns", median(daemon_cpu));
 }
 
+/// Runs the fork+exec+exit loop once on `cpu`; ns per iteration.
 fn fork_loop(cpu: usize) -> f64 {
     let exe = std::env::current_exe().expect("current_exe").with_file_name("wt-fork-loop");
     let out = Command::new(exe).args([FORKS.to_string(), cpu.to_string()]).output().expect("run wt-fork-loop");
@@ -445,7 +444,8 @@ fn main() {
         tcp_kind(cpus);
     }
     if run("pg") {
-        pg_kind();
+        // pgbench and the server share one CPU, the daemon drains on another.
+        if cpus >= 2 { pg_kind() } else { println!("uprobe kind: needs two CPUs, this machine has one") }
     }
     if run("swap") {
         swap();

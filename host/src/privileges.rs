@@ -11,8 +11,9 @@
 //! Add what a deployment needs with `capabilities_keep` / `--capabilities-keep`:
 //! `sys_ptrace` for enrichment to report executables (the kernel guards
 //! `/proc/PID/exe` with a ptrace access check; without it plugins get the path a
-//! process was exec'd by), `sys_admin` on kernels before 5.8 (no `CAP_BPF`) or where
-//! tracefs must be mounted, `net_bind_service` to listen on a port below 1024.
+//! process was exec'd by), `sys_admin` for the uprobe kind (the kernel grants uprobes
+//! only to it), on kernels before 5.8 (no `CAP_BPF`) or where tracefs must be mounted,
+//! `net_bind_service` to listen on a port below 1024.
 
 use anyhow::{Context as _, bail};
 use caps::{CapSet, Capability, CapsHashSet};

@@ -92,9 +92,14 @@ impl Postgres {
     }
 
     /// Runs every statement in `script`, one query each (psql sends a file's
-    /// statements one by one), in one session.
-    pub fn run_script(&self, script: &str) {
-        let mut child = self.psql_command().args(["-f", "-"]).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().expect("run psql");
+    /// statements one by one), in one session; a failing statement fails the script
+    /// unless `through_errors`.
+    pub fn run_script(&self, script: &str, through_errors: bool) {
+        let mut cmd = self.psql_command();
+        if through_errors {
+            cmd.args(["-v", "ON_ERROR_STOP=0"]).stderr(Stdio::null());
+        }
+        let mut child = cmd.args(["-f", "-"]).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().expect("run psql");
         std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).expect("write the script");
         assert!(child.wait().expect("psql").success(), "the psql script failed");
     }

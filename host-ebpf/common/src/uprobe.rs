@@ -12,8 +12,9 @@ use crate::{Record, RecordHeader};
 pub const MAX_ARGS: usize = 6;
 /// Bytes of the one string a point may copy (NUL included, so at most 255 of text).
 pub const TEXT_LEN: usize = 256;
-/// Sites (one probe point can have several) attached at once, per daemon.
-pub const MAX_SITES: u32 = 4096;
+/// Sites (one probe point can have several) attached at once, per daemon: each holds
+/// one file descriptor.
+pub const MAX_SITES: u32 = 1024;
 /// `Site::string_arg` of a point that copies no string.
 pub const NO_STRING: u32 = u32::MAX;
 

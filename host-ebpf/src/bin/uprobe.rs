@@ -84,6 +84,9 @@ mod programs {
         0
     }
 
+    /// Offset of the last register in x86-64's `struct pt_regs` (`ss`).
+    const PT_REGS_LAST: u16 = 160;
+
     /// One argument as its spec says, sign-extended or zero-extended from its size.
     #[inline(always)]
     fn read_arg(ctx: &ProbeContext, spec: &ArgSpec) -> u64 {
@@ -94,9 +97,10 @@ mod programs {
         let mut value = if how == arg::IMMEDIATE {
             spec.value as u64
         } else {
+            let reg = spec.reg.min(PT_REGS_LAST) as usize;
             // SAFETY: `bpf_probe_read_kernel` checks the address; the offset is within
-            // `pt_regs` (the host only writes register offsets).
-            let reg = unsafe { bpf_probe_read_kernel(ctx.regs.cast::<u8>().add(spec.reg as usize).cast::<u64>()) }.unwrap_or_default();
+            // `pt_regs` (clamped to its last register).
+            let reg = unsafe { bpf_probe_read_kernel(ctx.regs.cast::<u8>().add(reg).cast::<u64>()) }.unwrap_or_default();
             if how == arg::MEMORY {
                 // SAFETY: `bpf_probe_read_user` checks the address.
                 unsafe { bpf_probe_read_user((reg.wrapping_add(spec.value as u64)) as *const u64) }.unwrap_or_default()

@@ -39,7 +39,9 @@ impl Subscriber {
 
     fn select(&self, records: &[u8]) -> Vec<u8> {
         let in_scope = |r: &RecordKeys| self.scope.as_ref().is_none_or(|s| s.contains(r.cgroup_id));
-        let mut selected = Vec::with_capacity(records.len());
+        // Grown as records match: a queued batch holds no more than about twice what
+        // it carries.
+        let mut selected = Vec::new();
         for raw in records.chunks_exact(self.kind.record_size) {
             let keys = RecordKeys::read(self.kind, raw);
             if self.compiled.matches(&keys) && in_scope(&keys) {

@@ -200,6 +200,17 @@ fn subscriptions(manifest: &Manifest, budget: &Budget) -> anyhow::Result<Vec<(Ki
             let offered: Vec<_> = probes::KINDS.iter().map(|k| k.name).collect();
             anyhow!("the manifest subscribes to event kind {:?}, which this host does not offer (it offers {})", sanitize(&s.kind, 64), offered.join(", "))
         })?;
+        // Probe points act on every process of the node (a trap at each hit, semaphores
+        // raised, kernel memory read): operators' plugins only.
+        if kind.points.is_some()
+            && let Some(tenant) = &budget.tenant
+        {
+            anyhow::bail!(
+                "the {} kind is not offered to tenants' plugins (this one is tenant {}'s): its probes act on every process of the node",
+                kind.name,
+                tenant.name
+            );
+        }
         let f = &s.filter;
         let filter = kind.parse_filter(&f.pids, &f.cgroups, &f.comms, &f.params)?;
         match by_kind.iter_mut().find(|(k, _)| *k == kind) {

@@ -71,6 +71,12 @@ impl Attached {
                 (None, None) => {}
             }
         }
+        for (probe, _) in &self.kinds {
+            if let Some(e) = probe.point_errors() {
+                tracing::error!(kind = probe.kind.name, "probe points not attached: {e}");
+                self.errors.push((probe.kind.name, e.to_owned()));
+            }
+        }
         let tracked = enrichment && self.kinds.iter().any(|(p, _)| p.kind == &process::KIND);
         self.enricher.set_tracking(tracked);
     }

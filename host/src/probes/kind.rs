@@ -58,6 +58,9 @@ pub struct Threshold {
     pub offset: usize,
 }
 
+/// Probe points one subscription may name (each one's binary is read to resolve it).
+pub const MAX_POINTS_PER_SUBSCRIPTION: usize = 64;
+
 /// (global name in the object, value).
 pub type Globals = Vec<(&'static str, u32)>;
 
@@ -87,6 +90,9 @@ impl KindSpec {
                     None => format!("{:?}", self.selector_param),
                 };
                 anyhow::bail!("the {} kind has no filter parameter {:?}; it takes {takes}", self.name, sanitize(name));
+            }
+            if self.points.is_some() && values.len() > MAX_POINTS_PER_SUBSCRIPTION {
+                anyhow::bail!("a {} subscription names {} probe points; the limit is {MAX_POINTS_PER_SUBSCRIPTION}", self.name, values.len());
             }
             for value in values {
                 let selector = match self.points {
@@ -147,8 +153,10 @@ pub struct Probe {
     config: ProbeConfig,
     installed: EventFilter,
     widened: Vec<&'static str>,
-    /// The probe points attached, for a kind attached per point.
+    /// The probe points attached, for a kind attached per point, and why some could
+    /// not be at the last change.
     points: uprobe::Points,
+    point_errors: Option<String>,
 }
 
 /// What the reader owns: the ring buffer and the kernel drop counters.
@@ -177,11 +185,14 @@ impl Probe {
             wakeup_bytes: u64::from(settings.ring_buffer_bytes) * u64::from(settings.wakeup_percent) / 100,
             min_value: 0,
         };
-        let mut probe = Self { kind, ebpf, attach: "", config, installed: EventFilter::default(), widened: Vec::new(), points: Default::default() };
+        let mut probe =
+            Self { kind, ebpf, attach: "", config, installed: EventFilter::default(), widened: Vec::new(), points: Default::default(), point_errors: None };
         probe.set_filter(filter)?;
         probe.attach(btf.as_ref())?;
         if kind.points.is_some() {
-            probe.points.sync(&mut probe.ebpf, &filter.selectors)?;
+            // A point that cannot be attached is the problem of the subscriptions that
+            // want it: the kind runs for the others.
+            probe.point_errors = probe.points.sync(&mut probe.ebpf, &filter.selectors).err().map(|e| format!("{e:#}"));
         }
         Ok((probe, ProbeStream { kind, ring, drops }))
     }
@@ -249,6 +260,11 @@ impl Probe {
         self.ebpf.programs().filter_map(|(_, p)| p.info().ok()).map(|i| i.id()).collect()
     }
 
+    /// The probe points that could not be attached at the last change, and why.
+    pub fn point_errors(&self) -> Option<&str> {
+        self.point_errors.as_deref()
+    }
+
     /// Filter dimensions left open in the kernel because the union did not fit.
     pub fn widened(&self) -> Vec<&'static str> {
         self.widened.clone()
@@ -261,13 +277,9 @@ impl Probe {
     /// than the probe recording for nobody. Comms are matched in the host only.
     pub fn set_filter(&mut self, filter: &EventFilter) -> anyhow::Result<()> {
         let mut filter = filter.clone();
-        if self.kind.points.is_some() {
-            // Only wanted points are attached: every record is of a wanted point.
-            if !self.attach.is_empty() {
-                self.points.sync(&mut self.ebpf, &filter.selectors)?;
-            }
-            filter.selectors.clear();
-        }
+        // A kind attached per point records only the points wanted: its selectors are
+        // attachments, not kernel filter entries.
+        let points = self.kind.points.is_some().then(|| std::mem::take(&mut filter.selectors));
         if let Some(&s) = filter.selectors.iter().find(|&&s| s >= MAX_SELECTORS) {
             anyhow::bail!("{} selector {s} is beyond the probe's table of {MAX_SELECTORS}", self.kind.selector_param);
         }
@@ -314,6 +326,11 @@ impl Probe {
         self.config.min_value = filter.min_value;
         let mut config: Array<_, ProbeConfig> = Array::try_from(self.ebpf.map_mut(maps::CONFIG).context("CONFIG")?)?;
         config.set(0, self.config, 0).context("writing the probe config")?;
+        // Between adding and removing filter entries: what is recorded meanwhile is the
+        // union of both.
+        if let Some(points) = points.filter(|_| !self.attach.is_empty()) {
+            self.point_errors = self.points.sync(&mut self.ebpf, &points).err().map(|e| format!("{e:#}"));
+        }
         set_selectors(&mut self.ebpf, old.selectors.difference(&filter.selectors), 0)?;
         sync_set(&mut self.ebpf, maps::PID_FILTER, &old.pids, &filter.pids, Stage::Remove)?;
         sync_set(&mut self.ebpf, maps::CGROUP_FILTER, &old.cgroups, &filter.cgroups, Stage::Remove)?;

@@ -9,19 +9,27 @@ mod perf;
 mod point;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    os::fd::AsFd as _,
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
+    ffi::CString,
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::Mutex,
 };
 
 use anyhow::Context as _;
-use aya::{Ebpf, maps::HashMap, programs::UProbe};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+    programs::{ProgramFd, UProbe},
+};
 use wasmtap_events::{
     Record as _, UprobeRecord,
     uprobe::{MAX_SITES, PARENT_PID_OFFSET, SELECTOR_OFFSET, Site, names, probe_id},
 };
 
-use self::{perf::SiteLink, point::SiteTarget};
+use self::{
+    perf::SiteLink,
+    point::{FileId, Resolved},
+};
 use super::{
     btf::KernelBtf,
     kind::{Flavour, Globals, KindSpec, Point},
@@ -52,10 +60,11 @@ fn globals(btf: Option<&KernelBtf>) -> anyhow::Result<Globals> {
     Ok(vec![(names::TASK_TGID, btf.member_offset("task_struct", &["tgid"])?), (names::TASK_REAL_PARENT, btf.member_offset("task_struct", &["real_parent"])?)])
 }
 
-/// A resolved point: its text and its sites; `attached` while a probe has it attached.
+/// A resolved point: its text, its sites and the binary they are in; `attached` while
+/// a probe has it attached.
 struct Known {
     text: String,
-    sites: Arc<Vec<SiteTarget>>,
+    resolved: Resolved,
     attached: bool,
 }
 
@@ -73,13 +82,18 @@ fn intern(text: &str) -> anyhow::Result<u32> {
         anyhow::ensure!(known.text == text, "the probe points {:?} and {text:?} have the same id {id}; name one differently", known.text);
         return Ok(id);
     }
-    let sites = point::resolve(text, id).with_context(|| format!("probe point {text:?}"))?;
+    let resolved = point::resolve(text, id).with_context(|| format!("probe point {text:?}"))?;
     let mut points = points();
     if points.len() >= MAX_POINTS {
         points.retain(|_, known| known.attached);
         anyhow::ensure!(points.len() < MAX_POINTS, "{MAX_POINTS} probe points are attached; no more can be");
     }
-    points.entry(id).or_insert(Known { text: text.to_owned(), sites: Arc::new(sites), attached: false });
+    match points.entry(id) {
+        Entry::Occupied(known) => {
+            anyhow::ensure!(known.get().text == text, "the probe points {:?} and {text:?} have the same id {id}; name one differently", known.get().text)
+        }
+        Entry::Vacant(slot) => drop(slot.insert(Known { text: text.to_owned(), resolved, attached: false })),
+    }
     Ok(id)
 }
 
@@ -120,18 +134,8 @@ impl Points {
                 errors.push(format!("probe point {id} is no longer known (more than {MAX_POINTS} were named); reload its plugin"));
                 continue;
             };
-            if self.sites() + point.sites.len() > MAX_SITES as usize {
-                errors.push(format!("{:?} has {} sites; with those attached that is more than {MAX_SITES}", point.text, point.sites.len()));
-                continue;
-            }
             let mut links = Vec::new();
-            let attached = point.sites.iter().try_for_each(|target| {
-                let cookie = self.next_cookie;
-                self.next_cookie += 1;
-                sites.insert(cookie, target.site, 0).context("writing SITES")?;
-                links.push((cookie, perf::attach(program.as_fd(), &target.pmu, target.retprobe, cookie)?));
-                Ok::<_, anyhow::Error>(())
-            });
+            let attached = self.attach(&program, &mut sites, point, &mut links);
             match attached {
                 Ok(()) => {
                     point.attached = true;
@@ -143,7 +147,6 @@ impl Points {
                         drop(link);
                         let _ = sites.remove(&cookie);
                     }
-                    let _ = sites.remove(&(self.next_cookie - 1));
                     errors.push(format!("cannot attach {:?}: {e:#}", point.text));
                 }
             }
@@ -153,8 +156,49 @@ impl Points {
             false => Err(anyhow::anyhow!(errors.join("; "))),
         }
     }
-}
 
+    /// Attaches `point`'s sites, pushing each link (and its cookie, in `SITES`) to
+    /// `links`. The binary is opened once and attached through that open file, so the
+    /// sites attached are in the file they were found in: a binary replaced since is
+    /// resolved again first.
+    fn attach(
+        &mut self,
+        program: &ProgramFd,
+        sites: &mut HashMap<&mut MapData, u64, Site>,
+        point: &mut Known,
+        links: &mut Vec<(u64, SiteLink)>,
+    ) -> anyhow::Result<()> {
+        let binary = match point.resolved.binary.clone() {
+            Some((path, id)) => {
+                let file = std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
+                if FileId::of(&file.metadata()?) != id {
+                    tracing::info!(point = point.text, "the binary changed since the point was resolved; resolving it again");
+                    point.resolved = point::resolve(&point.text, probe_id(&point.text))?;
+                    let now = point.resolved.binary.as_ref().map(|(_, id)| *id);
+                    anyhow::ensure!(now == Some(FileId::of(&file.metadata()?)), "{path} changed while it was read; try again");
+                }
+                Some((CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?, file))
+            }
+            None => None,
+        };
+        let count = point.resolved.sites.len();
+        anyhow::ensure!(self.sites() + count <= MAX_SITES as usize, "{count} sites, with those attached more than {MAX_SITES}");
+        for target in &point.resolved.sites {
+            let cookie = self.next_cookie;
+            self.next_cookie += 1;
+            sites.insert(cookie, target.site, 0).context("writing SITES")?;
+            let link = perf::attach(program.as_fd(), &target.pmu(binary.as_ref().map(|(path, _)| path.as_c_str()))?, target.retprobe, cookie);
+            match link {
+                Ok(link) => links.push((cookie, link)),
+                Err(e) => {
+                    let _ = sites.remove(&cookie);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+}
 impl Drop for Points {
     fn drop(&mut self) {
         let mut known = points();

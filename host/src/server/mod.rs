@@ -48,9 +48,9 @@ use crate::config::ServerSettings;
 use connections::{AcceptBackoff, Connections, Refused, RefusedLabels};
 
 const MAX_SCRAPES: usize = 1;
-/// File descriptors kept for everything but HTTP connections (probes, plugins, the
-/// compiler's pipes, the admin API, logs).
-const RESERVED_FDS: u64 = 256;
+/// File descriptors kept for everything but HTTP connections (probes and the uprobe
+/// kind's sites, plugins, the compiler's pipes, the admin API, logs).
+const RESERVED_FDS: u64 = 256 + wasmtap_events::uprobe::MAX_SITES as u64;
 
 /// What the endpoints read.
 pub struct AppState {

@@ -7,6 +7,14 @@
 //!   fingerprint: its text with literals (numbers, quoted strings) replaced by `?`,
 //!   white space collapsed, cut to `max_fingerprint_len` characters. Past
 //!   `max_fingerprints` distinct fingerprints, queries count under `fingerprint="other"`.
+//! - `unfinished_total`: queries whose start was seen but not their end: a query that
+//!   failed (PostgreSQL fires no `query__done` then), a backend that ended mid-query, or
+//!   one not tracked because `16384` backends had a query in flight. A start waits an
+//!   hour for its end.
+//!
+//! The probes fire in the simple query protocol (`psql`, `pgbench`'s default, many
+//! poolers); queries a driver sends through the extended protocol (prepared
+//! statements) fire none, and a string of several statements is one query.
 //!
 //! Config (all optional): `binary` (the server binary, default
 //! `/usr/lib/postgresql/15/bin/postgres`), `pids` (servers, by postmaster pid: a pid
@@ -16,7 +24,7 @@
 use std::collections::HashMap;
 
 use wasmtap_sdk::{
-    Config, Filter, HistogramVec, HostApi, HostInfo, Manifest, Plugin, Record as _, Subscription, UprobeBatch, UprobeRecord, Wit, export_plugin,
+    Config, CounterVec, Filter, HistogramVec, HostApi, HostInfo, Manifest, Plugin, Record as _, Subscription, UprobeBatch, UprobeRecord, Wit, export_plugin,
     uprobe::probe_id,
 };
 
@@ -24,9 +32,12 @@ use wasmtap_sdk::{
 const OTHER: u32 = 0;
 /// Backends with a query in flight that are tracked at once.
 const MAX_IN_FLIGHT: usize = 16384;
+/// How long a start waits for its end before it counts as unfinished.
+const MAX_QUERY_NS: u64 = 3600 * 1_000_000_000;
 
 pub struct PgQueryLatency<H: HostApi + Clone = Wit> {
     latency: HistogramVec<u32, H>,
+    unfinished: CounterVec<(), H>,
     start: u32,
     done: u32,
     /// Fingerprint → index (1-based; `OTHER` is 0), and back.
@@ -105,7 +116,8 @@ impl<H: HostApi + Clone> PgQueryLatency<H> {
         // 1 µs to ~34 s, in powers of two.
         let bounds = (10..=35).map(|shift| 1u64 << shift).collect();
         Ok(Self {
-            latency: HistogramVec::declare(host, "query_seconds", "Query latency, by normalised query text.", &["fingerprint"], bounds, 1e-9)?,
+            latency: HistogramVec::declare(host.clone(), "query_seconds", "Query latency, by normalised query text.", &["fingerprint"], bounds, 1e-9)?,
+            unfinished: CounterVec::declare(host, "unfinished", "Queries started whose end was not seen (failed, or not tracked).", &[])?,
             start: probe_id(&start),
             done: probe_id(&done),
             fingerprints: HashMap::new(),
@@ -136,8 +148,10 @@ impl<H: HostApi + Clone> PgQueryLatency<H> {
             let tid = r.header.tid;
             if r.probe == self.start {
                 let index = self.index(r.text().unwrap_or_default());
-                if self.in_flight.len() < MAX_IN_FLIGHT || self.in_flight.contains_key(&tid) {
-                    self.in_flight.insert(tid, (r.header.ts_ns, index));
+                let tracked = self.in_flight.len() < MAX_IN_FLIGHT || self.in_flight.contains_key(&tid);
+                // A start replacing one of the same backend: that query failed.
+                if !tracked || self.in_flight.insert(tid, (r.header.ts_ns, index)).is_some() {
+                    self.unfinished.add((), 1, |_| Vec::new());
                 }
             } else if r.probe == self.done
                 && let Some((started, index)) = self.in_flight.remove(&tid)
@@ -147,6 +161,18 @@ impl<H: HostApi + Clone> PgQueryLatency<H> {
             }
         }
         self.latency.flush();
+        self.unfinished.flush();
+    }
+
+    /// Counts and forgets the starts older than `MAX_QUERY_NS` at `now_ns`.
+    pub fn expire(&mut self, now_ns: u64) {
+        let before = self.in_flight.len();
+        self.in_flight.retain(|_, (started, _)| now_ns.saturating_sub(*started) < MAX_QUERY_NS);
+        let expired = before - self.in_flight.len();
+        if expired > 0 {
+            self.unfinished.add((), expired as u64, |_| Vec::new());
+            self.unfinished.flush();
+        }
     }
 }
 
@@ -159,11 +185,15 @@ impl Plugin for PgQueryLatency {
         let filter =
             Filter { pids: config.list("pids")?, cgroups: config.list("cgroups")?, comms: Vec::new(), params: vec![("probes".into(), vec![start, done])] };
         let subscriptions = vec![Subscription { kind: UprobeRecord::KIND.into(), filter }];
-        Ok((Self::new(Wit, &binary, max_fingerprints, max_len)?, Manifest { subscriptions, tick_interval_ms: 0 }))
+        Ok((Self::new(Wit, &binary, max_fingerprints, max_len)?, Manifest { subscriptions, tick_interval_ms: 60_000 }))
     }
 
     fn on_uprobe(&mut self, batch: UprobeBatch<'_>) {
         self.observe(batch.records());
+    }
+
+    fn tick(&mut self, now_ns: u64) {
+        self.expire(now_ns);
     }
 }
 

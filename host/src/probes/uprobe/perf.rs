@@ -3,22 +3,22 @@
 //! set the USDT semaphore's `ref_ctr_offset`, so this asks the kernel directly.
 
 use std::{
-    ffi::CString,
+    ffi::CStr,
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
 use anyhow::Context as _;
 
 /// Which PMU a site's perf event belongs to.
-pub enum Pmu {
+pub enum Pmu<'a> {
     /// An instruction in a binary: its path, the file offset, and the file offset of
     /// the USDT semaphore (0: none) the kernel increments while the probe is attached.
-    Uprobe { path: CString, offset: u64, ref_ctr_offset: u64 },
+    Uprobe { path: &'a CStr, offset: u64, ref_ctr_offset: u64 },
     /// A kernel function.
-    Kprobe { function: CString },
+    Kprobe { function: &'a CStr },
 }
 
-impl Pmu {
+impl Pmu<'_> {
     fn name(&self) -> &'static str {
         match self {
             Pmu::Uprobe { .. } => "uprobe",
@@ -66,14 +66,12 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 const CAP_SYS_ADMIN: u32 = 21;
 const BPF_PERF_EVENT: u32 = 41;
 const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
-/// `_IO('$', 0)`.
-const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
 
-/// A program attached at one site. Dropping it detaches the program and, for a USDT
-/// probe with a semaphore, lets the kernel decrement it.
+/// A program attached at one site: the BPF link, which holds the perf event. Dropping
+/// it detaches the program and, for a USDT probe with a semaphore, lets the kernel
+/// decrement it.
 pub struct SiteLink {
     _link: OwnedFd,
-    _event: OwnedFd,
 }
 
 /// Attaches `program` at the site `pmu` names, as an entry probe or a return probe,
@@ -83,24 +81,28 @@ pub struct SiteLink {
 pub fn attach(program: BorrowedFd<'_>, pmu: &Pmu, retprobe: bool, cookie: u64) -> anyhow::Result<SiteLink> {
     let mut attr =
         PerfEventAttr { kind: Pmu::perf_type(pmu.name())?, size: size_of::<PerfEventAttr>() as u32, config: u64::from(retprobe), ..Default::default() };
-    match pmu {
+    match *pmu {
         Pmu::Uprobe { path, offset, ref_ctr_offset } => {
+            anyhow::ensure!(ref_ctr_offset >> 32 == 0, "a semaphore offset past 4 GiB");
             attr.config |= ref_ctr_offset << 32;
             attr.config1 = path.as_ptr() as u64;
-            attr.config2 = *offset;
+            attr.config2 = offset;
         }
         Pmu::Kprobe { function } => attr.config1 = function.as_ptr() as u64,
     }
-    // SAFETY: the syscall reads `attr` (and the C string `config1` points at, alive in
-    // `pmu` for the call) and returns a new fd or -1.
+    // SAFETY: the syscall reads `attr` (and the C string `config1` points at, borrowed
+    // by `pmu` for the call) and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, &attr as *const PerfEventAttr, -1, 0, -1, PERF_FLAG_FD_CLOEXEC) };
     if fd < 0 {
         let error = std::io::Error::last_os_error();
         let denied = matches!(error.raw_os_error(), Some(libc::EACCES | libc::EPERM));
-        if denied && !crate::probes::system::has_cap(CAP_SYS_ADMIN) {
+        if denied && matches!(pmu, Pmu::Uprobe { .. }) && !crate::probes::system::has_cap(CAP_SYS_ADMIN) {
+            // Linux grants uprobe perf events to CAP_SYS_ADMIN only (commit ba677dbe77af,
+            // "perf: Revert to requiring CAP_SYS_ADMIN for uprobes"); kprobes need CAP_PERFMON.
             return Err(error).context(
-                "perf_event_open refused the probe: the kernel grants uprobe and kprobe perf events to CAP_SYS_ADMIN, which the daemon dropped \
-                 (CAP_PERFMON is not enough)\n  fix: add \"sys_admin\" to capabilities_keep in the config",
+                "perf_event_open refused the uprobe: the kernel grants uprobes only to CAP_SYS_ADMIN, which the daemon dropped\n  \
+                 fix: add \"sys_admin\" to capabilities_keep in the config (and, under the systemd unit, CAP_SYS_ADMIN to \
+                 CapabilityBoundingSet and AmbientCapabilities)",
             );
         }
         return Err(error).context("perf_event_open refused the probe");
@@ -115,11 +117,7 @@ pub fn attach(program: BorrowedFd<'_>, pmu: &Pmu, retprobe: bool, cookie: u64) -
     if fd < 0 {
         return Err(std::io::Error::last_os_error()).context("the kernel refused to link the program to the probe's perf event");
     }
-    // SAFETY: as above.
-    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // SAFETY: an ioctl without an argument on a perf event fd we own.
-    if unsafe { libc::ioctl(event.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("cannot enable the probe's perf event");
-    }
-    Ok(SiteLink { _link: link, _event: event })
+    // SAFETY: as above. The event, opened enabled, is kept by the link: its own fd
+    // closes here (one descriptor per site).
+    Ok(SiteLink { _link: unsafe { OwnedFd::from_raw_fd(fd as i32) } })
 }

@@ -10,7 +10,7 @@
 //!
 //! each optionally ending in `:str=N`: copy the string argument N points at.
 
-use std::{ffi::CString, path::Path};
+use std::{collections::BTreeSet, ffi::CString, io::Read as _, os::unix::fs::MetadataExt as _, path::Path};
 
 use anyhow::{Context as _, bail, ensure};
 use object::{
@@ -18,25 +18,70 @@ use object::{
     elf::{PT_LOAD, SHT_NOTE},
     read::elf::{ElfFile64, ProgramHeader as _, SectionHeader as _},
 };
-use wasmtap_events::uprobe::{ArgSpec, MAX_ARGS, NO_STRING, Site, arg};
+use wasmtap_events::uprobe::{ArgSpec, MAX_ARGS, MAX_SITES, NO_STRING, Site, arg};
 
 use super::perf::Pmu;
 
+/// A point's sites, and the binary they are in (as it was when they were found).
+pub struct Resolved {
+    pub sites: Vec<SiteTarget>,
+    pub binary: Option<(String, FileId)>,
+}
+
+/// Which file a binary was: the sites found in it are valid for exactly that file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+}
+
+impl FileId {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        Self { dev: meta.dev(), ino: meta.ino(), size: meta.len(), mtime: (meta.mtime(), meta.mtime_nsec()) }
+    }
+}
+
 /// One place the program is attached, and what it reads there.
 pub struct SiteTarget {
-    pub pmu: Pmu,
+    pub place: Place,
     pub retprobe: bool,
     pub site: Site,
 }
 
+/// Where a site is.
+pub enum Place {
+    /// At this file offset of the point's binary, with the file offset of its USDT
+    /// semaphore (0: none).
+    Binary { offset: u64, ref_ctr_offset: u64 },
+    /// At the entry (or return) of a kernel function.
+    Kernel { function: CString },
+}
+
+impl SiteTarget {
+    /// The perf event PMU of the site, `binary` naming the point's binary.
+    pub fn pmu<'a>(&'a self, binary: Option<&'a std::ffi::CStr>) -> anyhow::Result<Pmu<'a>> {
+        Ok(match &self.place {
+            Place::Binary { offset, ref_ctr_offset } => {
+                Pmu::Uprobe { path: binary.context("a uprobe site without its binary")?, offset: *offset, ref_ctr_offset: *ref_ctr_offset }
+            }
+            Place::Kernel { function } => Pmu::Kprobe { function },
+        })
+    }
+}
+
 /// Binaries larger than this are not read for their symbols and notes.
-const MAX_BINARY_BYTES: u64 = 1 << 30;
+const MAX_BINARY_BYTES: u64 = 512 << 20;
+/// Longest point text.
+pub const MAX_POINT_LEN: usize = 4096;
 
 const GRAMMAR: &str = "usdt:BINARY:PROVIDER:NAME, uprobe:BINARY:SYMBOL[+OFFSET], uprobe:BINARY:0xADDRESS, uretprobe:BINARY:SYMBOL or \
                        kprobe:FUNCTION, optionally followed by :str=N";
 
 /// The sites of the point `text`, whose records carry `probe`.
-pub fn resolve(text: &str, probe: u32) -> anyhow::Result<Vec<SiteTarget>> {
+pub fn resolve(text: &str, probe: u32) -> anyhow::Result<Resolved> {
+    ensure!(text.len() <= MAX_POINT_LEN, "a probe point of {} bytes; the limit is {MAX_POINT_LEN}", text.len());
     let (body, string_arg) = match text.rsplit_once(":str=") {
         Some((body, n)) => {
             let n = n.parse::<u32>().ok().filter(|&n| (n as usize) < MAX_ARGS).with_context(|| format!(":str= takes an argument number below {MAX_ARGS}"))?;
@@ -58,23 +103,27 @@ pub fn resolve(text: &str, probe: u32) -> anyhow::Result<Vec<SiteTarget>> {
             let notes = elf.usdt_notes()?;
             let sites: Vec<_> = notes.iter().filter(|n| n.provider == provider && n.name == name).collect();
             if sites.is_empty() {
-                let mut offered: Vec<String> = notes.iter().map(|n| format!("{}:{}", n.provider, n.name)).collect();
-                offered.dedup();
+                let offered: BTreeSet<String> = notes.iter().map(|n| format!("{}:{}", n.provider, n.name)).collect();
                 let some = offered.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
                 bail!("{binary} has no USDT probe {provider}:{name} ({} probes, e.g. {some})", offered.len());
             }
-            sites
+            ensure!(sites.len() <= MAX_SITES as usize, "{provider}:{name} has {} sites; at most {MAX_SITES} are attached", sites.len());
+            let sites = sites
                 .into_iter()
                 .map(|note| {
                     let args = parse_usdt_args(&note.args).with_context(|| format!("USDT {provider}:{name} at {:#x}: arguments {:?}", note.pc, note.args))?;
+                    let count = note.args.split_whitespace().count();
+                    ensure!(string_arg == NO_STRING || (string_arg as usize) < count, ":str={string_arg}, but {provider}:{name} has {count} arguments");
                     let ref_ctr_offset = match note.semaphore {
                         0 => 0,
                         at => elf.file_offset(at).with_context(|| format!("the semaphore of {provider}:{name} at {at:#x} is in no loaded segment"))?,
                     };
+                    ensure!(ref_ctr_offset < 1 << 32, "the semaphore of {provider}:{name} is past 4 GiB into the file");
                     let offset = elf.file_offset(note.pc).with_context(|| format!("{provider}:{name} at {:#x} is in no loaded segment", note.pc))?;
-                    Ok(SiteTarget { pmu: Pmu::Uprobe { path: elf.path.clone(), offset, ref_ctr_offset }, retprobe: false, site: site(args, false) })
+                    Ok(SiteTarget { place: Place::Binary { offset, ref_ctr_offset }, retprobe: false, site: site(args, false) })
                 })
-                .collect()
+                .collect::<anyhow::Result<_>>()?;
+            Ok(Resolved { sites, binary: Some((binary.to_owned(), elf.id)) })
         }
         "uprobe" | "uretprobe" => {
             let (binary, at) = rest.rsplit_once(':').context("a uprobe point is uprobe:BINARY:SYMBOL[+OFFSET] or uprobe:BINARY:0xADDRESS")?;
@@ -91,7 +140,9 @@ pub fn resolve(text: &str, probe: u32) -> anyhow::Result<Vec<SiteTarget>> {
             };
             let offset = elf.file_offset(address).with_context(|| format!("{at} ({address:#x}) is in no loaded segment of {binary}"))?;
             let retprobe = scheme == "uretprobe";
-            Ok(vec![SiteTarget { pmu: Pmu::Uprobe { path: elf.path, offset, ref_ctr_offset: 0 }, retprobe, site: site(abi_args(retprobe), false) }])
+            check_string_arg(string_arg, retprobe)?;
+            let sites = vec![SiteTarget { place: Place::Binary { offset, ref_ctr_offset: 0 }, retprobe, site: site(abi_args(retprobe), false) }];
+            Ok(Resolved { sites, binary: Some((binary.to_owned(), elf.id)) })
         }
         "kprobe" | "kretprobe" => {
             if let Err(e) = Pmu::perf_type("kprobe") {
@@ -99,13 +150,20 @@ pub fn resolve(text: &str, probe: u32) -> anyhow::Result<Vec<SiteTarget>> {
             }
             let function = CString::new(rest).context("a kernel function name has no NUL")?;
             let retprobe = scheme == "kretprobe";
-            Ok(vec![SiteTarget { pmu: Pmu::Kprobe { function }, retprobe, site: site(abi_args(retprobe), true) }])
+            check_string_arg(string_arg, retprobe)?;
+            Ok(Resolved { sites: vec![SiteTarget { place: Place::Kernel { function }, retprobe, site: site(abi_args(retprobe), true) }], binary: None })
         }
         "fentry" | "fexit" => {
             bail!("{text}: wasmtap does not attach fentry/fexit programs (and many kernels refuse them); use {} instead", tracepoint_instead(rest))
         }
         other => bail!("unknown probe point type {other:?}: a probe point is {GRAMMAR}"),
     }
+}
+
+/// A return probe has one argument, the return value.
+fn check_string_arg(string_arg: u32, retprobe: bool) -> anyhow::Result<()> {
+    ensure!(!retprobe || string_arg == NO_STRING || string_arg == 0, "a return probe has one argument (the return value): :str=0");
+    Ok(())
 }
 
 /// What to use where a kernel function cannot be probed: the tracepoint of the same
@@ -226,29 +284,36 @@ pub struct UsdtNote {
 /// A binary's symbols, notes and loaded segments.
 struct Binary {
     path: CString,
+    id: FileId,
     data: Vec<u8>,
 }
 
 impl Binary {
     fn read(path: &str) -> anyhow::Result<Self> {
         ensure!(Path::new(path).is_absolute(), "the binary {path:?} is not an absolute path");
-        let size = std::fs::metadata(path).with_context(|| format!("cannot read the binary {path}"))?.len();
-        ensure!(size <= MAX_BINARY_BYTES, "the binary {path} has {size} bytes, more than the {MAX_BINARY_BYTES} wasmtap reads");
-        let data = std::fs::read(path).with_context(|| format!("cannot read the binary {path}"))?;
-        Ok(Self { path: CString::new(path).context("a path has no NUL")?, data })
+        let cannot = || format!("cannot read the binary {path}");
+        let file = std::fs::File::open(path).with_context(cannot)?;
+        // The size and type of the file opened, not of whatever the path names later.
+        let meta = file.metadata().with_context(cannot)?;
+        ensure!(meta.is_file(), "the binary {path} is not a regular file");
+        ensure!(meta.len() <= MAX_BINARY_BYTES, "the binary {path} has {} bytes, more than the {MAX_BINARY_BYTES} wasmtap reads", meta.len());
+        let mut data = Vec::with_capacity(meta.len() as usize);
+        file.take(MAX_BINARY_BYTES).read_to_end(&mut data).with_context(cannot)?;
+        Ok(Self { path: CString::new(path).context("a path has no NUL")?, id: FileId::of(&meta), data })
     }
 
     fn elf(&self) -> anyhow::Result<ElfFile64<'_, Endianness>> {
         ElfFile64::parse(&self.data[..]).with_context(|| format!("{} is not a 64-bit ELF binary", self.path.to_string_lossy()))
     }
 
-    /// The file offset of virtual address `address`, through the loaded segments.
+    /// The file offset of virtual address `address`, through the loaded segments (as
+    /// libbpf finds them).
     fn file_offset(&self, address: u64) -> Option<u64> {
         let elf = self.elf().ok()?;
         let endian = elf.endian();
         elf.elf_program_headers().iter().filter(|h| h.p_type(endian) == PT_LOAD).find_map(|h| {
-            let (vaddr, size) = (h.p_vaddr(endian), h.p_filesz(endian));
-            (vaddr..vaddr + size).contains(&address).then(|| address - vaddr + h.p_offset(endian))
+            let (vaddr, size) = (h.p_vaddr(endian), h.p_memsz(endian));
+            (vaddr..vaddr.checked_add(size)?).contains(&address).then(|| address - vaddr + h.p_offset(endian))
         })
     }
 
@@ -276,7 +341,9 @@ impl Binary {
                 let Some((addresses, strings)) = desc.split_at_checked(24) else { continue };
                 let word = |i: usize| u64::from_le_bytes(addresses[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
                 let (mut pc, note_base, semaphore) = (word(0), word(1), word(2));
-                if let Some(base) = base.filter(|_| note_base != 0) {
+                // A prelinked binary moved its sections; the note kept the old address of
+                // `.stapsdt.base`.
+                if let Some(base) = base {
                     pc = pc.wrapping_add(base).wrapping_sub(note_base);
                 }
                 let mut parts = strings.split(|&b| b == 0).map(|s| String::from_utf8_lossy(s).into_owned());
@@ -315,13 +382,15 @@ mod tests {
         assert!(error("uprobe:/proc/self/exe:0xzz").contains("not a hexadecimal address"));
         assert!(error("usdt:/proc/self/exe:p:n:str=9").contains("argument number below 6"));
         assert!(error("fentry:tcp_connect").contains("does not attach fentry"));
+        assert!(error("uprobe:/dev/zero:main").contains("not a regular file"));
+        assert!(error(&format!("uretprobe:{}:main:str=1", std::env::current_exe().unwrap().display())).contains("one argument"));
     }
 
     #[test]
     fn resolves_a_function_of_this_test_binary() {
         let exe = std::env::current_exe().unwrap();
         let point = format!("uprobe:{}:main", exe.display());
-        let sites = resolve(&point, 7).unwrap();
+        let sites = resolve(&point, 7).unwrap().sites;
         assert_eq!(sites.len(), 1);
         assert_eq!((sites[0].site.probe, sites[0].site.string_arg, sites[0].site.args[0].reg), (7, NO_STRING, 112));
         assert!(format!("{:#}", resolve(&format!("uprobe:{}:no_such_symbol_here", exe.display()), 7).err().unwrap()).contains("no function symbol"));
