@@ -35,6 +35,16 @@ impl Report {
     }
 }
 
+/// Attaches `probe` (a kind attached per point) at `main` of this executable.
+fn attach_a_point(probe: &mut Probe, resolve: fn(&str) -> anyhow::Result<u32>, nobody: &EventFilter) -> anyhow::Result<String> {
+    let point = format!("uprobe:{}:main", std::env::current_exe()?.display());
+    probe.set_filter(&EventFilter { selectors: [resolve(&point)?].into(), ..nobody.clone() })?;
+    match probe.point_errors() {
+        Some(e) => anyhow::bail!("{e}"),
+        None => Ok(point),
+    }
+}
+
 /// Prints the report; returns whether everything wasmtap needs is there.
 pub fn run() -> bool {
     let mut r = Report { failures: 0 };
@@ -107,7 +117,14 @@ pub fn run() -> bool {
     for &kind in probes::KINDS {
         let what = format!("{} probe", kind.name);
         match Probe::start(kind, &settings, &nobody) {
-            Ok((probe, _stream)) => r.ok(&what, &format!("loaded and attached via {}", probe.attach_kind())),
+            Ok((mut probe, _stream)) => match kind.points {
+                // Attached per point: attach one, at this binary's `main`.
+                Some(resolve) => match attach_a_point(&mut probe, resolve, &nobody) {
+                    Ok(point) => r.ok(&what, &format!("loaded, and attached at {point}")),
+                    Err(e) => r.unavailable(&what, &format!("loaded, but a point cannot be attached: {e:#}")),
+                },
+                None => r.ok(&what, &format!("loaded and attached via {}", probe.attach_kind())),
+            },
             Err(e) => r.fail(&what, &format!("{e:#}"), "see the lines above"),
         }
     }
