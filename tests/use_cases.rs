@@ -412,3 +412,40 @@ fn kprobe_and_fentry_points_are_refused_naming_the_tracepoint_to_use_and_tenants
     // The daemon carries on.
     assert_eq!(daemon.get("/healthz", None).map(|(code, _)| code), Some(200));
 }
+
+#[test]
+fn uprobes_on_a_function_read_its_arguments_and_return_value_exactly() {
+    if !privileged_or_skip("uprobes_on_a_function_read_its_arguments_and_return_value_exactly") {
+        return;
+    }
+    let binary = built("wt-workload");
+    let (entry, ret) = (format!("uprobe:{}:wt_probe_point", binary.display()), format!("uretprobe:{}:wt_probe_point", binary.display()));
+    let config = format!(
+        "capabilities_keep = [\"bpf\", \"perfmon\", \"sys_admin\"]\n\n[[plugin]]\nname = \"probes\"\npath = \"{HOSTILE_WASM}\"\n\
+         config = {{ mode = \"probes\", probes = [\"{entry}\", \"{ret}\"] }}\n"
+    );
+    let daemon = Daemon::start(Some(&config));
+    let n: u64 = 1000;
+    let mut child = Command::new(&binary).args(["calls", &n.to_string()]).stdin(Stdio::piped()).spawn().expect("wt-workload");
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert!(child.wait().unwrap().success());
+    let id = |point: &str| wasmtap_events::uprobe::probe_id(point).to_string();
+    // wt_probe_point(i, 42) for i in 0..n returns 42 i.
+    let expected = [
+        (id(&entry), "hits", n),
+        (id(&entry), "arg0", n * (n - 1) / 2),
+        (id(&entry), "arg1", 42 * n),
+        (id(&ret), "hits", n),
+        (id(&ret), "arg0", 42 * n * (n - 1) / 2),
+    ];
+    let got = || -> Vec<u64> {
+        let m = daemon.metrics();
+        expected.iter().map(|(probe, what, _)| sample(&m, "probes_hits_total", &[("probe", probe), ("what", what)]).unwrap_or(0.0) as u64).collect()
+    };
+    let want: Vec<u64> = expected.iter().map(|e| e.2).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got() != want {
+        assert!(Instant::now() < deadline, "expected {want:?}, got {:?}\n{}", got(), daemon.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use wasmtap_sdk::{
-    Config, Filter, HostInfo, Manifest, Plugin, Record as _, Subscription, SyscallBatch, SyscallRecord, enrich, export_plugin,
+    Config, Filter, HostInfo, Manifest, Plugin, Record as _, Subscription, SyscallBatch, SyscallRecord, UprobeBatch, enrich, export_plugin,
     logs::{self, Level},
     metrics::{self, FamilyDesc, MetricKind},
 };
@@ -115,6 +115,7 @@ impl Plugin for Hostile {
             "probes" => {
                 let params = vec![("probes".into(), config.list("probes")?)];
                 subscriptions = vec![Subscription { kind: "uprobe".into(), filter: Filter { params, ..Filter::default() } }];
+                family = Some(metrics::declare_family(&desc("hits", "h".into(), MetricKind::Counter, &["probe", "what"], vec![]))?);
             }
             "huge-error" => return Err("E".repeat(20 << 20)),
             "init-fail" => return Err("init refused on purpose".into()),
@@ -125,6 +126,23 @@ impl Plugin for Hostile {
         }
         let state = Self { mode, batches: 0, series, family, hoard: Vec::new(), token, count: 0 };
         Ok((state, Manifest { subscriptions, tick_interval_ms }))
+    }
+
+    /// The "probes" mode: per point id, its hits and the sums of its first two arguments.
+    fn on_uprobe(&mut self, batch: UprobeBatch<'_>) {
+        let mut sums: HashMap<(u32, &str), u64> = HashMap::new();
+        for r in batch.records() {
+            *sums.entry((r.probe, "hits")).or_default() += 1;
+            *sums.entry((r.probe, "arg0")).or_default() += r.args[0];
+            *sums.entry((r.probe, "arg1")).or_default() += r.args[1];
+        }
+        if let Some(family) = &self.family {
+            for ((probe, what), sum) in sums {
+                if let Ok(series) = family.series(&[probe.to_string(), what.into()]) {
+                    series.counter_add(sum);
+                }
+            }
+        }
     }
 
     fn on_syscalls(&mut self, batch: SyscallBatch<'_>) {

@@ -41,6 +41,13 @@ fn set_comm(comm: &str) {
     nix::sys::prctl::set_name(&std::ffi::CString::new(comm).expect("comm")).expect("prctl");
 }
 
+/// A function the uprobe tests attach to, with known arguments and return value.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn wt_probe_point(a: u64, b: u64) -> u64 {
+    std::hint::black_box(a.wrapping_mul(b))
+}
+
 fn read_line() {
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line).expect("stdin");
@@ -171,6 +178,13 @@ fn main() {
         [_, "reuse", comm, rounds] => reuse(comm, rounds.parse().expect("ROUNDS")),
         [_, "tcp", comm, n, bytes] => tcp(comm, n.parse().expect("N"), bytes.parse().expect("BYTES")),
         [_, "retransmit", comm] => retransmit(comm),
+        // N calls of `wt_probe_point(i, 42)`, i from 0, after a line on stdin.
+        [_, "calls", n] => {
+            read_line();
+            for i in 0..n.parse::<u64>().expect("N") {
+                std::hint::black_box(wt_probe_point(std::hint::black_box(i), 42));
+            }
+        }
         [_, "spin", comm, cpu, millis] => {
             let run = std::time::Duration::from_millis(millis.parse().expect("MILLIS"));
             set_comm(comm);
