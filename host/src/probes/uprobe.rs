@@ -199,6 +199,7 @@ impl Points {
         Ok(())
     }
 }
+
 impl Drop for Points {
     fn drop(&mut self) {
         let mut known = points();
