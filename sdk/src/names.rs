@@ -12,3 +12,14 @@ pub fn syscall_label(host: &impl HostApi, nr: u32) -> String {
 pub fn errno_label(host: &impl HostApi, errno: u16) -> String {
     host.errno_name(errno).unwrap_or_else(|| errno.to_string())
 }
+
+/// The container id of cgroup `cgroup_id` (from enrichment), or its path outside
+/// containers; None when the host knows neither (the cgroup is gone).
+pub fn container_of(cgroup_id: u64) -> Option<String> {
+    crate::enrich::cgroup(cgroup_id).map(|cgroup| cgroup.container_id.unwrap_or(cgroup.path))
+}
+
+/// [`container_of`] as a label: "unknown" when the host knows neither.
+pub fn container_label(cgroup_id: u64) -> String {
+    container_of(cgroup_id).unwrap_or_else(|| "unknown".into())
+}

@@ -15,8 +15,8 @@
 //! subscription.
 
 use wasmtap_sdk::{
-    Config, CounterVec, Filter, HistogramVec, HostApi, HostInfo, Manifest, Plugin, Record as _, SchedBatch, SchedRecord, Subscription, Wit, enrich,
-    export_plugin, sched::reason,
+    Config, CounterVec, Filter, HistogramVec, HostApi, HostInfo, Manifest, Plugin, Record as _, SchedBatch, SchedRecord, Subscription, Wit, export_plugin,
+    names, sched::reason,
 };
 
 pub struct CpuThrottle<H: HostApi + Clone = Wit> {
@@ -24,14 +24,6 @@ pub struct CpuThrottle<H: HostApi + Clone = Wit> {
     long_waits: CounterVec<(u64, u32), H>,
     throttled: HistogramVec<u64, H>,
     throttle_ns: u64,
-}
-
-/// The container id of cgroup `id`, or its path outside containers.
-fn container_label(id: u64) -> String {
-    match enrich::cgroup(id) {
-        Some(cgroup) => cgroup.container_id.unwrap_or(cgroup.path),
-        None => "unknown".into(),
-    }
 }
 
 fn reason_label(why: u32) -> String {
@@ -83,12 +75,12 @@ impl<H: HostApi + Clone> CpuThrottle<H> {
     pub fn observe(&mut self, records: &[SchedRecord]) {
         for r in records {
             let cgroup = r.header.cgroup_id;
-            self.waits.observe(cgroup, r.wait_ns, |id| vec![container_label(*id)]);
+            self.waits.observe(cgroup, r.wait_ns, |id| vec![names::container_label(*id)]);
             if r.wait_ns >= self.throttle_ns {
-                self.long_waits.add((cgroup, r.reason), 1, |(id, why)| vec![container_label(*id), reason_label(*why)]);
+                self.long_waits.add((cgroup, r.reason), 1, |(id, why)| vec![names::container_label(*id), reason_label(*why)]);
             }
             if r.reason == reason::THROTTLED {
-                self.throttled.observe(cgroup, r.wait_ns, |id| vec![container_label(*id)]);
+                self.throttled.observe(cgroup, r.wait_ns, |id| vec![names::container_label(*id)]);
             }
         }
         self.waits.flush();

@@ -12,7 +12,7 @@
 use rustc_hash::FxHashMap;
 use wasmtap_sdk::{
     Config, CounterVec, Filter, HistogramVec, HostInfo, Manifest, Plugin, ProcessBatch, ProcessRecord, Record as _, Subscription, Wit, enrich, export_plugin,
-    process::event,
+    names, process::event,
 };
 
 /// Cgroups whose label is remembered; the table is cleared when it fills.
@@ -32,12 +32,6 @@ fn lifetime_bounds_ns() -> Vec<u64> {
     [1e-3, 1e-2, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 600.0, 3600.0, 86400.0].iter().map(|s| (s * 1e9) as u64).collect()
 }
 
-/// The container id of a cgroup, or its path outside containers; none while the host
-/// does not know the cgroup (yet).
-fn container_of(cgroup_id: u64) -> Option<String> {
-    enrich::cgroup(cgroup_id).map(|cgroup| cgroup.container_id.unwrap_or(cgroup.path))
-}
-
 /// An exit's `code` label: the exit status, or `signal_<n>` when a signal ended it.
 fn code_label(code: &i64) -> String {
     if *code < 0 { format!("signal_{}", -code) } else { code.to_string() }
@@ -50,7 +44,7 @@ impl ProcessChurn {
         if let Some(label) = self.containers.get(&cgroup_id) {
             return label.clone();
         }
-        let Some(label) = container_of(cgroup_id) else { return "unknown".into() };
+        let Some(label) = names::container_of(cgroup_id) else { return "unknown".into() };
         if self.containers.len() >= MAX_CGROUPS {
             self.containers.clear();
         }

@@ -7,8 +7,8 @@
 //! cgroup, or its cgroup path outside containers (looked up for each new series).
 
 use wasmtap_sdk::{
-    Config, CounterVec, Filter, HistogramVec, HostApi, HostInfo, Manifest, Plugin, Record as _, Subscription, SyscallBatch, SyscallRecord, Wit, enrich,
-    export_plugin,
+    Config, CounterVec, Filter, HistogramVec, HostApi, HostInfo, Manifest, Plugin, Record as _, Subscription, SyscallBatch, SyscallRecord, Wit, export_plugin,
+    names,
     names::{errno_label, syscall_label},
 };
 
@@ -42,15 +42,6 @@ fn comm_label(comm: &u128) -> String {
     String::from_utf8_lossy(&comm[..len]).into_owned()
 }
 
-/// The container id of cgroup `id`, or its path outside containers (asked when a new
-/// series is made).
-fn container_label(id: &u64) -> String {
-    match enrich::cgroup(*id) {
-        Some(cgroup) => cgroup.container_id.unwrap_or(cgroup.path),
-        None => "unknown".into(),
-    }
-}
-
 impl<H: HostApi + Clone> SyscallLatency<H> {
     pub fn new(host: H, container_label: bool) -> Result<Self, String> {
         let mut labels = vec!["comm", "syscall"];
@@ -71,7 +62,7 @@ impl<H: HostApi + Clone> SyscallLatency<H> {
         let labels = |(comm, nr, cgroup): &Key| {
             let mut labels = vec![comm_label(comm), syscall_label(&host, *nr)];
             if labelled {
-                labels.push(container_label(cgroup));
+                labels.push(names::container_label(*cgroup));
             }
             labels.extend(VARIANT_LABEL.map(|(_, value)| value.to_owned()));
             labels

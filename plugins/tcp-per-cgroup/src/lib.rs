@@ -18,7 +18,7 @@
 //! which belong to no task).
 
 use wasmtap_sdk::{
-    Config, CounterVec, Filter, HistogramVec, HostApi, HostInfo, Manifest, Plugin, Record as _, Subscription, TcpBatch, TcpRecord, Wit, enrich, export_plugin,
+    Config, CounterVec, Filter, HistogramVec, HostApi, HostInfo, Manifest, Plugin, Record as _, Subscription, TcpBatch, TcpRecord, Wit, export_plugin, names,
     tcp::{direction, event},
 };
 
@@ -39,10 +39,7 @@ pub struct TcpPerCgroup<H: HostApi + Clone = Wit> {
 }
 
 fn labels(&(cgroup, dir, port): &Key) -> Vec<String> {
-    let container = match enrich::cgroup(cgroup) {
-        Some(cgroup) => cgroup.container_id.unwrap_or(cgroup.path),
-        None => "unknown".into(),
-    };
+    let container = names::container_label(cgroup);
     let dir = if dir == direction::INBOUND { "in" } else { "out" };
     let port = if port == 0 { "other".to_owned() } else { port.to_string() };
     vec![container, dir.into(), port]
