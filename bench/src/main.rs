@@ -75,18 +75,27 @@ struct WasmtapRun {
 
 fn under_wasmtap(cpu: usize) -> WasmtapRun {
     let daemon = Daemon::start(None);
-    let events = |d: &Daemon| sample(&d.metrics(), "wasmtap_plugin_events_total", &[("plugin", "syscall-latency")]).unwrap_or(0.0);
-    let read = |d: &Daemon| sample(&d.metrics(), "wasmtap_probe_records_total", &[("probe", "syscall")]).unwrap_or(0.0);
-    let (events0, cpu0) = (events(&daemon), cpu_ns(daemon.child.id()));
-    let ns_per_call = syscall_loop(cpu);
-    // Wait until the plugin has everything the probe read, so the CPU spent on this
-    // loop's events is all counted.
-    let events1 = wait_for(Duration::from_secs(30), "the plugin to catch up", || {
-        let (e, r) = (events(&daemon), read(&daemon));
-        (e >= r && e - events0 >= CALLS as f64).then_some(e)
+    let (ns_per_call, cpu_ns_per_event) = traced(&daemon, "syscall-latency", "syscall", || syscall_loop(cpu), |_| CALLS as f64);
+    WasmtapRun { ns_per_call, cpu_ns_per_event }
+}
+
+/// Runs `workload` under `daemon`, then waits until `plugin` has every record the
+/// `probe` kind read so far, and at least the `min_records` the workload made (from its
+/// result), so the CPU spent on them is all counted (records of the rest of the machine
+/// meanwhile are counted too). Returns the workload's result and the daemon's CPU time
+/// per record the plugin handled.
+fn traced<T>(daemon: &Daemon, plugin: &str, probe: &str, workload: impl FnOnce() -> T, min_records: impl Fn(&T) -> f64) -> (T, f64) {
+    let events = || sample(&daemon.metrics(), "wasmtap_plugin_events_total", &[("plugin", plugin)]).unwrap_or(0.0);
+    let read = || sample(&daemon.metrics(), "wasmtap_probe_records_total", &[("probe", probe)]).unwrap_or(0.0);
+    let (e0, c0) = (events(), cpu_ns(daemon.child.id()));
+    let result = workload();
+    let min = min_records(&result);
+    let e1 = wait_for(Duration::from_secs(30), "the plugin to handle the workload's records", || {
+        let (e, r) = (events(), read());
+        (e >= r && e - e0 >= min).then_some(e)
     });
-    let cpu1 = cpu_ns(daemon.child.id());
-    WasmtapRun { ns_per_call, cpu_ns_per_event: (cpu1 - cpu0) / (events1 - events0) }
+    let cpu = (cpu_ns(daemon.child.id()) - c0) / (e1 - e0);
+    (result, cpu)
 }
 
 fn under_bpftrace(cpu: usize) -> f64 {
@@ -138,8 +147,6 @@ fn pingpong(cpu: usize) -> f64 {
 /// and under bpftrace's runqlat (every wait into an in-kernel histogram).
 fn sched_kind(cpus: usize) {
     let config = |min_wait_us: u64| format!("[[plugin]]\nname = \"cpu-throttle\"\nbundled = \"cpu-throttle\"\nconfig = {{ min_wait_us = {min_wait_us} }}\n");
-    let events = |d: &Daemon| sample(&d.metrics(), "wasmtap_plugin_events_total", &[("plugin", "cpu-throttle")]).unwrap_or(0.0);
-    let read = |d: &Daemon| sample(&d.metrics(), "wasmtap_probe_records_total", &[("probe", "sched")]).unwrap_or(0.0);
     let (mut untraced, mut threshold, mut every, mut bpftrace, mut daemon_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let cpu = round % cpus;
@@ -148,15 +155,9 @@ fn sched_kind(cpus: usize) {
         threshold.push(pingpong(cpu));
         drop(daemon);
         let daemon = Daemon::start(Some(&config(0)));
-        let (e0, c0) = (events(&daemon), cpu_ns(daemon.child.id()));
-        every.push(pingpong(cpu));
-        // Until the plugin has every record read so far, the 2 x HANDOVERS hand-overs'
-        // and whatever else waited on the machine meanwhile (all are counted).
-        let e1 = wait_for(Duration::from_secs(30), "the plugin to handle the hand-overs", || {
-            let (e, r) = (events(&daemon), read(&daemon));
-            (e >= r && e - e0 >= 2.0 * HANDOVERS as f64).then_some(e)
-        });
-        daemon_cpu.push((cpu_ns(daemon.child.id()) - c0) / (e1 - e0));
+        let (ns, cpu_per_record) = traced(&daemon, "cpu-throttle", "sched", || pingpong(cpu), |_| 2.0 * HANDOVERS as f64);
+        every.push(ns);
+        daemon_cpu.push(cpu_per_record);
         drop(daemon);
         bpftrace.push(with_bpftrace(BPFTRACE_RUNQLAT, || pingpong(cpu)));
         eprintln!(
@@ -204,31 +205,25 @@ fn tcp_loop(cpu: usize) -> f64 {
 /// bpftrace doing the same following in the kernel.
 fn tcp_kind(cpus: usize) {
     let config = "[[plugin]]\nname = \"tcp-per-cgroup\"\nbundled = \"tcp-per-cgroup\"\n";
-    let events = |d: &Daemon| sample(&d.metrics(), "wasmtap_plugin_events_total", &[("plugin", "tcp-per-cgroup")]).unwrap_or(0.0);
-    let read = |d: &Daemon| sample(&d.metrics(), "wasmtap_probe_records_total", &[("probe", "tcp")]).unwrap_or(0.0);
-    let (mut untraced, mut traced, mut bpftrace, mut daemon_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut untraced, mut wasmtap, mut bpftrace, mut daemon_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let cpu = round % cpus;
         untraced.push(tcp_loop(cpu));
         let daemon = Daemon::start(Some(config));
-        let (e0, c0) = (events(&daemon), cpu_ns(daemon.child.id()));
-        traced.push(tcp_loop(cpu));
-        let e1 = wait_for(Duration::from_secs(30), "the plugin to handle the connections", || {
-            let (e, r) = (events(&daemon), read(&daemon));
-            (e >= r && e - e0 >= 4.0 * CONNECTIONS as f64).then_some(e)
-        });
-        daemon_cpu.push((cpu_ns(daemon.child.id()) - c0) / (e1 - e0));
+        let (ns, cpu_per_record) = traced(&daemon, "tcp-per-cgroup", "tcp", || tcp_loop(cpu), |_| 4.0 * CONNECTIONS as f64);
+        wasmtap.push(ns);
+        daemon_cpu.push(cpu_per_record);
         drop(daemon);
         bpftrace.push(with_bpftrace(BPFTRACE_TCP, || tcp_loop(cpu)));
         eprintln!(
             "round {}: cpu {cpu}  untraced {:.0}  wasmtap {:.0}  bpftrace {:.0} ns/connection",
             round + 1,
             untraced[round],
-            traced[round],
+            wasmtap[round],
             bpftrace[round]
         );
     }
-    let (base, w, b) = (median(untraced), median(traced), median(bpftrace));
+    let (base, w, b) = (median(untraced), median(wasmtap), median(bpftrace));
     println!("tcp kind: {CONNECTIONS} loopback connect + send 100 bytes + close, medians of {ROUNDS} rounds");
     println!(
         "  untraced {base:.0}  wasmtap tcp-per-cgroup {w:.0} (+{:.0})  bpftrace (same states and sends) {b:.0} (+{:.0}) ns/connection",
@@ -292,24 +287,19 @@ fn pg_kind() {
          usdt:{0}:postgresql:query__done /@start[tid]/ {{ @lat = hist(nsecs - @start[tid]); delete(@start[tid]); }}",
         binary.display()
     );
-    let events = |d: &Daemon| sample(&d.metrics(), "wasmtap_plugin_events_total", &[("plugin", "pg-query-latency")]).unwrap_or(0.0);
-    let read = |d: &Daemon| sample(&d.metrics(), "wasmtap_probe_records_total", &[("probe", "uprobe")]).unwrap_or(0.0);
-    let (mut untraced, mut traced, mut bpftrace, mut daemon_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut untraced, mut wasmtap, mut bpftrace, mut daemon_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..PG_ROUNDS {
         untraced.push(pgbench(&pg));
         let daemon = Daemon::start(Some(&config));
-        let (e0, c0) = (events(&daemon), cpu_ns(daemon.child.id()));
-        let (tps, busy) = pgbench(&pg);
-        traced.push((tps, busy));
-        let e1 = wait_for(Duration::from_secs(30), "the plugin to handle the queries", || {
-            let (e, r) = (events(&daemon), read(&daemon));
-            (e >= r && e - e0 >= 2.0 * tps * f64::from(PGBENCH_SECONDS) * 0.9).then_some(e)
-        });
-        daemon_cpu.push((cpu_ns(daemon.child.id()) - c0) / (e1 - e0));
+        // Two records per query; pgbench's rate is an average, hence the margin.
+        let min_records = |&(tps, _): &(f64, f64)| 2.0 * tps * f64::from(PGBENCH_SECONDS) * 0.9;
+        let (run, cpu_per_record) = traced(&daemon, "pg-query-latency", "uprobe", || pgbench(&pg), min_records);
+        wasmtap.push(run);
+        daemon_cpu.push(cpu_per_record);
         drop(daemon);
         bpftrace.push(with_bpftrace(&program, || pgbench(&pg)));
         let show = |(tps, busy): (f64, f64)| format!("{tps:.0} tps {busy:.0} ns");
-        eprintln!("round {}: untraced {}  wasmtap {}  bpftrace {}", round + 1, show(untraced[round]), show(traced[round]), show(bpftrace[round]));
+        eprintln!("round {}: untraced {}  wasmtap {}  bpftrace {}", round + 1, show(untraced[round]), show(wasmtap[round]), show(bpftrace[round]));
     }
     let tps = |runs: &[(f64, f64)]| median(runs.iter().map(|r| r.0).collect());
     let busy = |runs: &[(f64, f64)]| median(runs.iter().map(|r| r.1).collect());
@@ -321,9 +311,9 @@ fn pg_kind() {
         "  untraced {:.0} tps, {:.0} ns CPU/query  wasmtap pg-query-latency {:.0} tps, {:.0} ns (+{:.0})  bpftrace (same probes, no query text) {:.0} tps, {:.0} ns (+{:.0})",
         tps(&untraced),
         busy(&untraced),
-        tps(&traced),
-        busy(&traced),
-        added(&traced),
+        tps(&wasmtap),
+        busy(&wasmtap),
+        added(&wasmtap),
         tps(&bpftrace),
         busy(&bpftrace),
         added(&bpftrace)
