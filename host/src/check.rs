@@ -11,7 +11,7 @@ use aya::{
 use crate::{
     config::ProbeSettings,
     events::EventFilter,
-    probes::{self, Probe, system},
+    probes::{self, Probe, kind::Selectors, system},
 };
 
 struct Report {
@@ -117,13 +117,13 @@ pub fn run() -> bool {
     for &kind in probes::KINDS {
         let what = format!("{} probe", kind.name);
         match Probe::start(kind, &settings, &nobody) {
-            Ok((mut probe, _stream)) => match kind.points {
+            Ok((mut probe, _stream)) => match kind.selectors {
                 // Attached per point: attach one, at this binary's `main`.
-                Some(resolve) => match attach_a_point(&mut probe, resolve, &nobody) {
+                Selectors::Points(resolve) => match attach_a_point(&mut probe, resolve, &nobody) {
                     Ok(point) => r.ok(&what, &format!("loaded, and attached at {point}")),
                     Err(e) => r.unavailable(&what, &format!("loaded, but a point cannot be attached: {e:#}")),
                 },
-                None => r.ok(&what, &format!("loaded and attached via {}", probe.attach_kind())),
+                Selectors::Named(_) => r.ok(&what, &format!("loaded and attached via {}", probe.attach_kind())),
             },
             Err(e) => r.fail(&what, &format!("{e:#}"), "see the lines above"),
         }

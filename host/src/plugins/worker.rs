@@ -202,7 +202,7 @@ fn subscriptions(manifest: &Manifest, budget: &Budget) -> anyhow::Result<Vec<(Ki
         })?;
         // Probe points act on every process of the node (a trap at each hit, semaphores
         // raised, kernel memory read): operators' plugins only.
-        if kind.points.is_some()
+        if kind.attaches_points()
             && let Some(tenant) = &budget.tenant
         {
             anyhow::bail!(

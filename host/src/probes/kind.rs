@@ -32,12 +32,8 @@ pub struct KindSpec {
     pub selector_offset: usize,
     /// The subscription parameter that lists selectors by name, e.g. "syscalls".
     pub selector_param: &'static str,
-    pub parse_selector: fn(&str) -> Option<u32>,
-    /// For a kind whose programs are attached per probe point (the selector) rather
-    /// than at fixed places: resolves a point's text to its id. Such a kind's selector is
-    /// not filtered in the kernel (only wanted points are attached), and a subscription
-    /// must name its points.
-    pub points: Option<fn(&str) -> anyhow::Result<u32>>,
+    /// What the parameter's values name, and how they become selectors.
+    pub selectors: Selectors,
     /// Where the record's parent pid sits, for a kind whose pid filter also matches a
     /// process's direct children.
     pub parent_pid_offset: Option<usize>,
@@ -48,6 +44,17 @@ pub struct KindSpec {
     pub flavours: &'static [Flavour],
     /// Globals to set in the object before loading (kernel struct offsets).
     pub globals: fn(Option<&KernelBtf>) -> anyhow::Result<Globals>,
+}
+
+/// What a kind's selector parameter names.
+pub enum Selectors {
+    /// Fixed values by name (syscalls, process events), filtered in the kernel.
+    Named(fn(&str) -> Option<u32>),
+    /// Probe points, resolved from their text to their id: the kind's programs are
+    /// attached per point rather than at fixed places, so its selector is not filtered
+    /// in the kernel (only wanted points are attached), and a subscription must name
+    /// its points.
+    Points(fn(&str) -> anyhow::Result<u32>),
 }
 
 /// A subscription parameter that sets a minimum for one `u64` field of the record.
@@ -65,6 +72,11 @@ pub const MAX_POINTS_PER_SUBSCRIPTION: usize = 64;
 pub type Globals = Vec<(&'static str, u32)>;
 
 impl KindSpec {
+    /// Whether the kind's programs are attached per probe point ([`Selectors::Points`]).
+    pub fn attaches_points(&self) -> bool {
+        matches!(self.selectors, Selectors::Points(_))
+    }
+
     /// A subscription's filter: the common fields as given, the kind's selector
     /// parameter parsed by name, and its threshold parameter (the only parameters a
     /// kind takes).
@@ -91,19 +103,20 @@ impl KindSpec {
                 };
                 anyhow::bail!("the {} kind has no filter parameter {:?}; it takes {takes}", self.name, sanitize(name));
             }
-            if self.points.is_some() && values.len() > MAX_POINTS_PER_SUBSCRIPTION {
+            if self.attaches_points() && values.len() > MAX_POINTS_PER_SUBSCRIPTION {
                 anyhow::bail!("a {} subscription names {} probe points; the limit is {MAX_POINTS_PER_SUBSCRIPTION}", self.name, values.len());
             }
             for value in values {
-                let selector = match self.points {
-                    Some(resolve) => resolve(value)?,
-                    None => (self.parse_selector)(value)
-                        .with_context(|| format!("unknown {} value {:?} in a {} subscription", self.selector_param, sanitize(value), self.name))?,
+                let selector = match self.selectors {
+                    Selectors::Points(resolve) => resolve(value)?,
+                    Selectors::Named(parse) => {
+                        parse(value).with_context(|| format!("unknown {} value {:?} in a {} subscription", self.selector_param, sanitize(value), self.name))?
+                    }
                 };
                 selectors.insert(selector);
             }
         }
-        if self.points.is_some() && selectors.is_empty() {
+        if self.attaches_points() && selectors.is_empty() {
             anyhow::bail!("a {} subscription names its probe points in the filter parameter {:?}", self.name, self.selector_param);
         }
         Ok(EventFilter {
@@ -189,7 +202,7 @@ impl Probe {
             Self { kind, ebpf, attach: "", config, installed: EventFilter::default(), widened: Vec::new(), points: Default::default(), point_errors: None };
         probe.set_filter(filter)?;
         probe.attach(btf.as_ref())?;
-        if kind.points.is_some() {
+        if kind.attaches_points() {
             // A point that cannot be attached is the problem of the subscriptions that
             // want it: the kind runs for the others.
             probe.point_errors = probe.points.sync(&mut probe.ebpf, &filter.selectors).err().map(|e| format!("{e:#}"));
@@ -279,7 +292,7 @@ impl Probe {
         let mut filter = filter.clone();
         // A kind attached per point records only the points wanted: its selectors are
         // attachments, not kernel filter entries.
-        let points = self.kind.points.is_some().then(|| std::mem::take(&mut filter.selectors));
+        let points = self.kind.attaches_points().then(|| std::mem::take(&mut filter.selectors));
         if let Some(&s) = filter.selectors.iter().find(|&&s| s >= MAX_SELECTORS) {
             anyhow::bail!("{} selector {s} is beyond the probe's table of {MAX_SELECTORS}", self.kind.selector_param);
         }

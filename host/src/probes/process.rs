@@ -8,7 +8,7 @@ use wasmtap_events::{
 
 use super::{
     btf::KernelBtf,
-    kind::{Flavour, Globals, KindSpec, Point},
+    kind::{Flavour, Globals, KindSpec, Point, Selectors},
 };
 
 pub static KIND: KindSpec = KindSpec {
@@ -17,14 +17,13 @@ pub static KIND: KindSpec = KindSpec {
     record_size: ProcessRecord::SIZE,
     selector_offset: SELECTOR_OFFSET,
     selector_param: "events",
-    parse_selector: |name| match name {
+    selectors: Selectors::Named(|name| match name {
         "fork" => Some(event::FORK),
         "exec" => Some(event::EXEC),
         "exit" => Some(event::EXIT),
         _ => None,
-    },
+    }),
     threshold: None,
-    points: None,
     parent_pid_offset: None,
     flavours: &[Flavour {
         name: "tp_btf",

@@ -9,7 +9,7 @@ use wasmtap_events::{
 
 use super::{
     btf::KernelBtf,
-    kind::{Flavour, Globals, KindSpec, Point, Threshold},
+    kind::{Flavour, Globals, KindSpec, Point, Selectors, Threshold},
 };
 
 pub static KIND: KindSpec = KindSpec {
@@ -18,14 +18,13 @@ pub static KIND: KindSpec = KindSpec {
     record_size: SchedRecord::SIZE,
     selector_offset: SELECTOR_OFFSET,
     selector_param: "reasons",
-    parse_selector: |name| match name {
+    selectors: Selectors::Named(|name| match name {
         "wakeup" => Some(reason::WAKEUP),
         "preempted" => Some(reason::PREEMPTED),
         "throttled" => Some(reason::THROTTLED),
         _ => None,
-    },
+    }),
     threshold: Some(Threshold { param: "min_wait_ns", offset: THRESHOLD_OFFSET }),
-    points: None,
     parent_pid_offset: None,
     flavours: &[Flavour {
         name: "tp_btf",

@@ -2,7 +2,7 @@
 
 use wasmtap_events::{Record as _, SyscallRecord, syscall::SELECTOR_OFFSET};
 
-use super::kind::{Flavour, KindSpec, Point};
+use super::kind::{Flavour, KindSpec, Point, Selectors};
 
 pub static KIND: KindSpec = KindSpec {
     name: SyscallRecord::KIND,
@@ -10,9 +10,8 @@ pub static KIND: KindSpec = KindSpec {
     record_size: SyscallRecord::SIZE,
     selector_offset: SELECTOR_OFFSET,
     selector_param: "syscalls",
-    parse_selector: crate::names::syscall_number,
+    selectors: Selectors::Named(crate::names::syscall_number),
     threshold: None,
-    points: None,
     parent_pid_offset: None,
     flavours: &[
         Flavour {

@@ -10,7 +10,7 @@ use wasmtap_events::{
 
 use super::{
     btf::KernelBtf,
-    kind::{Flavour, Globals, KindSpec, Point},
+    kind::{Flavour, Globals, KindSpec, Point, Selectors},
 };
 
 pub static KIND: KindSpec = KindSpec {
@@ -19,16 +19,15 @@ pub static KIND: KindSpec = KindSpec {
     record_size: TcpRecord::SIZE,
     selector_offset: SELECTOR_OFFSET,
     selector_param: "events",
-    parse_selector: |name| match name {
+    selectors: Selectors::Named(|name| match name {
         "connect" => Some(event::CONNECT),
         "accept" => Some(event::ACCEPT),
         "close" => Some(event::CLOSE),
         "retransmit" => Some(event::RETRANSMIT),
         "connect_failed" => Some(event::CONNECT_FAILED),
         _ => None,
-    },
+    }),
     threshold: None,
-    points: None,
     parent_pid_offset: None,
     // Best first: retransmit failures told apart (6.17+), then without them, then
     // without the send/recv tracepoints (before 6.3: bytes read as 0).

@@ -32,7 +32,7 @@ use self::{
 };
 use super::{
     btf::KernelBtf,
-    kind::{Flavour, Globals, KindSpec, Point},
+    kind::{Flavour, Globals, KindSpec, Point, Selectors},
 };
 
 pub static KIND: KindSpec = KindSpec {
@@ -41,9 +41,8 @@ pub static KIND: KindSpec = KindSpec {
     record_size: UprobeRecord::SIZE,
     selector_offset: SELECTOR_OFFSET,
     selector_param: "probes",
-    parse_selector: |_| None,
+    selectors: Selectors::Points(intern),
     threshold: None,
-    points: Some(intern),
     parent_pid_offset: Some(PARENT_PID_OFFSET),
     flavours: &[Flavour { name: "uprobe", programs: &[(PROGRAM, Point::PerSelector)] }],
     globals,
