@@ -59,56 +59,71 @@ impl<K: Hash + Eq + Clone, V, H: HostApi> Slots<K, V, H> {
         }
     }
 
+    /// The value of `key`'s slot, marked to be sent. Inlined into the caller's loop:
+    /// the common case is one compare with the last key; the rest stays out of line.
     #[inline]
     fn get(&mut self, key: K, labels: impl FnOnce(&K) -> Vec<String>, init: impl FnOnce() -> V) -> &mut V {
         let i = match &self.last {
             Some((k, i)) if *k == key => *i,
-            _ => {
-                let i = match self.index.get(&key) {
-                    Some(&i) => i,
-                    None if self.overflowed >= MAX_OVERFLOWED && !self.room => self.overflow.expect("keys overflowed"),
-                    None => {
-                        let series = self.host.series(&self.family, &labels(&key)).ok();
-                        let overflow = series.as_ref().is_some_and(|s| self.host.is_overflow(s));
-                        let i = match self.overflow.filter(|_| overflow) {
-                            Some(shared) => shared, // (the new handle is dropped)
-                            None => {
-                                let slot = Slot { series, value: init(), dirty: false };
-                                let i = match self.free.pop() {
-                                    Some(i) => {
-                                        self.slots[i] = slot;
-                                        i
-                                    }
-                                    None => {
-                                        self.slots.push(slot);
-                                        self.slots.len() - 1
-                                    }
-                                };
-                                if overflow {
-                                    self.overflow = Some(i);
-                                }
-                                i
-                            }
-                        };
-                        if overflow {
-                            self.room = false;
-                            if self.overflowed >= MAX_OVERFLOWED {
-                                return self.touch(i);
-                            }
-                            self.overflowed += 1;
-                        }
-                        self.index.insert(key.clone(), i);
-                        i
-                    }
-                };
-                self.last = Some((key, i));
-                i
-            }
+            _ => self.find(key, labels, init),
         };
         self.touch(i)
     }
 
+    fn find(&mut self, key: K, labels: impl FnOnce(&K) -> Vec<String>, init: impl FnOnce() -> V) -> usize {
+        let i = match self.index.get(&key) {
+            Some(&i) => i,
+            None => match self.insert(&key, labels, init) {
+                Some(i) => i,
+                // The overflow slot, for a key not kept.
+                None => return self.overflow.expect("keys overflowed"),
+            },
+        };
+        self.last = Some((key, i));
+        i
+    }
+
+    /// A slot for a key seen for the first time (`None`: the overflow slot, key not kept).
+    #[cold]
+    fn insert(&mut self, key: &K, labels: impl FnOnce(&K) -> Vec<String>, init: impl FnOnce() -> V) -> Option<usize> {
+        if self.overflowed >= MAX_OVERFLOWED && !self.room {
+            return None;
+        }
+        let series = self.host.series(&self.family, &labels(key)).ok();
+        let overflow = series.as_ref().is_some_and(|s| self.host.is_overflow(s));
+        let i = match self.overflow.filter(|_| overflow) {
+            Some(shared) => shared, // (the new handle is dropped)
+            None => {
+                let slot = Slot { series, value: init(), dirty: false };
+                let i = match self.free.pop() {
+                    Some(i) => {
+                        self.slots[i] = slot;
+                        i
+                    }
+                    None => {
+                        self.slots.push(slot);
+                        self.slots.len() - 1
+                    }
+                };
+                if overflow {
+                    self.overflow = Some(i);
+                }
+                i
+            }
+        };
+        if overflow {
+            self.room = false;
+            if self.overflowed >= MAX_OVERFLOWED {
+                return None;
+            }
+            self.overflowed += 1;
+        }
+        self.index.insert(key.clone(), i);
+        Some(i)
+    }
+
     /// Slot `i`'s value, marked to be sent.
+    #[inline]
     fn touch(&mut self, i: usize) -> &mut V {
         let slot = &mut self.slots[i];
         if !slot.dirty {

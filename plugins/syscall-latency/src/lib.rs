@@ -6,16 +6,46 @@
 //! `container_label = true` adds a `container` label: the container id of the task's
 //! cgroup, or its cgroup path outside containers (looked up for each new series).
 
+use std::collections::HashMap;
+
 use wasmtap_sdk::{
     Config, CounterVec, Filter, HistogramVec, HostApi, HostInfo, Manifest, Plugin, Record as _, Subscription, SyscallBatch, SyscallRecord, Wit, export_plugin,
     names,
     names::{errno_label, syscall_label},
 };
 
-/// Per-thread-name, per-syscall (per-cgroup, when labelled) key. The comm stays raw
-/// (as one integer, so comparing keys is a few integer compares, not a byte loop) and
-/// is only formatted for a new series.
-type Key = (u128, u32, u64);
+/// Per-thread-name, per-syscall (per-cgroup, when labelled) key: the raw comm (one
+/// integer, so comparing keys is a few integer compares, not a byte loop; formatted
+/// only for a new series), and the syscall number in the low 32 bits of the second
+/// beside the cgroup's index in `Cgroups` (0 when unlabelled). Two fields, not three:
+/// a third cost the per-event loop ~6 ns (a fifth of the plugin's time per event).
+type Key = (u128, u64);
+
+/// The cgroups seen, numbered from 1 for the key.
+#[derive(Default)]
+struct Cgroups {
+    ids: Vec<u64>,
+    index: HashMap<u64, u64>,
+    last: (u64, u64),
+}
+
+impl Cgroups {
+    fn number(&mut self, id: u64) -> u64 {
+        if self.last.0 == id && self.last.1 != 0 {
+            return self.last.1;
+        }
+        let n = *self.index.entry(id).or_insert_with(|| {
+            self.ids.push(id);
+            self.ids.len() as u64
+        });
+        self.last = (id, n);
+        n
+    }
+
+    fn id(&self, n: u64) -> u64 {
+        self.ids[n as usize - 1]
+    }
+}
 
 /// The plugin's state. Generic over the host so the benchmark can run the very same
 /// aggregation natively; as a plugin it talks to the real host through [`Wit`].
@@ -24,6 +54,7 @@ pub struct SyscallLatency<H: HostApi + Clone = Wit> {
     errors: CounterVec<(Key, u16), H>,
     /// Whether keys and labels carry the container.
     container_label: bool,
+    cgroups: Cgroups,
 }
 
 /// Upper bounds in nanoseconds: powers of two from 128 ns to ~8.6 s (the `variant`
@@ -52,35 +83,36 @@ impl<H: HostApi + Clone> SyscallLatency<H> {
             latency: HistogramVec::declare(host.clone(), "seconds", "Latency of completed system calls.", &labels, latency_bounds_ns(), 1e-9)?,
             errors: CounterVec::declare(host, "errors", "System calls that returned an error.", &error_labels)?,
             container_label,
+            cgroups: Cgroups::default(),
         })
     }
 
     /// Aggregates one batch and flushes it to the host.
     pub fn observe(&mut self, records: &[SyscallRecord]) {
         let host = self.latency.host().clone();
-        let labelled = self.container_label;
-        let labels = |(comm, nr, cgroup): &Key| {
-            let mut labels = vec![comm_label(comm), syscall_label(&host, *nr)];
-            if labelled {
-                labels.push(names::container_label(*cgroup));
-            }
-            labels.extend(VARIANT_LABEL.map(|(_, value)| value.to_owned()));
-            labels
-        };
+        let Self { latency, errors, container_label, cgroups } = self;
         for r in records {
-            let cgroup = if labelled { r.header.cgroup_id } else { 0 };
-            let key = (u128::from_le_bytes(r.header.comm), r.syscall_nr, cgroup);
-            self.latency.observe(key, r.latency_ns, labels);
+            let cgroup = if *container_label { cgroups.number(r.header.cgroup_id) << 32 } else { 0 };
+            let key = (u128::from_le_bytes(r.header.comm), r.syscall_nr as u64 | cgroup);
+            let labels = |&(comm, packed): &Key| {
+                let mut labels = vec![comm_label(&comm), syscall_label(&host, packed as u32)];
+                if packed >> 32 != 0 {
+                    labels.push(names::container_label(cgroups.id(packed >> 32)));
+                }
+                labels.extend(VARIANT_LABEL.map(|(_, value)| value.to_owned()));
+                labels
+            };
+            latency.observe(key, r.latency_ns, labels);
             if let Some(errno) = r.errno() {
-                self.errors.add((key, errno), 1, |(key, errno)| {
+                errors.add((key, errno), 1, |(key, errno)| {
                     let mut labels = labels(key);
                     labels.push(errno_label(&host, *errno));
                     labels
                 });
             }
         }
-        self.latency.flush();
-        self.errors.flush();
+        latency.flush();
+        errors.flush();
     }
 }
 
