@@ -26,7 +26,7 @@ use wasmtap::{
         instance::instantiate,
     },
     probes::syscall::KIND,
-    sinks::{MetricSink, SelfMetrics, metrics::namespace_for},
+    sinks::{MetricSink, SelfMetrics, logs::LogOutputs, metrics::namespace_for},
 };
 use wasmtap_events::{Record as _, RecordHeader, SyscallRecord};
 use wasmtap_sdk::{
@@ -134,6 +134,7 @@ fn main() {
         sink: Arc::new(MetricSink::default()),
         metrics: SelfMetrics::default(),
         enricher: Arc::new(Enricher::new()),
+        logs: LogOutputs::daemon_log(),
     };
     let config = PluginConfig::bundled("syscall-latency", "syscall-latency");
     let spec = plugins::prepare(&services, &config, None, None).expect("plugin");
@@ -143,7 +144,7 @@ fn main() {
 
     let native_sink = Arc::new(MetricSink::default());
     let budget = Arc::new(Budget::unmetered("native", PluginLimits::default()));
-    let state = PluginState::new(&namespace_for("syscall-latency"), native_sink, budget, services.enricher.clone(), None);
+    let state = PluginState::new(&namespace_for("syscall-latency"), native_sink, budget, services.enricher.clone(), services.logs.clone(), None);
     let mut plugin = SyscallLatency::new(NativeHost(Rc::new(RefCell::new(state))), false).expect("native plugin");
     let native = measure(&batches, |b| {
         let records: Vec<SyscallRecord> = b.chunks_exact(SyscallRecord::SIZE).map(SyscallRecord::read).collect();

@@ -59,6 +59,8 @@ pub struct Config {
     pub plugins: Vec<PluginConfig>,
     #[serde(default, rename = "tenant")]
     pub tenants: Vec<TenantConfig>,
+    #[serde(default)]
+    pub logs: LogSettings,
 }
 
 /// Where the admin socket is when the config does not say.
@@ -121,6 +123,201 @@ pub struct ProbeSettings {
 impl Default for ProbeSettings {
     fn default() -> Self {
         Self { drain_interval_ms: 10, ring_buffer_bytes: 16 << 20, wakeup_percent: 50 }
+    }
+}
+
+/// Where plugin log records go (`[logs]` and its `[[logs.output]]`s). With no output
+/// they go to the daemon's own log. Read at start; a SIGHUP does not change them.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// The node name records carry; default: the host name.
+    pub node: Option<String>,
+    #[serde(default, rename = "output")]
+    pub outputs: Vec<LogOutputConfig>,
+}
+
+impl LogSettings {
+    pub fn node(&self) -> String {
+        self.node.clone().unwrap_or_else(|| nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into()))
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if let Some(node) = &self.node
+            && (node.is_empty() || node.len() > 255 || node.chars().any(char::is_control))
+        {
+            bail!("logs.node must be 1 to 255 characters, no control characters");
+        }
+        if self.outputs.len() > 8 {
+            bail!("at most 8 [[logs.output]]s, got {}", self.outputs.len());
+        }
+        let mut names = HashSet::new();
+        for output in &self.outputs {
+            let name = output.name();
+            output.check().with_context(|| format!("[[logs.output]] {name:?}"))?;
+            if !names.insert(name.clone()) {
+                bail!("two [[logs.output]]s are named {name:?}: give each its own `name`");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Kinds of log output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogOutputKind {
+    /// JSON lines to stdout (`path = "-"`) or a file.
+    JsonLines,
+    /// RFC 5424 over TCP, octet-counted (`address`).
+    Syslog,
+    /// Loki's push API (`url`).
+    Loki,
+    /// OTLP logs over HTTP, protobuf (`url`).
+    Otlp,
+}
+
+impl LogOutputKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::JsonLines => "json-lines",
+            Self::Syslog => "syslog",
+            Self::Loki => "loki",
+            Self::Otlp => "otlp",
+        }
+    }
+}
+
+/// One `[[logs.output]]`. Each has its own bounded buffer: past `buffer_records` or
+/// `buffer_bytes` (say, while its receiver is down) records are dropped and counted in
+/// `wasmtap_log_dropped_records_total{output,reason="buffer_full"}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogOutputConfig {
+    pub kind: LogOutputKind,
+    /// The `output` label of its self-metrics; default: the kind.
+    pub name: Option<String>,
+    /// json-lines: a file (appended to; reopened when moved away), or "-" for stdout.
+    pub path: Option<PathBuf>,
+    /// syslog: host:port of a TCP receiver.
+    pub address: Option<String>,
+    /// loki, otlp: the endpoint (http://).
+    pub url: Option<String>,
+    /// loki, otlp: extra request headers (e.g. `X-Scope-OrgID`, `Authorization`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// loki: static stream labels added to every stream (e.g. `cluster`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// syslog: the facility name.
+    #[serde(default = "default_facility")]
+    pub facility: String,
+    /// syslog: the SD-ID of the host's structured-data element (name@enterprise-number;
+    /// the default uses 32473, the number RFC 5612 sets aside for examples).
+    #[serde(default = "default_sd_id")]
+    pub sd_id: String,
+    /// Records below this level are not sent here.
+    #[serde(default = "default_min_level")]
+    pub min_level: crate::sinks::logs::Level,
+    #[serde(default = "default_buffer_records")]
+    pub buffer_records: usize,
+    #[serde(default = "default_buffer_bytes")]
+    pub buffer_bytes: usize,
+    #[serde(default = "default_batch_records")]
+    pub batch_records: usize,
+    /// Longest a record waits for its batch to fill.
+    #[serde(default = "default_batch_wait_ms")]
+    pub batch_wait_ms: u64,
+    /// Connect, write and answer timeout.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Longest wait between retries (the wait doubles from 100 ms).
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+fn default_facility() -> String {
+    "local0".into()
+}
+fn default_sd_id() -> String {
+    "wasmtap@32473".into()
+}
+fn default_min_level() -> crate::sinks::logs::Level {
+    crate::sinks::logs::Level::Info
+}
+fn default_buffer_records() -> usize {
+    10_000
+}
+fn default_buffer_bytes() -> usize {
+    16 << 20
+}
+fn default_batch_records() -> usize {
+    500
+}
+fn default_batch_wait_ms() -> u64 {
+    1000
+}
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_backoff_ms() -> u64 {
+    30_000
+}
+
+impl LogOutputConfig {
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.kind.name().to_owned())
+    }
+
+    /// Where it sends, for the log.
+    pub fn destination(&self) -> String {
+        [self.path.as_ref().map(|p| p.display().to_string()), self.address.clone(), self.url.clone()].into_iter().flatten().next().unwrap_or_default()
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        check_name("log output", &self.name())?;
+        let (needs, given) = match self.kind {
+            LogOutputKind::JsonLines => ("path", self.path.is_some()),
+            LogOutputKind::Syslog => ("address", self.address.is_some()),
+            LogOutputKind::Loki | LogOutputKind::Otlp => ("url", self.url.is_some()),
+        };
+        if !given {
+            bail!("a {} output needs `{needs}`", self.kind.name());
+        }
+        let stray = [
+            ("path", self.path.is_some() && needs != "path"),
+            ("address", self.address.is_some() && needs != "address"),
+            ("url", self.url.is_some() && needs != "url"),
+        ]
+        .into_iter()
+        .chain([("labels", !self.labels.is_empty() && self.kind != LogOutputKind::Loki)])
+        .chain([("headers", !self.headers.is_empty() && needs != "url")])
+        .find(|(_, set)| *set);
+        if let Some((key, _)) = stray {
+            bail!("`{key}` does not apply to a {} output", self.kind.name());
+        }
+        if let Some(path) = &self.path
+            && path.as_os_str() != "-"
+            && !path.is_absolute()
+        {
+            bail!("`path` must be absolute (or \"-\" for stdout), got {}", sanitize(&path.display().to_string(), 64));
+        }
+        if self.headers.len() > 16 || self.labels.len() > 16 {
+            bail!("at most 16 headers and 16 labels");
+        }
+        for name in self.labels.keys() {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') || name.as_bytes()[0].is_ascii_digit() {
+                bail!("label name {:?} is not a Loki label name ([a-zA-Z_][a-zA-Z0-9_]*)", sanitize(name, 64));
+            }
+        }
+        crate::sinks::logs::check_output_parts(self)?;
+        within("buffer_records", self.buffer_records, 1..=1_000_000)?;
+        within("buffer_bytes", self.buffer_bytes, 4096..=1 << 30)?;
+        within("batch_records", self.batch_records, 1..=self.buffer_records.min(10_000))?;
+        within("batch_wait_ms", self.batch_wait_ms, 1..=60_000)?;
+        within("timeout_ms", self.timeout_ms, 100..=300_000)?;
+        within("max_backoff_ms", self.max_backoff_ms, 100..=3_600_000)?;
+        Ok(())
     }
 }
 
@@ -489,6 +686,7 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        self.logs.check()?;
         let p = &self.probes;
         within("probes.drain_interval_ms", p.drain_interval_ms, 1..=1000)?;
         if !p.ring_buffer_bytes.is_power_of_two() || !(4096..=1 << 30).contains(&p.ring_buffer_bytes) {
@@ -670,6 +868,26 @@ mod tests {
         assert!(err("[[plugin]]\nname=\"\"\nbundled=\"x\"").contains("is not allowed"));
         assert!(err("[[plugin]]\nname=\"a\"\nbundled=\"x\"\nmemory_byte=1").contains("unknown field `memory_byte`"));
         assert!(err("[[plugin]]\nname=\"a\"\nbundled=\"x\"\ntenant=\"t\"").contains("no [[tenant]]"));
+    }
+
+    #[test]
+    fn bad_log_outputs_say_what_is_wrong() {
+        let err = |t: &str| format!("{:#}", Config::parse(t).unwrap_err());
+        let output = |body: &str| format!("[[logs.output]]\n{body}");
+        assert!(err(&output("kind = \"syslog\"")).contains("needs `address`"));
+        assert!(err(&output("kind = \"loki\"\nurl = \"https://x/loki/api/v1/push\"")).contains("https is not supported"));
+        assert!(err(&output("kind = \"otlp\"\nurl = \"http://x/v1/logs\"\npath = \"/tmp/x\"")).contains("`path` does not apply"));
+        assert!(err(&output("kind = \"json-lines\"\npath = \"rel\"")).contains("must be absolute"));
+        assert!(err(&output("kind = \"syslog\"\naddress = \"h:1\"\nfacility = \"kern\"")).contains("unknown syslog facility"));
+        assert!(err(&output("kind = \"syslog\"\naddress = \"h:1\"\nsd_id = \"nope\"")).contains("name@enterprise-number"));
+        assert!(err(&output("kind = \"loki\"\nurl = \"http://x/\"\nlabels = { \"a-b\" = \"c\" }")).contains("not a Loki label name"));
+        assert!(err(&output("kind = \"kafka\"")).contains("unknown variant `kafka`"));
+        assert!(
+            err(&format!("{}\n{}", output("kind = \"json-lines\"\npath = \"-\""), output("kind = \"json-lines\"\npath = \"/x\"")))
+                .contains("give each its own `name`")
+        );
+        let c = Config::parse(&output("kind = \"otlp\"\nurl = \"http://collector:4318/v1/logs\"")).unwrap();
+        assert_eq!((c.logs.outputs[0].buffer_records, c.logs.outputs[0].min_level), (10_000, crate::sinks::logs::Level::Info));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::{
         self, AppState,
         admin::{self, Overrides},
     },
-    sinks::{MetricSink, SelfMetrics},
+    sinks::{MetricSink, SelfMetrics, logs::LogOutputs},
 };
 
 /// Runs `config` until SIGINT/SIGTERM. `config_path` is re-read on SIGHUP (none: the
@@ -49,11 +49,13 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
     });
     let exe = std::env::current_exe().context("locating wasmtap's own executable (it compiles plugins in a child process)")?;
     let enricher = Arc::new(Enricher::new());
+    let logs = LogOutputs::start(&config.logs, &self_metrics)?;
     let services = HostServices {
         engine: Arc::new(PluginEngine::new(cache_dir.ok().map(|dir| (dir, config.cache_max_bytes)), Compiler::Child(exe))?),
         sink: sink.clone(),
         metrics: self_metrics.clone(),
         enricher: enricher.clone(),
+        logs: logs.clone(),
     };
     let router = Arc::new(Router::default());
     let attached = Attached::new(config.probes.clone(), router.clone(), self_metrics.clone(), enricher)?;
@@ -110,6 +112,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
         let _ = admin_server.await;
     }
     tokio::task::spawn_blocking(move || registry.shutdown()).await?;
+    logs.shutdown().await;
     stop_server.cancel();
     let _ = server.await;
     tracing::info!("stopped");

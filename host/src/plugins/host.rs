@@ -18,7 +18,7 @@ use crate::{
     enrich::{CgroupFacts, Enricher, ProcessFacts},
     sinks::{
         MetricFamily, MetricSink, Series,
-        logs::{Level, LogSink},
+        logs::{Level, LogOutputs, LogSink},
         metrics::{FamilySpec, MetricKind, SeriesError, Staging},
     },
 };
@@ -75,8 +75,15 @@ pub struct PluginState {
 }
 
 impl PluginState {
-    pub fn new(namespace: &str, sink: Arc<MetricSink>, budget: Arc<Budget>, enricher: Arc<Enricher>, staging: Option<Arc<Staging>>) -> Self {
-        let logs = LogSink::new(budget.clone());
+    pub fn new(
+        namespace: &str,
+        sink: Arc<MetricSink>,
+        budget: Arc<Budget>,
+        enricher: Arc<Enricher>,
+        outputs: Arc<LogOutputs>,
+        staging: Option<Arc<Staging>>,
+    ) -> Self {
+        let logs = LogSink::new(budget.clone(), outputs);
         let (wasi, outputs) = wasi::context(&logs);
         Self {
             namespace: namespace.to_owned(),
@@ -455,7 +462,7 @@ mod tests {
     fn many_deltas_in_one_call_land_like_one_call_each() {
         let sink = Arc::new(MetricSink::default());
         let budget = Arc::new(Budget::unmetered("p", PluginLimits::default()));
-        let mut state = PluginState::new("ns", sink.clone(), budget, Arc::new(Enricher::new()), None);
+        let mut state = PluginState::new("ns", sink.clone(), budget, Arc::new(Enricher::new()), LogOutputs::daemon_log(), None);
         let declare = |state: &mut PluginState, name: &str, kind, buckets: Vec<f64>| {
             let desc = metrics::FamilyDesc { name: name.into(), help: "h".into(), kind, label_names: vec!["a".into()], buckets };
             let family = state.declare_family(desc).unwrap().unwrap();

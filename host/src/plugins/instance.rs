@@ -26,7 +26,7 @@ pub struct Instance {
 
 /// Creates a fresh Store (memory budget, deadline trap), instantiates and runs `init`.
 pub fn instantiate(spec: &PluginSpec) -> anyhow::Result<(Instance, Manifest)> {
-    let state = PluginState::new(&spec.namespace, spec.sink.clone(), spec.budget.clone(), spec.enricher.clone(), spec.staging.clone());
+    let state = PluginState::new(&spec.namespace, spec.sink.clone(), spec.budget.clone(), spec.enricher.clone(), spec.logs.clone(), spec.staging.clone());
     let mut store = Store::new(spec.engine.engine(), state);
     store.limiter(|s| &mut s.limiter);
     store.epoch_deadline_trap();

@@ -22,7 +22,7 @@ use crate::{
     budget::{Budget, Reason, Refusal, TenantBudget},
     config::{ConfigNode, PluginConfig},
     enrich::Enricher,
-    sinks::{MetricSink, SelfMetrics, metrics::Staging},
+    sinks::{MetricSink, SelfMetrics, logs::LogOutputs, metrics::Staging},
 };
 
 /// What every plugin shares from the host.
@@ -32,12 +32,13 @@ pub struct HostServices {
     pub sink: Arc<MetricSink>,
     pub metrics: SelfMetrics,
     pub enricher: Arc<Enricher>,
+    pub logs: Arc<LogOutputs>,
 }
 
 /// Claims the plugin's namespace, then loads and compiles it, linked and ready to
 /// instantiate. `staging`: the build is to replace a running one.
 pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<TenantBudget>>, staging: Option<Arc<Staging>>) -> anyhow::Result<PluginSpec> {
-    let HostServices { engine, sink, metrics, enricher } = host;
+    let HostServices { engine, sink, metrics, enricher, logs } = host;
     let namespace = namespace_of(config, tenant.as_deref());
     let parent = tenant.as_ref().map(|t| t.owner());
     let budget = Arc::new(Budget::new(&config.name, config.limits, tenant, metrics).with_family_overflow(config.family_overflow.clone()));
@@ -63,6 +64,7 @@ pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<Te
         engine: engine.clone(),
         sink: sink.clone(),
         enricher: enricher.clone(),
+        logs: logs.clone(),
         uses_enrichment,
         version,
         state,

@@ -27,7 +27,12 @@ use crate::{
     enrich::Enricher,
     events::{Batch, CgroupScope, CompiledFilters, EventFilter, Subscriber, filter::MAX_FILTERS},
     probes::{self, Kind},
-    sinks::{MetricSink, SelfMetrics, logs::sanitize, metrics::Staging, self_metrics::PluginCounters},
+    sinks::{
+        MetricSink, SelfMetrics,
+        logs::{LogOutputs, sanitize},
+        metrics::Staging,
+        self_metrics::PluginCounters,
+    },
 };
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -47,6 +52,7 @@ pub struct PluginSpec {
     pub engine: Arc<PluginEngine>,
     pub sink: Arc<MetricSink>,
     pub enricher: Arc<Enricher>,
+    pub logs: Arc<LogOutputs>,
     /// Whether the component imports the enrichment interface (then the host observes
     /// process events to keep its answers right).
     pub uses_enrichment: bool,

@@ -28,6 +28,17 @@ struct RefusalLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutputLabels {
+    output: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutputDropLabels {
+    output: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FamilyLabels {
     plugin: String,
     family: String,
@@ -52,6 +63,10 @@ pub struct SelfMetrics {
     plugin_quarantined: Family<PluginLabels, Gauge>,
     plugin_refusals: Family<RefusalLabels, Counter>,
     plugin_series_refused: Family<FamilyLabels, Counter>,
+    log_delivered: Family<OutputLabels, Counter>,
+    log_dropped: Family<OutputDropLabels, Counter>,
+    log_send_errors: Family<OutputLabels, Counter>,
+    log_buffered: Family<OutputLabels, Gauge>,
     /// Which families each plugin has a `plugin_series_refused` series for.
     refused_families: Arc<Mutex<HashMap<String, BTreeSet<String>>>>,
 }
@@ -65,6 +80,17 @@ pub struct ProbeCounters {
     pub kernel_drops: Counter,
     /// Records of a size the kind's layout does not have (not delivered).
     pub malformed: Counter,
+}
+
+/// One log output's counters.
+#[derive(Clone, Debug)]
+pub struct OutputCounters {
+    pub delivered: Counter,
+    pub buffer_full: Counter,
+    pub rejected: Counter,
+    pub shutdown: Counter,
+    pub send_errors: Counter,
+    pub buffered: Gauge,
 }
 
 /// One plugin's counters.
@@ -116,7 +142,29 @@ impl SelfMetrics {
             "New label sets of a full family that got no series of their own (counted in its __other__ series, or refused, as its overflow policy says).",
             m.plugin_series_refused.clone(),
         );
+        r.register("log_records", "Plugin log records a log output delivered.", m.log_delivered.clone());
+        r.register(
+            "log_dropped_records",
+            "Plugin log records a log output did not deliver, by reason: buffer_full (its buffer was at its bound), rejected (the receiver refused them), shutdown (still held when the daemon stopped).",
+            m.log_dropped.clone(),
+        );
+        r.register("log_send_errors", "Failed attempts of a log output to deliver a batch (each is retried with backoff).", m.log_send_errors.clone());
+        r.register("log_buffered_records", "Plugin log records waiting in a log output's buffer.", m.log_buffered.clone());
         m
+    }
+
+    /// One log output's counters.
+    pub fn log_output(&self, output: &str) -> OutputCounters {
+        let l = OutputLabels { output: output.to_owned() };
+        let dropped = |reason| self.log_dropped.get_or_create(&OutputDropLabels { output: output.to_owned(), reason }).clone();
+        OutputCounters {
+            delivered: self.log_delivered.get_or_create(&l).clone(),
+            buffer_full: dropped("buffer_full"),
+            rejected: dropped("rejected"),
+            shutdown: dropped("shutdown"),
+            send_errors: self.log_send_errors.get_or_create(&l).clone(),
+            buffered: self.log_buffered.get_or_create(&l).clone(),
+        }
     }
 
     pub fn probe(&self, probe: &str) -> ProbeCounters {

@@ -197,6 +197,14 @@ impl Plugin for Hostile {
                     logs::log(Level::Info, &big, &[("k".into(), "v".repeat(1000))]);
                 }
             }
+            // Not an attack: the log export tests' records, one per event, numbered.
+            "log-each" => {
+                for r in batch.records() {
+                    self.count += 1;
+                    let fields = [("n".into(), self.count.to_string()), ("syscall".into(), r.syscall_nr.to_string()), ("token".into(), self.token.clone())];
+                    logs::log(Level::Info, "event seen", &fields);
+                }
+            }
             "log-injection" => {
                 logs::log(Level::Warn, "hello\nFORGED-LINE wasmtap: all good", &[("x\ny".into(), "a\nFORGED-FIELD".into())]);
                 println!("stdout\n\nFORGED-STDOUT");

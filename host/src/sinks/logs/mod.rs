@@ -1,25 +1,31 @@
-//! The plugin log sink: plugin records (and their stdout/stderr) go to the daemon's
-//! own log stream, tagged with the plugin, under the plugin's byte budget, and escaped so
-//! nothing a plugin writes can pass for a line of the daemon's.
-//!
-//! Text output goes through `tracing` with the message and fields escaped. JSON output
-//! (`--json-logs`) is written here, one line per record, so that the plugin's fields stay
-//! structured (`tracing` needs field names known at compile time).
+//! The plugin log sink: plugin records (and their stdout/stderr), under the plugin's
+//! byte budget, become structured [`LogRecord`]s (the plugin's fields kept as fields; the
+//! host adds plugin, tenant, node and time) and go to the configured outputs (see
+//! [`outputs`]): JSON lines, syslog, Loki, OTLP. With none configured they go to the
+//! daemon's own log stream, escaped so nothing a plugin writes can pass for a line of
+//! the daemon's.
+
+mod buffer;
+mod http;
+mod json_lines;
+mod loki;
+mod otlp;
+pub mod outputs;
+mod syslog;
 
 use std::{
-    io::Write as _,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering::Relaxed},
-    },
+    sync::{Arc, Mutex},
+    time::SystemTime,
 };
 
-use serde_json::json;
+pub use outputs::{LogOutputs, check_output_parts, use_json};
+use serde::Deserialize;
 
 use crate::budget::Budget;
 
 /// Log levels a plugin can use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Level {
     Trace,
     Debug,
@@ -28,19 +34,52 @@ pub enum Level {
     Error,
 }
 
+impl Level {
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Trace => "trace",
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        }
+    }
+}
+
+/// One plugin log record, as every output sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRecord {
+    pub time: SystemTime,
+    pub level: Level,
+    pub plugin: String,
+    pub tenant: Option<String>,
+    pub message: String,
+    /// The plugin's fields, in its order (keys may repeat).
+    pub fields: Vec<(String, String)>,
+}
+
+impl LogRecord {
+    /// Bytes the record holds (what buffers count).
+    pub fn size(&self) -> usize {
+        size_of::<Self>()
+            + self.plugin.len()
+            + self.tenant.as_ref().map_or(0, String::len)
+            + self.message.len()
+            + self.fields.iter().map(|(k, v)| 48 + k.len() + v.len()).sum::<usize>()
+    }
+
+    /// Nanoseconds since the Unix epoch.
+    pub fn unix_nanos(&self) -> u64 {
+        self.time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    }
+}
+
 /// Longest message kept from one record; the rest is cut (and says so).
 pub const MAX_MESSAGE_BYTES: usize = 4096;
 /// Fields kept from one record, and the longest key and value.
 const MAX_FIELDS: usize = 16;
 const MAX_KEY_BYTES: usize = 64;
 const MAX_VALUE_BYTES: usize = 1024;
-
-static JSON: AtomicBool = AtomicBool::new(false);
-
-/// Makes plugin records JSON lines, like the daemon's own (`--json-logs`).
-pub fn use_json(on: bool) {
-    JSON.store(on, Relaxed);
-}
 
 /// `text` cut to at most about `max` bytes, with control characters escaped (`\n`,
 /// `\u{1b}`), so it stays one line whatever it holds.
@@ -61,9 +100,10 @@ pub fn sanitize(text: &str, max: usize) -> String {
 }
 
 /// One plugin's log output.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LogSink {
     budget: Arc<Budget>,
+    outputs: Arc<LogOutputs>,
     /// The last warning or error the plugin wrote (a panic message, say), kept even when
     /// over budget so that a fault report can show it.
     last_problem: Arc<Mutex<Option<String>>>,
@@ -73,8 +113,8 @@ pub struct LogSink {
 const MAX_PROBLEM_BYTES: usize = 512;
 
 impl LogSink {
-    pub fn new(budget: Arc<Budget>) -> Self {
-        Self { budget, last_problem: Arc::default() }
+    pub fn new(budget: Arc<Budget>, outputs: Arc<LogOutputs>) -> Self {
+        Self { budget, outputs, last_problem: Arc::default() }
     }
 
     pub fn clear_last_problem(&self) {
@@ -92,14 +132,7 @@ impl LogSink {
         if level >= Level::Warn {
             *self.last_problem.lock().expect("last problem") = Some(sanitize(message, MAX_PROBLEM_BYTES));
         }
-        let shown = match level {
-            Level::Trace => tracing::enabled!(tracing::Level::TRACE),
-            Level::Debug => tracing::enabled!(tracing::Level::DEBUG),
-            Level::Info => tracing::enabled!(tracing::Level::INFO),
-            Level::Warn => tracing::enabled!(tracing::Level::WARN),
-            Level::Error => tracing::enabled!(tracing::Level::ERROR),
-        };
-        if !shown {
+        if !self.outputs.wants(level) {
             return false; // filtered out: costs no budget
         }
         let max = MAX_MESSAGE_BYTES.min(self.budget.log_burst());
@@ -109,34 +142,8 @@ impl LogSink {
         if self.budget.take_log_bytes(size.max(1)).is_err() {
             return false;
         }
-        let plugin = self.budget.plugin.as_str();
-        if JSON.load(Relaxed) {
-            let level = match level {
-                Level::Trace => "TRACE",
-                Level::Debug => "DEBUG",
-                Level::Info => "INFO",
-                Level::Warn => "WARN",
-                Level::Error => "ERROR",
-            };
-            let attrs: serde_json::Map<String, serde_json::Value> = fields.into_iter().map(|(k, v)| (k, v.into())).collect();
-            let line = json!({
-                "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-                "level": level,
-                "fields": { "message": message, "plugin": plugin, "attrs": attrs },
-                "target": "wasmtap::plugin",
-            });
-            // One write per line, so lines from threads do not interleave.
-            let _ = std::io::stderr().lock().write_all(format!("{line}\n").as_bytes());
-            return true;
-        }
-        let fields = fields.iter().map(|(k, v)| format!("{k}={v:?}")).collect::<Vec<_>>().join(" ");
-        match level {
-            Level::Trace => tracing::trace!(plugin, fields, "{message}"),
-            Level::Debug => tracing::debug!(plugin, fields, "{message}"),
-            Level::Info => tracing::info!(plugin, fields, "{message}"),
-            Level::Warn => tracing::warn!(plugin, fields, "{message}"),
-            Level::Error => tracing::error!(plugin, fields, "{message}"),
-        }
+        let tenant = self.budget.tenant.as_ref().map(|t| t.name.clone());
+        self.outputs.submit(LogRecord { time: SystemTime::now(), level, plugin: self.budget.plugin.clone(), tenant, message, fields });
         true
     }
 }
@@ -151,13 +158,13 @@ mod tests {
         let subscriber = tracing_subscriber::fmt().with_test_writer().finish();
         tracing::subscriber::with_default(subscriber, || {
             let budget = Arc::new(Budget::unmetered("p", PluginLimits { log_bytes_per_second: 1000, ..Default::default() }));
-            let sink = LogSink::new(budget.clone());
+            let sink = LogSink::new(budget.clone(), LogOutputs::daemon_log());
             // Below the level shown: costs nothing.
             assert!(!sink.log(Level::Trace, &"m".repeat(4000), &[]));
             let written = (0..100).filter(|_| sink.log(Level::Info, &"m".repeat(100), &[])).count();
             assert!((39..=41).contains(&written), "burst of 4 s at 1000 B/s: {written}");
             // A restarted instance gets a new sink over the same budget.
-            assert!(!LogSink::new(budget).log(Level::Info, &"m".repeat(100), &[]));
+            assert!(!LogSink::new(budget, LogOutputs::daemon_log()).log(Level::Info, &"m".repeat(100), &[]));
         });
     }
 
