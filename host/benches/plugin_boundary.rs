@@ -135,6 +135,7 @@ fn main() {
         metrics: SelfMetrics::default(),
         enricher: Arc::new(Enricher::new()),
         logs: LogOutputs::daemon_log(),
+        recorder: None,
     };
     let config = PluginConfig::bundled("syscall-latency", "syscall-latency");
     let spec = plugins::prepare(&services, &config, None, None).expect("plugin");

@@ -16,6 +16,7 @@ use crate::{
     events::Router,
     plugins::{HostServices, PluginEngine, engine::Compiler, registry::Registry},
     probes::attached::Attached,
+    recording::record::Recorder,
     server::{
         self, AppState,
         admin::{self, Overrides},
@@ -25,7 +26,7 @@ use crate::{
 
 /// Runs `config` until SIGINT/SIGTERM. `config_path` is re-read on SIGHUP (none: the
 /// embedded default, which never changes); `overrides` (the command line's) win over it.
-pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
+pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overrides, record: Option<(PathBuf, u64)>) -> anyhow::Result<()> {
     // Before anything can report healthy, so a SIGTERM always takes the orderly path.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -50,12 +51,20 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
     let exe = std::env::current_exe().context("locating wasmtap's own executable (it compiles plugins in a child process)")?;
     let enricher = Arc::new(Enricher::new());
     let logs = LogOutputs::start(&config.logs, &self_metrics)?;
+    let recorder = match &record {
+        Some((path, max_bytes)) => {
+            tracing::info!(path = %path.display(), max_bytes, "recording every batch the plugins get");
+            Some(Recorder::start(path, crate::probes::KINDS, *max_bytes)?)
+        }
+        None => None,
+    };
     let services = HostServices {
         engine: Arc::new(PluginEngine::new(cache_dir.ok().map(|dir| (dir, config.cache_max_bytes)), Compiler::Child(exe))?),
         sink: sink.clone(),
         metrics: self_metrics.clone(),
         enricher: enricher.clone(),
         logs: logs.clone(),
+        recorder: recorder.clone(),
     };
     let router = Arc::new(Router::default());
     let attached = Attached::new(config.probes.clone(), router.clone(), self_metrics.clone(), enricher)?;
@@ -113,6 +122,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, overrides: Overri
     }
     tokio::task::spawn_blocking(move || registry.shutdown()).await?;
     logs.shutdown().await;
+    if let Some(recorder) = recorder {
+        match recorder.finish() {
+            Ok(summary) => tracing::info!(bytes = summary.bytes, dropped = summary.dropped, records = ?summary.records, "recording written"),
+            Err(e) => tracing::error!("the recording is incomplete: {e:#}"),
+        }
+    }
     stop_server.cancel();
     let _ = server.await;
     tracing::info!("stopped");

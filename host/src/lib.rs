@@ -14,5 +14,6 @@ pub mod names;
 pub mod plugins;
 pub mod privileges;
 pub mod probes;
+pub mod recording;
 pub mod server;
 pub mod sinks;

@@ -31,6 +31,14 @@ enum Command {
         /// default bpf,perfmon); every other one is dropped at start.
         #[arg(long, value_delimiter = ',')]
         capabilities_keep: Option<Vec<String>>,
+        /// Also record every batch the plugins get to this file (for `wasmtap replay`);
+        /// written until the daemon stops.
+        #[arg(long)]
+        record: Option<PathBuf>,
+        /// Stop writing the recording past this many bytes (later batches are counted as
+        /// dropped).
+        #[arg(long, default_value_t = 1 << 30)]
+        record_max_bytes: u64,
     },
     /// Change the running daemon's plugins through its admin socket.
     Plugin {
@@ -39,6 +47,47 @@ enum Command {
         socket: Option<PathBuf>,
         #[command(subcommand)]
         verb: PluginVerb,
+    },
+    /// Record the probes' batches to a file (needs root), to replay plugins over later.
+    Record {
+        /// The recording to create (an existing file is never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// How long to record (e.g. 30s, 5m); default: until Ctrl-C or SIGTERM.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Kinds to record, comma-separated (default: syscall, process, sched, tcp).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+        /// Only these processes (and, for the kinds that follow children, their children).
+        #[arg(long = "pid")]
+        pids: Vec<u32>,
+        /// Only tasks in these cgroup v2 ids.
+        #[arg(long = "cgroup")]
+        cgroups: Vec<u64>,
+        /// Only tasks with these names.
+        #[arg(long = "comm")]
+        comms: Vec<String>,
+        /// A kind's filter parameter, KIND:NAME=V1,V2 (e.g. syscall:syscalls=read,write,
+        /// uprobe:probes=usdt:/usr/bin/x:provider:name); repeat for more.
+        #[arg(long = "param")]
+        params: Vec<String>,
+        /// Stop writing past this many bytes (what comes later is counted as dropped).
+        #[arg(long, default_value_t = 1 << 30)]
+        max_bytes: u64,
+    },
+    /// Run one plugin over a recording (no root needed): prints its metrics (Prometheus
+    /// text) on stdout, its log records as JSON lines on stderr.
+    Replay {
+        recording: PathBuf,
+        #[command(flatten)]
+        source: Source,
+        /// The plugin's instance name (default: the file's or bundled plugin's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// A `key = value` line (TOML) of the plugin's config; repeat for more.
+        #[arg(long = "set")]
+        set: Vec<String>,
     },
     /// Check what this machine offers wasmtap, with a fix for each problem.
     Check,
@@ -98,7 +147,7 @@ struct Source {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config: config_path, listen, json_logs, admin_socket, capabilities_keep } => {
+        Command::Run { config: config_path, listen, json_logs, admin_socket, capabilities_keep, record, record_max_bytes } => {
             // stderr, like plugin records in JSON mode (written by the log sink).
             // Colours only for a person at a terminal, never into a file or journal.
             let logs = tracing_subscriber::fmt()
@@ -121,7 +170,7 @@ fn main() -> ExitCode {
                 })
                 .and_then(|config| {
                     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-                    runtime.block_on(daemon::run(config, config_path, overrides))
+                    runtime.block_on(daemon::run(config, config_path, overrides, record.map(|path| (path, record_max_bytes))))
                 });
             match result {
                 Ok(()) => ExitCode::SUCCESS,
@@ -143,6 +192,43 @@ fn main() -> ExitCode {
             match cli::run(&socket, request) {
                 Ok(out) => {
                     print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Record { out, duration, kinds, pids, cgroups, comms, params, max_bytes } => {
+            tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(EnvFilter::new("warn")).init();
+            let options = wasmtap::recording::record::Options { out, duration, kinds, pids, cgroups, comms, params, max_bytes };
+            match wasmtap::recording::record::record(&options) {
+                Ok(summary) => {
+                    let counts: Vec<String> = summary.records.iter().map(|(kind, n)| format!("{n} {kind}")).collect();
+                    eprintln!("recorded {} records ({} bytes); {} dropped", counts.join(", "), summary.bytes, summary.dropped);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Replay { recording, source, name, set } => {
+            tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(EnvFilter::new("warn")).init();
+            let name = name
+                .or_else(|| source.bundled.clone())
+                .or_else(|| source.path.as_ref().and_then(|p| p.file_stem()).map(|s| s.to_string_lossy().replace('_', "-")));
+            let Some(name) = name.filter(|_| source.path.is_some() || source.bundled.is_some()) else {
+                eprintln!("error: name the plugin: --path FILE.wasm or --bundled NAME");
+                return ExitCode::FAILURE;
+            };
+            let plugin = cli::section(Some(&name), source.path, source.bundled, &set);
+            match wasmtap::recording::replay::replay(&wasmtap::recording::replay::Options { recording, plugin }) {
+                Ok(outcome) => {
+                    print!("{}", outcome.metrics);
+                    eprintln!("replayed {} records in {} batches", outcome.records, outcome.batches);
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -87,6 +87,12 @@ impl Instance {
     pub fn tick(&mut self, deadline: Duration) -> anyhow::Result<()> {
         let now =
             nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64).unwrap_or_default();
+        self.tick_at(deadline, now)
+    }
+
+    /// A tick at `now` (monotonic nanoseconds, the clock of record timestamps): a
+    /// replay's ticks follow the recording's clock.
+    pub fn tick_at(&mut self, deadline: Duration, now: u64) -> anyhow::Result<()> {
         self.store.set_epoch_deadline(PluginEngine::ticks(deadline));
         self.store.data_mut().begin_call();
         let result = self.bindings.wasmtap_plugin_handler().call_tick(&mut self.store, now);

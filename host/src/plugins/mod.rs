@@ -22,6 +22,7 @@ use crate::{
     budget::{Budget, Reason, Refusal, TenantBudget},
     config::{ConfigNode, PluginConfig},
     enrich::Enricher,
+    recording::record::Recorder,
     sinks::{MetricSink, SelfMetrics, logs::LogOutputs, metrics::Staging},
 };
 
@@ -33,12 +34,14 @@ pub struct HostServices {
     pub metrics: SelfMetrics,
     pub enricher: Arc<Enricher>,
     pub logs: Arc<LogOutputs>,
+    /// `wasmtap run --record`: sees every batch the plugins get.
+    pub recorder: Option<Arc<Recorder>>,
 }
 
 /// Claims the plugin's namespace, then loads and compiles it, linked and ready to
 /// instantiate. `staging`: the build is to replace a running one.
 pub fn prepare(host: &HostServices, config: &PluginConfig, tenant: Option<Arc<TenantBudget>>, staging: Option<Arc<Staging>>) -> anyhow::Result<PluginSpec> {
-    let HostServices { engine, sink, metrics, enricher, logs } = host;
+    let HostServices { engine, sink, metrics, enricher, logs, .. } = host;
     let namespace = namespace_of(config, tenant.as_deref());
     let parent = tenant.as_ref().map(|t| t.owner());
     let budget = Arc::new(Budget::new(&config.name, config.limits, tenant, metrics).with_family_overflow(config.family_overflow.clone()));

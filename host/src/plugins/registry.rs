@@ -427,7 +427,9 @@ impl Registry {
     }
 
     fn observers(&self, inner: &Inner, also_enrichment: bool) -> Vec<Arc<dyn Observer>> {
-        if self.enrichment(inner) || also_enrichment { vec![self.services.enricher.clone() as Arc<dyn Observer>] } else { Vec::new() }
+        let enricher = (self.enrichment(inner) || also_enrichment).then(|| self.services.enricher.clone() as Arc<dyn Observer>);
+        let recorder = self.services.recorder.clone().map(|r| r as Arc<dyn Observer>);
+        enricher.into_iter().chain(recorder).collect()
     }
 
     /// Routes to the running set, then fits the kernel to it.

@@ -38,7 +38,7 @@ use crate::{
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The shortest tick interval a manifest gets.
-const MIN_TICK: Duration = Duration::from_millis(10);
+pub const MIN_TICK: Duration = Duration::from_millis(10);
 /// At most one fault line per plugin this often (the rest are counted in it).
 const FAULT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -180,7 +180,7 @@ enum Control {
 
 /// The manifest's subscriptions as host filters per kind, within the plugin's
 /// subscription and filter-entry budgets.
-fn subscriptions(manifest: &Manifest, budget: &Budget) -> anyhow::Result<Vec<(Kind, Vec<EventFilter>)>> {
+pub fn subscriptions(manifest: &Manifest, budget: &Budget) -> anyhow::Result<Vec<(Kind, Vec<EventFilter>)>> {
     let limits = &budget.limits;
     let max = limits.subscriptions.min(MAX_FILTERS);
     let count = manifest.subscriptions.len();

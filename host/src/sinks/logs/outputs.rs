@@ -33,10 +33,19 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
 /// The configured outputs.
 pub struct LogOutputs {
     buffers: Vec<Arc<Buffer>>,
-    /// The lowest level any output takes (`None`: no outputs, the daemon's log).
+    /// The lowest level any output takes (`None`: no outputs, written directly).
     min_level: Option<Level>,
+    /// Where records go without outputs.
+    direct: Direct,
     stop: CancellationToken,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+enum Direct {
+    /// The daemon's own log stream.
+    DaemonLog,
+    /// JSON lines on stderr, at once (`wasmtap replay`).
+    StderrJson { node: String },
 }
 
 static JSON: AtomicBool = AtomicBool::new(false);
@@ -50,7 +59,16 @@ pub fn use_json(on: bool) {
 impl LogOutputs {
     /// No outputs: records go to the daemon's log.
     pub fn daemon_log() -> Arc<Self> {
-        Arc::new(Self { buffers: Vec::new(), min_level: None, stop: CancellationToken::new(), tasks: Mutex::default() })
+        Self::direct(Direct::DaemonLog)
+    }
+
+    /// No outputs: records are written to stderr as JSON lines as they come.
+    pub fn stderr_json(node: &str) -> Arc<Self> {
+        Self::direct(Direct::StderrJson { node: node.to_owned() })
+    }
+
+    fn direct(direct: Direct) -> Arc<Self> {
+        Arc::new(Self { buffers: Vec::new(), min_level: None, direct, stop: CancellationToken::new(), tasks: Mutex::default() })
     }
 
     /// Starts each configured output's shipping task on the current runtime.
@@ -81,21 +99,27 @@ impl LogOutputs {
             tasks.push(task);
         }
         let min_level = settings.outputs.iter().map(|o| o.min_level).min();
-        Ok(Arc::new(Self { buffers, min_level, stop, tasks: Mutex::new(tasks) }))
+        Ok(Arc::new(Self { buffers, min_level, direct: Direct::DaemonLog, stop, tasks: Mutex::new(tasks) }))
     }
 
     /// Whether any output takes records of `level`.
     pub fn wants(&self, level: Level) -> bool {
-        match self.min_level {
-            Some(min) => level >= min,
-            None => daemon_log_shows(level),
+        match (self.min_level, &self.direct) {
+            (Some(min), _) => level >= min,
+            (None, Direct::DaemonLog) => daemon_log_shows(level),
+            (None, Direct::StderrJson { .. }) => true,
         }
     }
 
     /// Hands `record` to every output that takes its level. Never blocks on an output.
     pub fn submit(&self, record: LogRecord) {
         if self.buffers.is_empty() {
-            return to_daemon_log(&record);
+            return match &self.direct {
+                Direct::DaemonLog => to_daemon_log(&record),
+                Direct::StderrJson { node } => {
+                    let _ = std::io::stderr().lock().write_all(super::json_lines::line(&record, node).as_bytes());
+                }
+            };
         }
         let record = Arc::new(record);
         self.buffers.iter().for_each(|b| b.submit(&record));
