@@ -131,6 +131,14 @@ enum PluginVerb {
     Unload { name: String },
     /// Re-read the daemon's config file and apply the difference (as SIGHUP does).
     Reload,
+    /// Validate a plugin component offline (no daemon): size, WIT version, imports
+    /// (and the std features behind them), and a dry run of its init.
+    Check {
+        file: PathBuf,
+        /// A `key = value` line (TOML) of the config for the dry run; repeat for more.
+        #[arg(long = "set")]
+        set: Vec<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -180,6 +188,19 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Plugin { verb: PluginVerb::Check { file, set }, .. } => {
+            tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(EnvFilter::new("warn")).init();
+            match wasmtap::plugins::inspect::check(&file, &set) {
+                Ok((report, ok)) => {
+                    print!("{report}");
+                    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Plugin { socket, verb } => {
             let socket = socket.unwrap_or_else(wasmtap::config::default_admin_socket);
             let request = match verb {
@@ -188,6 +209,7 @@ fn main() -> ExitCode {
                 PluginVerb::Replace { name, source, set } => cli::Request::Replace(name, cli::section(None, source.path, source.bundled, &set)),
                 PluginVerb::Unload { name } => cli::Request::Unload(name),
                 PluginVerb::Reload => cli::Request::Reload,
+                PluginVerb::Check { .. } => unreachable!("handled above"),
             };
             match cli::run(&socket, request) {
                 Ok(out) => {

@@ -5,6 +5,7 @@ pub mod bundled;
 pub mod cache;
 pub mod engine;
 pub mod host;
+pub mod inspect;
 pub mod instance;
 pub mod registry;
 pub mod wasi;
