@@ -131,6 +131,18 @@ enum PluginVerb {
     Unload { name: String },
     /// Re-read the daemon's config file and apply the difference (as SIGHUP does).
     Reload,
+    /// Create a plugin crate (outside any checkout) that builds for wasm32-wasip2 and
+    /// passes its own test.
+    New {
+        name: String,
+        /// The directory to create it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The wasmtap-sdk crate to depend on by path (default: this build's checkout's,
+        /// if present, else the published version).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
     /// Validate a plugin component offline (no daemon): size, WIT version, imports
     /// (and the std features behind them), and a dry run of its init.
     Check {
@@ -201,6 +213,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Plugin { verb: PluginVerb::New { name, dir, sdk }, .. } => match wasmtap::plugins::scaffold::new_plugin(&name, &dir, sdk) {
+            Ok(next) => {
+                print!("{next}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Plugin { socket, verb } => {
             let socket = socket.unwrap_or_else(wasmtap::config::default_admin_socket);
             let request = match verb {
@@ -209,7 +231,7 @@ fn main() -> ExitCode {
                 PluginVerb::Replace { name, source, set } => cli::Request::Replace(name, cli::section(None, source.path, source.bundled, &set)),
                 PluginVerb::Unload { name } => cli::Request::Unload(name),
                 PluginVerb::Reload => cli::Request::Reload,
-                PluginVerb::Check { .. } => unreachable!("handled above"),
+                PluginVerb::Check { .. } | PluginVerb::New { .. } => unreachable!("handled above"),
             };
             match cli::run(&socket, request) {
                 Ok(out) => {

@@ -2,7 +2,7 @@
 //! can also run natively against an in-process host (the plugin-boundary benchmark
 //! compares the two). Plugins use the default, [`Wit`]: the component's imports.
 
-use crate::bindings::wasmtap::plugin::{metrics, names};
+use crate::{host_names as names, metrics};
 pub use metrics::{FamilyDesc, MetricKind};
 
 /// What the SDK needs from the host.

@@ -45,7 +45,7 @@ pub use wasmtap_events::{ProcessRecord, Record, RecordHeader, SchedRecord, Sysca
 /// Bindings generated from `wit/` (the one contract with the host).
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         // Every SDK plugin exports `state`; one that keeps no state answers "none".
         world: "stateful-plugin",
         pub_export_macro: true,
@@ -55,7 +55,18 @@ pub mod bindings {
 }
 
 pub use bindings::wasmtap::plugin::types::{ConfigValue, Filter, HostInfo, Manifest, Subscription};
+// The host's interfaces: the component's imports in a Wasm build; natively (an author's
+// `cargo test`), the same names served by the thread's `testkit::TestHost`.
+#[cfg(target_family = "wasm")]
+use bindings::wasmtap::plugin::names as host_names;
+#[cfg(target_family = "wasm")]
 pub use bindings::wasmtap::plugin::{enrich, logs, metrics};
+#[cfg(not(target_family = "wasm"))]
+use testkit::imports::names as host_names;
+#[cfg(not(target_family = "wasm"))]
+pub use testkit::imports::{enrich, logs, metrics};
+#[cfg(not(target_family = "wasm"))]
+pub mod testkit;
 
 impl Default for Filter {
     /// Everything of the kind.

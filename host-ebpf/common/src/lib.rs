@@ -89,6 +89,13 @@ pub unsafe trait Record: Copy + Default + 'static {
         unsafe { &*(self as *const Self).cast::<RecordHeader>() }
     }
 
+    /// The header, to change (building records for a test).
+    #[inline]
+    fn header_mut(&mut self) -> &mut RecordHeader {
+        // SAFETY: every record type starts with a `RecordHeader` (asserted per kind).
+        unsafe { &mut *(self as *mut Self).cast::<RecordHeader>() }
+    }
+
     /// The record's bytes, as they sit in a batch.
     #[inline]
     fn as_bytes(&self) -> &[u8] {

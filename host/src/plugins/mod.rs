@@ -8,6 +8,7 @@ pub mod host;
 pub mod inspect;
 pub mod instance;
 pub mod registry;
+pub mod scaffold;
 pub mod wasi;
 pub mod worker;
 
