@@ -404,6 +404,96 @@ fn enrichment() {
     }
 }
 
+/// A Loki push receiver that only counts the entries it takes (so it is never the
+/// bottleneck): HTTP/1.1 keep-alive, one thread per connection.
+fn loki_counter() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::{io::Read as _, io::Write as _, sync::atomic::Ordering::Relaxed};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let counted = counted.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut writer = stream;
+                loop {
+                    let mut length = 0;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let push: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    let entries: usize = push["streams"].as_array().into_iter().flatten().map(|s| s["values"].as_array().map_or(0, Vec::len)).sum();
+                    counted.fetch_add(entries as u64, Relaxed);
+                    if writer.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, count)
+}
+
+/// Log export to Loki: a plugin logs one record (three fields) per getppid of the
+/// syscall loop; records/s delivered, and the daemon's CPU per record over the same
+/// plugin logging nothing.
+fn log_export() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const RECORDS: u64 = 300_000;
+    let (port, received) = loki_counter();
+    let plugin = |mode: &str| {
+        format!(
+            "[[plugin]]\nname = \"logger\"\npath = \"{HOSTILE_WASM}\"\nlog_bytes_per_second = 67108864\nqueue_batches = 4096\n\
+             config = {{ mode = \"{mode}\", comm = \"wt-syscall-loop\", syscall = \"getppid\", token = \"bench\" }}\n"
+        )
+    };
+    let output = format!(
+        "[[logs.output]]\nkind = \"loki\"\nurl = \"http://127.0.0.1:{port}/loki/api/v1/push\"\nbuffer_records = 400000\nbuffer_bytes = 1073741824\nbatch_records = 5000\nbatch_wait_ms = 100\n\n"
+    );
+    let mut cpu = Vec::new();
+    let mut rates = Vec::new();
+    for mode in ["none", "log-each"] {
+        let daemon = Daemon::start(Some(&(output.clone() + &plugin(mode))));
+        let before = received.load(Relaxed);
+        let c0 = cpu_ns(daemon.child.id());
+        let started = std::time::Instant::now();
+        syscall_loop_n(RECORDS, 0);
+        let events = || sample(&daemon.metrics(), "wasmtap_plugin_events_total", &[("plugin", "logger")]).unwrap_or(0.0);
+        wait_for(Duration::from_secs(120), "the plugin to handle every call", || (events() >= RECORDS as f64).then_some(()));
+        if mode == "log-each" {
+            wait_for(Duration::from_secs(120), "Loki to receive every record", || (received.load(Relaxed) - before >= RECORDS).then_some(()));
+            rates.push(RECORDS as f64 / started.elapsed().as_secs_f64());
+            let dropped = wasmtap_tests::sum_samples(&daemon.metrics(), "wasmtap_log_dropped_records_total", &[]);
+            assert_eq!(dropped, 0.0, "no record dropped");
+        }
+        cpu.push(cpu_ns(daemon.child.id()) - c0);
+    }
+    println!("log export to Loki (push API, JSON): one record with 3 fields per getppid, {RECORDS} records");
+    println!("  delivered {:.0} records/s (loop start to the last record received)", rates[0]);
+    println!(
+        "  daemon CPU: {:.0} ms without logging, {:.0} ms logging and exporting: {:.0} ns per record (the plugin's log call, the host's record and the export)",
+        cpu[0] / 1e6,
+        cpu[1] / 1e6,
+        (cpu[1] - cpu[0]) / RECORDS as f64
+    );
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -415,7 +505,7 @@ fn main() {
         let _ = Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]).status();
     }
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    // One section only: `wasmtap-bench overhead|process|enrichment|sched|tcp|pg|swap|load`.
+    // One section only: `wasmtap-bench overhead|process|enrichment|sched|tcp|pg|logs|swap|load`.
     let only = std::env::args().nth(1);
     let run = |section: &str| only.as_deref().is_none_or(|o| o == section);
     if run("overhead") {
@@ -436,6 +526,9 @@ fn main() {
     if run("pg") {
         // pgbench and the server share one CPU, the daemon drains on another.
         if cpus >= 2 { pg_kind() } else { println!("uprobe kind: needs two CPUs, this machine has one") }
+    }
+    if run("logs") {
+        log_export();
     }
     if run("swap") {
         swap();

@@ -383,7 +383,7 @@ impl logs::Host for PluginState {
             logs::Level::Warn => Level::Warn,
             logs::Level::Error => Level::Error,
         };
-        self.logs.log(level, &message, &fields);
+        self.logs.log(level, message, fields);
         Ok(())
     }
 }

@@ -200,7 +200,7 @@ impl GuestOutput {
 
     fn emit(&self, line: &mut Vec<u8>) {
         if !line.is_empty() {
-            self.logs.log(self.level, &String::from_utf8_lossy(line), &[]);
+            self.logs.log(self.level, String::from_utf8_lossy(line).into_owned(), Vec::new());
             line.clear();
         }
     }

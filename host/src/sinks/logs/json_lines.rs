@@ -39,8 +39,8 @@ pub fn line(record: &LogRecord, node: &str) -> String {
         "time": humantime::format_rfc3339_nanos(record.time).to_string(),
         "level": record.level.name(),
         "node": node,
-        "plugin": record.plugin,
-        "tenant": record.tenant,
+        "plugin": &*record.plugin,
+        "tenant": record.tenant.as_deref(),
         "message": record.message,
         "fields": fields,
     });

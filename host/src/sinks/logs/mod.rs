@@ -51,8 +51,8 @@ impl Level {
 pub struct LogRecord {
     pub time: SystemTime,
     pub level: Level,
-    pub plugin: String,
-    pub tenant: Option<String>,
+    pub plugin: Arc<str>,
+    pub tenant: Option<Arc<str>>,
     pub message: String,
     /// The plugin's fields, in its order (keys may repeat).
     pub fields: Vec<(String, String)>,
@@ -61,11 +61,7 @@ pub struct LogRecord {
 impl LogRecord {
     /// Bytes the record holds (what buffers count).
     pub fn size(&self) -> usize {
-        size_of::<Self>()
-            + self.plugin.len()
-            + self.tenant.as_ref().map_or(0, String::len)
-            + self.message.len()
-            + self.fields.iter().map(|(k, v)| 48 + k.len() + v.len()).sum::<usize>()
+        size_of::<Self>() + self.message.len() + self.fields.iter().map(|(k, v)| 48 + k.len() + v.len()).sum::<usize>()
     }
 
     /// Nanoseconds since the Unix epoch.
@@ -99,11 +95,19 @@ pub fn sanitize(text: &str, max: usize) -> String {
     out
 }
 
+/// [`sanitize`], without a copy when `text` is already clean.
+pub fn sanitized(text: String, max: usize) -> String {
+    if text.len() <= max && !text.chars().any(char::is_control) { text } else { sanitize(&text, max) }
+}
+
 /// One plugin's log output.
 #[derive(Clone)]
 pub struct LogSink {
     budget: Arc<Budget>,
     outputs: Arc<LogOutputs>,
+    /// Shared by every record (not a copy each).
+    plugin: Arc<str>,
+    tenant: Option<Arc<str>>,
     /// The last warning or error the plugin wrote (a panic message, say), kept even when
     /// over budget so that a fault report can show it.
     last_problem: Arc<Mutex<Option<String>>>,
@@ -114,7 +118,8 @@ const MAX_PROBLEM_BYTES: usize = 512;
 
 impl LogSink {
     pub fn new(budget: Arc<Budget>, outputs: Arc<LogOutputs>) -> Self {
-        Self { budget, outputs, last_problem: Arc::default() }
+        let (plugin, tenant) = (budget.plugin.as_str().into(), budget.tenant.as_ref().map(|t| t.name.as_str().into()));
+        Self { budget, outputs, plugin, tenant, last_problem: Arc::default() }
     }
 
     pub fn clear_last_problem(&self) {
@@ -128,22 +133,23 @@ impl LogSink {
 
     /// Writes one record unless the plugin is over its byte budget (then the refusal
     /// is counted, and said once); returns whether it was written.
-    pub fn log(&self, level: Level, message: &str, fields: &[(String, String)]) -> bool {
+    pub fn log(&self, level: Level, message: String, mut fields: Vec<(String, String)>) -> bool {
         if level >= Level::Warn {
-            *self.last_problem.lock().expect("last problem") = Some(sanitize(message, MAX_PROBLEM_BYTES));
+            *self.last_problem.lock().expect("last problem") = Some(sanitize(&message, MAX_PROBLEM_BYTES));
         }
         if !self.outputs.wants(level) {
             return false; // filtered out: costs no budget
         }
         let max = MAX_MESSAGE_BYTES.min(self.budget.log_burst());
-        let message = sanitize(message, max);
-        let fields: Vec<(String, String)> = fields.iter().take(MAX_FIELDS).map(|(k, v)| (sanitize(k, MAX_KEY_BYTES), sanitize(v, MAX_VALUE_BYTES))).collect();
+        let message = sanitized(message, max);
+        fields.truncate(MAX_FIELDS);
+        let fields: Vec<(String, String)> = fields.into_iter().map(|(k, v)| (sanitized(k, MAX_KEY_BYTES), sanitized(v, MAX_VALUE_BYTES))).collect();
         let size = message.len() + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
         if self.budget.take_log_bytes(size.max(1)).is_err() {
             return false;
         }
-        let tenant = self.budget.tenant.as_ref().map(|t| t.name.clone());
-        self.outputs.submit(LogRecord { time: SystemTime::now(), level, plugin: self.budget.plugin.clone(), tenant, message, fields });
+        let (plugin, tenant) = (self.plugin.clone(), self.tenant.clone());
+        self.outputs.submit(LogRecord { time: SystemTime::now(), level, plugin, tenant, message, fields });
         true
     }
 }
@@ -160,11 +166,11 @@ mod tests {
             let budget = Arc::new(Budget::unmetered("p", PluginLimits { log_bytes_per_second: 1000, ..Default::default() }));
             let sink = LogSink::new(budget.clone(), LogOutputs::daemon_log());
             // Below the level shown: costs nothing.
-            assert!(!sink.log(Level::Trace, &"m".repeat(4000), &[]));
-            let written = (0..100).filter(|_| sink.log(Level::Info, &"m".repeat(100), &[])).count();
+            assert!(!sink.log(Level::Trace, "m".repeat(4000), Vec::new()));
+            let written = (0..100).filter(|_| sink.log(Level::Info, "m".repeat(100), Vec::new())).count();
             assert!((39..=41).contains(&written), "burst of 4 s at 1000 B/s: {written}");
             // A restarted instance gets a new sink over the same budget.
-            assert!(!LogSink::new(budget, LogOutputs::daemon_log()).log(Level::Info, &"m".repeat(100), &[]));
+            assert!(!LogSink::new(budget, LogOutputs::daemon_log()).log(Level::Info, "m".repeat(100), Vec::new()));
         });
     }
 

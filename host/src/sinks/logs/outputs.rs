@@ -166,13 +166,13 @@ fn daemon_log_shows(level: Level) -> bool {
 /// fields stay structured (`tracing` needs field names known at compile time).
 fn to_daemon_log(record: &LogRecord) {
     let LogRecord { level, plugin, message, fields, .. } = record;
-    let plugin = plugin.as_str();
+    let plugin = &**plugin;
     if JSON.load(Relaxed) {
         let attrs: serde_json::Map<String, serde_json::Value> = fields.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
         let line = json!({
             "timestamp": humantime::format_rfc3339_micros(record.time).to_string(),
             "level": level.name().to_uppercase(),
-            "fields": { "message": message, "plugin": plugin, "tenant": record.tenant, "attrs": attrs },
+            "fields": { "message": message, "plugin": plugin, "tenant": record.tenant.as_deref(), "attrs": attrs },
             "target": "wasmtap::plugin",
         });
         // One write per line, so lines from threads do not interleave.
