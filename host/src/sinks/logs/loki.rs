@@ -32,7 +32,8 @@ impl Loki {
 /// record cost several µs of allocation per record).
 pub fn body(batch: &[Arc<LogRecord>], node: &str, static_labels: &BTreeMap<String, String>) -> Vec<u8> {
     // Streams by (plugin, tenant, level), in order of first appearance: few per batch.
-    let mut streams: Vec<((&str, Option<&str>, Level), Vec<&LogRecord>)> = Vec::new();
+    type Stream<'a> = ((&'a str, Option<&'a str>, Level), Vec<&'a LogRecord>);
+    let mut streams: Vec<Stream> = Vec::new();
     for r in batch {
         let key = (&*r.plugin, r.tenant.as_deref(), r.level);
         match streams.iter_mut().find(|(k, _)| *k == key) {
