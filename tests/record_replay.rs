@@ -105,3 +105,44 @@ fn replay_says_what_is_wrong_with_its_input() {
     let out = Command::new(built("wasmtap")).args(["replay"]).arg(&bad).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--path FILE.wasm or --bundled NAME"));
 }
+
+/// The Python twin of syscall-latency (plugins/syscall-latency-py, built by `./dev` with
+/// componentize-py) gives the Rust plugin's exposition, line for line, on the same
+/// recording.
+#[test]
+fn the_python_plugin_gives_exactly_the_rust_plugins_metrics_on_the_same_recording() {
+    if !privileged_or_skip("the_python_plugin_gives_exactly_the_rust_plugins_metrics_on_the_same_recording") {
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let python = root.join("target/python/syscall-latency-py.wasm");
+    assert!(python.is_file(), "{} is missing: `./dev test` builds it (componentize-py)", python.display());
+    let comm = unique_comm("py");
+    let config = format!("[[plugin]]\nname = \"syscall-latency\"\nbundled = \"syscall-latency\"\n[plugin.config]\ncomms = [\"{comm}\"]\n");
+    let dir = TempDir::new();
+    let recording = dir.0.join("twin.wtrec");
+    let mut daemon = Daemon::spawn_with_args(Some(&config), 200, None, &["--record", recording.to_str().unwrap()]);
+    run_workload(&comm, 5000, 60);
+    wait_for(Duration::from_secs(20), "the live plugin to count the workload", || {
+        (sample(&daemon.metrics(), "syscall_latency_seconds_count", &[("comm", &comm), ("syscall", "getppid")]) == Some(5000.0)).then_some(())
+    });
+    daemon.terminate();
+    let replay = |source: &[&str]| {
+        let out = Command::new(built("wasmtap"))
+            .arg("replay")
+            .args(source)
+            .args(["--name", "syscall-latency", "--set"])
+            .arg(format!("comms = [\"{comm}\"]"))
+            .arg(&recording)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "replay {source:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+        lines.sort();
+        lines
+    };
+    let rust = replay(&["--bundled", "syscall-latency"]);
+    let python = replay(&["--path", python.to_str().unwrap()]);
+    assert!(rust.iter().any(|l| l.contains(&comm) && l.contains("errno=\"ENOENT\"} 60")), "{rust:#?}");
+    assert_eq!(python, rust, "the same exposition, HELP and TYPE lines, buckets and sums included");
+}

@@ -494,6 +494,60 @@ fn log_export() {
     );
 }
 
+/// The Python twin of syscall-latency beside the Rust plugin, each replayed over the
+/// same recording of a syscall loop: component size, load (compile) and init time, and
+/// events/s inside the plugin's batch calls.
+fn python_plugin() {
+    const CALLS: u64 = 1_000_000;
+    let root = std::env::current_dir().expect("cwd");
+    let python = root.join("target/python/syscall-latency-py.wasm");
+    let dir = TempDir::new();
+    let recording = dir.0.join("loop.wtrec");
+    let wasmtap = loop_binary().with_file_name("wasmtap");
+    let mut recorder = Command::new(&wasmtap)
+        .args(["record", "--kinds", "syscall", "--comm", "wt-syscall-loop", "--out"])
+        .arg(&recording)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("wasmtap record");
+    let mut said = BufReader::new(recorder.stderr.take().unwrap());
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    syscall_loop_n(CALLS, 0);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(recorder.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    recorder.wait().unwrap();
+    let replay = |source: &[&str]| {
+        let out = Command::new(&wasmtap).arg("replay").args(source).args(["--name", "syscall-latency"]).arg(&recording).output().expect("replay");
+        assert!(out.status.success(), "replay: {}", String::from_utf8_lossy(&out.stderr));
+        let said = String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default().to_owned();
+        // "replayed N records in B batches: X ms in the plugin (R records/s); loaded in L ms, init I ms"
+        let number = |after: &str| {
+            said.split(after)
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|n| n.trim_matches(|c| c == '(' || c == ',').parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        (number("ms in the plugin ("), number("loaded in "), number("init "), number("replayed "))
+    };
+    let (rust_rate, rust_load, rust_init, records) = replay(&["--bundled", "syscall-latency"]);
+    let (py_rate, py_load, py_init, _) = replay(&["--path", python.to_str().unwrap()]);
+    let py_size = std::fs::metadata(&python).map_or(0, |m| m.len());
+    let rust_size = std::fs::read_dir(root.join("target/release/build"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|d| d.path().join("out/plugins-target/wasm32-wasip2/release/syscall_latency.wasm"))
+        .find(|p| p.is_file())
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map_or(0, |m| m.len());
+    println!("second plugin language: syscall-latency in Python (componentize-py) beside Rust, replaying the same {records:.0} records (a syscall loop)");
+    println!("  {:<8} {:>12} {:>14} {:>10} {:>16}", "", "component", "load+compile", "init", "events/s");
+    println!("  {:<8} {:>9.0} KiB {:>11.0} ms {:>7.0} ms {:>16.0}", "Rust", rust_size as f64 / 1024.0, rust_load, rust_init, rust_rate);
+    println!("  {:<8} {:>9.0} KiB {:>11.0} ms {:>7.0} ms {:>16.0}", "Python", py_size as f64 / 1024.0, py_load, py_init, py_rate);
+    println!("  Python / Rust events/s: {:.3}", py_rate / rust_rate);
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -505,7 +559,7 @@ fn main() {
         let _ = Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]).status();
     }
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    // One section only: `wasmtap-bench overhead|process|enrichment|sched|tcp|pg|logs|swap|load`.
+    // One section only: `wasmtap-bench overhead|process|enrichment|sched|tcp|pg|logs|python|swap|load`.
     let only = std::env::args().nth(1);
     let run = |section: &str| only.as_deref().is_none_or(|o| o == section);
     if run("overhead") {
@@ -529,6 +583,9 @@ fn main() {
     }
     if run("logs") {
         log_export();
+    }
+    if run("python") {
+        python_plugin();
     }
     if run("swap") {
         swap();

@@ -272,7 +272,15 @@ fn main() -> ExitCode {
             match wasmtap::recording::replay::replay(&wasmtap::recording::replay::Options { recording, plugin }) {
                 Ok(outcome) => {
                     print!("{}", outcome.metrics);
-                    eprintln!("replayed {} records in {} batches", outcome.records, outcome.batches);
+                    eprintln!(
+                        "replayed {} records in {} batches: {:.0} ms in the plugin ({:.0} records/s); loaded in {} ms, init {} ms",
+                        outcome.records,
+                        outcome.batches,
+                        outcome.in_batches.as_secs_f64() * 1e3,
+                        outcome.records as f64 / outcome.in_batches.as_secs_f64().max(1e-9),
+                        outcome.load.as_millis(),
+                        outcome.init.as_millis()
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

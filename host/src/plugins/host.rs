@@ -205,10 +205,10 @@ impl ResourceLimiter for MemoryLimiter {
         Ok(())
     }
 
-    /// Instance metadata is not charged, so keep the number of core instances small
-    /// (a Rust component has a handful).
+    /// Instance metadata is not charged, so keep the number of core instances bounded
+    /// (a Rust component has a handful, a componentize-py one a few dozen).
     fn instances(&self) -> usize {
-        32
+        256
     }
 
     fn tables(&self) -> usize {

@@ -7,7 +7,7 @@
 use std::{
     path::PathBuf,
     sync::{Arc, mpsc::sync_channel},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -39,6 +39,11 @@ pub struct Outcome {
     pub metrics: String,
     pub batches: u64,
     pub records: u64,
+    /// Compiling and linking the component; instantiating it and its `init`.
+    pub load: Duration,
+    pub init: Duration,
+    /// Time inside the plugin's `on-batch` calls.
+    pub in_batches: Duration,
 }
 
 pub fn replay(options: &Options) -> anyhow::Result<Outcome> {
@@ -54,8 +59,13 @@ pub fn replay(options: &Options) -> anyhow::Result<Outcome> {
         logs: LogOutputs::stderr_json(&reader.header.node),
         recorder: None,
     };
+    let started = Instant::now();
     let spec = plugins::prepare(&services, &plugin, None, None)?;
+    let load = started.elapsed();
+    let started = Instant::now();
     let (mut instance, manifest) = instantiate(&spec)?;
+    let init = started.elapsed();
+    let mut in_batches = Duration::ZERO;
     let deadline = Duration::from_millis(spec.budget.limits.call_deadline_ms);
     // Routed as live: one subscriber per kind, its filters compiled the same way.
     let (queue, batches) = sync_channel(crate::probes::KINDS.len());
@@ -94,7 +104,9 @@ pub fn replay(options: &Options) -> anyhow::Result<Outcome> {
         router.dispatch(&Batch { kind: frame.kind, records: Arc::new(frame.records) });
         for work in batches.try_iter() {
             let Work::Batch(batch) = work else { continue };
+            let started = Instant::now();
             instance.on_batch(deadline, batch.kind, &batch.records, frame.dropped).context("replaying a batch")?;
+            in_batches += started.elapsed();
             delivered_batches += 1;
             delivered_records += batch.len() as u64;
         }
@@ -107,5 +119,5 @@ pub fn replay(options: &Options) -> anyhow::Result<Outcome> {
     registry.register_collector(Box::new(sink));
     let mut text = String::new();
     prometheus_text::encode(&mut text, &registry)?;
-    Ok(Outcome { metrics: text, batches: delivered_batches, records: delivered_records })
+    Ok(Outcome { metrics: text, batches: delivered_batches, records: delivered_records, load, init, in_batches })
 }
