@@ -305,6 +305,9 @@ impl LogOutputConfig {
         if self.headers.len() > 16 || self.labels.len() > 16 {
             bail!("at most 16 headers and 16 labels");
         }
+        if let Some(name) = self.headers.keys().find(|k| ["host", "content-type", "content-length"].contains(&k.to_ascii_lowercase().as_str())) {
+            bail!("header {:?} is set by wasmtap itself", sanitize(name, 64));
+        }
         for name in self.labels.keys() {
             if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') || name.as_bytes()[0].is_ascii_digit() {
                 bail!("label name {:?} is not a Loki label name ([a-zA-Z_][a-zA-Z0-9_]*)", sanitize(name, 64));

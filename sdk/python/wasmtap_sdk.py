@@ -88,23 +88,37 @@ def _declare(name, help, kind, labels, buckets=()):
         raise Err(f"declaring {name}: {e.value}")
 
 
+# Keys remembered per family (a flood of keys cannot exhaust the plugin's memory).
+MAX_KEYS = 65536
+
+
 class _Slots:
-    """Key -> series, made on first use (the host call happens once per key)."""
+    """Key -> series, made on first use (the host call happens once per key). Keys the
+    host answers with the family's overflow series share one handle; past MAX_KEYS, new
+    keys go to the overflow series (once there is one) unasked and unkept."""
 
     def __init__(self, family):
         self.family = family
         self.series = {}
-        self.dirty = {}
+        self.overflow = None
 
     def get(self, key, labels):
         series = self.series.get(key)
         if series is None:
+            if len(self.series) >= MAX_KEYS:
+                return self.overflow
             try:
                 series = self.family.series(labels(key))
+                if series.is_overflow():
+                    if self.overflow is None:
+                        self.overflow = series
+                    else:
+                        series.__exit__(None, None, None)  # the same series: drop this handle
+                        series = self.overflow
             except Err:
                 series = False  # refused (the family's series limit): counted by the host
             self.series[key] = series
-        return series
+        return series or None
 
 
 class CounterVec:
@@ -112,20 +126,22 @@ class CounterVec:
 
     def __init__(self, name, help, labels):
         self.slots = _Slots(_declare(name, help, metrics.MetricKind.COUNTER, labels))
-        self.pending = {}
+        self.pending = {}  # id(series) -> [series, value]
 
     def add(self, key, value, labels):
-        pending = self.pending.get(key)
+        series = self.slots.get(key, labels)
+        if series is None:
+            return
+        pending = self.pending.get(id(series))
         if pending is None:
-            self.slots.get(key, labels)
-            self.pending[key] = value
+            self.pending[id(series)] = [series, value]
         else:
-            self.pending[key] = pending + value
+            pending[1] += value
 
     def flush(self):
-        keys = [k for k in self.pending if self.slots.series[k]]
-        if keys:
-            metrics.add_counters([self.slots.series[k] for k in keys], [self.pending[k] for k in keys])
+        if self.pending:
+            values = list(self.pending.values())
+            metrics.add_counters([series for series, _ in values], [value for _, value in values])
         self.pending.clear()
 
 
@@ -137,7 +153,7 @@ class HistogramVec:
         self.bounds = list(bounds)
         self.scale = scale
         self.slots = _Slots(_declare(name, help, metrics.MetricKind.HISTOGRAM, labels, [b * scale for b in self.bounds]))
-        self.pending = {}
+        self.pending = {}  # id(series) -> [series, counts, sum]
         # Powers of two from 2^k: the bucket is a bit length, not a search.
         first = self.bounds[0]
         self.pow2_from = first.bit_length() - 1 if all(b == first << i for i, b in enumerate(self.bounds)) else None
@@ -156,19 +172,21 @@ class HistogramVec:
         return lo
 
     def observe(self, key, value, labels):
-        pending = self.pending.get(key)
+        series = self.slots.get(key, labels)
+        if series is None:
+            return
+        pending = self.pending.get(id(series))
         if pending is None:
-            self.slots.get(key, labels)
-            pending = self.pending[key] = [[0] * (len(self.bounds) + 1), 0]
-        pending[0][self.index(value)] += 1
-        pending[1] += value
+            pending = self.pending[id(series)] = [series, [0] * (len(self.bounds) + 1), 0]
+        pending[1][self.index(value)] += 1
+        pending[2] += value
 
     def flush(self):
-        keys = [k for k in self.pending if self.slots.series[k]]
-        if keys:
-            counts = [c for k in keys for c in self.pending[k][0]]
-            sums = [float(self.pending[k][1] & 0xFFFFFFFFFFFFFFFF) * self.scale for k in keys]
-            metrics.merge_histograms([self.slots.series[k] for k in keys], counts, sums)
+        if self.pending:
+            values = list(self.pending.values())
+            counts = [c for _, bucket_counts, _ in values for c in bucket_counts]
+            sums = [float(total & 0xFFFFFFFFFFFFFFFF) * self.scale for _, _, total in values]
+            metrics.merge_histograms([series for series, _, _ in values], counts, sums)
         self.pending.clear()
 
 

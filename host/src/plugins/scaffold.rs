@@ -150,3 +150,13 @@ A [wasmtap](https://github.com/wasmtap/wasmtap) plugin.
 
 Needs the `wasm32-wasip2` target: `rustup target add wasm32-wasip2`.
 "#;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_scaffold_asks_for_the_sdk_version_this_host_speaks() {
+        let sdk = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../sdk/Cargo.toml")).unwrap();
+        let version = sdk.lines().find_map(|l| l.strip_prefix("version = ")).unwrap().trim_matches('"');
+        assert_eq!(version, env!("CARGO_PKG_VERSION"), "sdk/Cargo.toml's version is the host's (the scaffold writes it)");
+    }
+}

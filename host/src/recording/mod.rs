@@ -37,6 +37,8 @@ pub struct Header {
     /// The WIT package the recording host offered.
     pub wit: String,
     pub node: String,
+    /// The recording host's architecture: syscall numbers are per architecture.
+    pub arch: String,
     /// Wall-clock start, nanoseconds since the Unix epoch.
     pub started_unix_ns: u64,
     pub kinds: Vec<KindLayout>,
@@ -71,11 +73,15 @@ pub struct Writer {
 impl Writer {
     /// Creates `path` (not overwriting a file there) for batches of `kinds`.
     pub fn create(path: &Path, kinds: &[Kind], node: &str) -> anyhow::Result<Self> {
-        let file = File::options().write(true).create_new(true).open(path).with_context(|| format!("cannot create {}", path.display()))?;
+        // 0600: it holds what every process did (exec paths, peers, query texts).
+        let file = std::os::unix::fs::OpenOptionsExt::mode(File::options().write(true).create_new(true), 0o600)
+            .open(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
         let header = Header {
             wasmtap: env!("CARGO_PKG_VERSION").into(),
             wit: wit_version().into(),
             node: node.into(),
+            arch: std::env::consts::ARCH.into(),
             started_unix_ns: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
             kinds: kinds.iter().map(|k| KindLayout { name: k.name.into(), record_size: k.record_size }).collect(),
         };
@@ -128,6 +134,13 @@ impl Reader {
         let mut line = String::new();
         (&mut input).take(MAX_HEADER_BYTES).read_line(&mut line)?;
         let header: Header = serde_json::from_str(&line).with_context(|| format!("{}: the recording's header", path.display()))?;
+        ensure!(
+            header.arch == std::env::consts::ARCH,
+            "the recording was made on {} and this host is {}: its syscall numbers would be read wrong; replay it on {}",
+            header.arch,
+            std::env::consts::ARCH,
+            header.arch
+        );
         let kinds = header
             .kinds
             .iter()

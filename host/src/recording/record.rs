@@ -48,8 +48,9 @@ pub struct Summary {
     pub bytes: u64,
 }
 
-/// Batches waiting for the writer.
+/// Batches, and bytes of them, waiting for the writer.
 const QUEUE_BATCHES: usize = 1024;
+const QUEUE_BYTES: u64 = 64 << 20;
 
 /// Writes every batch the router sees to a recording, off the reader's thread: a
 /// batch that finds the queue full, or the file at `max_bytes`, is counted as dropped
@@ -58,6 +59,8 @@ pub struct Recorder {
     queue: Mutex<Option<SyncSender<Batch>>>,
     /// Records of each kind dropped since its last frame.
     pending: Arc<Vec<(Kind, AtomicU64)>>,
+    /// Bytes of the batches queued for the writer.
+    queued: Arc<AtomicU64>,
     writing: Mutex<Option<std::thread::JoinHandle<anyhow::Result<Summary>>>>,
 }
 
@@ -68,20 +71,25 @@ impl Recorder {
         let mut writer = Writer::create(path, kinds, &node)?;
         let pending: Arc<Vec<(Kind, AtomicU64)>> = Arc::new(kinds.iter().map(|&k| (k, AtomicU64::new(0))).collect());
         let (queue, batches) = sync_channel::<Batch>(QUEUE_BATCHES);
-        let counts = pending.clone();
+        let (counts, queued) = (pending.clone(), Arc::new(AtomicU64::new(0)));
+        let written = queued.clone();
         let writing = std::thread::Builder::new().name("wasmtap-record".into()).spawn(move || -> anyhow::Result<Summary> {
             let mut records: Vec<(&'static str, u64)> = counts.iter().map(|(k, _)| (k.name, 0)).collect();
             let mut dropped = 0;
             for batch in batches {
+                written.fetch_sub(batch.records.len() as u64, Relaxed);
                 let Some(i) = counts.iter().position(|(k, _)| *k == batch.kind) else { continue };
                 let before = counts[i].1.swap(0, Relaxed);
                 if writer.bytes() + batch.records.len() as u64 > max_bytes {
-                    dropped += batch.len() as u64;
+                    // Counted once, at the end, with the kind's other pending drops.
                     counts[i].1.fetch_add(before + batch.len() as u64, Relaxed);
                     continue;
                 }
                 dropped += before;
-                writer.write(batch.kind, &batch.records, before)?;
+                if let Err(e) = writer.write(batch.kind, &batch.records, before) {
+                    tracing::error!("the recording stops here, batches are counted as dropped from now on: {e:#}");
+                    return Err(e);
+                }
                 records[i].1 += batch.len() as u64;
             }
             dropped += counts.iter().map(|(_, n)| n.load(Relaxed)).sum::<u64>();
@@ -89,7 +97,7 @@ impl Recorder {
             writer.finish()?;
             Ok(Summary { records, dropped, bytes })
         })?;
-        Ok(Arc::new(Self { queue: Mutex::new(Some(queue)), pending, writing: Mutex::new(Some(writing)) }))
+        Ok(Arc::new(Self { queue: Mutex::new(Some(queue)), pending, queued, writing: Mutex::new(Some(writing)) }))
     }
 
     /// Ends the recording (batches observed later are not kept) and says what it has.
@@ -103,8 +111,11 @@ impl Recorder {
 impl Observer for Recorder {
     fn observe(&self, batch: &Batch) {
         let Some((_, pending)) = self.pending.iter().find(|(k, _)| *k == batch.kind) else { return };
-        let sent = self.queue.lock().expect("recorder").as_ref().is_some_and(|q| q.try_send(batch.clone()).is_ok());
+        let bytes = batch.records.len() as u64;
+        let room = self.queued.fetch_add(bytes, Relaxed) + bytes <= QUEUE_BYTES;
+        let sent = room && self.queue.lock().expect("recorder").as_ref().is_some_and(|q| q.try_send(batch.clone()).is_ok());
         if !sent {
+            self.queued.fetch_sub(bytes, Relaxed);
             pending.fetch_add(batch.len() as u64, Relaxed);
         }
     }

@@ -46,6 +46,9 @@ pub struct Outcome {
     pub in_batches: Duration,
 }
 
+/// Most ticks replayed for one gap in the recording.
+const MAX_CATCH_UP: u64 = 10_000;
+
 pub fn replay(options: &Options) -> anyhow::Result<Outcome> {
     let mut reader = Reader::open(&options.recording)?;
     let plugin = Config::parse("")?.plugin(&options.plugin, None)?;
@@ -94,10 +97,18 @@ pub fn replay(options: &Options) -> anyhow::Result<Outcome> {
         if let Some(first) = frame.records.get(..size_of::<RecordHeader>()).map(|h| u64::from_le_bytes(h[..8].try_into().expect("8 bytes"))) {
             last_ts = last_ts.max(first);
             if let Some(every) = tick_every {
-                let next = next_tick.get_or_insert(first + every);
+                let next = next_tick.get_or_insert(first.saturating_add(every));
+                // A gap of more than MAX_CATCH_UP ticks (a pause, or a damaged file) is
+                // skipped to its last tick rather than ticked through.
+                if first.saturating_sub(*next) / every > MAX_CATCH_UP {
+                    *next = first - (first - *next) % every;
+                }
                 while *next <= first {
                     instance.tick_at(deadline, *next)?;
-                    *next += every;
+                    *next = next.saturating_add(every);
+                    if *next == u64::MAX {
+                        break;
+                    }
                 }
             }
         }

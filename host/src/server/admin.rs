@@ -201,14 +201,14 @@ async fn handle(req: Request<Incoming>, admin: Arc<Admin>) -> Response<Full<Byte
 }
 
 /// Re-reads the config file and applies the edit of its plugins. Other settings
-/// (listen address, probes, tenants, cache, admin socket) take a restart; a change to
+/// (listen address, probes, tenants, log outputs, cache, admin socket) take a restart; a change to
 /// them is said in the log.
 pub fn reload(admin: &Admin) -> anyhow::Result<crate::plugins::registry::Applied> {
     let _reloading = admin.reloading.lock().expect("reload lock");
     let config = admin.overrides.apply(Config::load(admin.path.as_deref())?);
     {
         let c = admin.config.read().expect("config");
-        let restart = (c.listen, &c.server, &c.probes, &c.tenants, &c.cache_dir, c.cache_max_bytes, &c.admin_socket, &c.capabilities_keep)
+        let restart = (c.listen, &c.server, &c.probes, &c.tenants, &c.cache_dir, c.cache_max_bytes, &c.admin_socket, &c.capabilities_keep, &c.logs)
             != (
                 config.listen,
                 &config.server,
@@ -218,10 +218,11 @@ pub fn reload(admin: &Admin) -> anyhow::Result<crate::plugins::registry::Applied
                 config.cache_max_bytes,
                 &config.admin_socket,
                 &config.capabilities_keep,
+                &config.logs,
             );
         if restart {
             tracing::warn!(
-                "the config's listen, server, probes, tenants, cache_dir, cache_max_bytes, admin_socket or capabilities_keep changed: those take a restart; applying the plugins only"
+                "the config's listen, server, probes, tenants, logs, cache_dir, cache_max_bytes, admin_socket or capabilities_keep changed: those take a restart; applying the plugins only"
             );
         }
     }

@@ -29,21 +29,32 @@ struct Cgroups {
     last: (u64, u64),
 }
 
+/// Cgroups numbered; past it, the rest share `OTHER_CGROUPS` (labelled "other"), so a
+/// user making cgroups in a loop cannot grow the table without bound.
+const MAX_CGROUPS: usize = 65_536;
+const OTHER_CGROUPS: u64 = u32::MAX as u64;
+
 impl Cgroups {
     fn number(&mut self, id: u64) -> u64 {
         if self.last.0 == id && self.last.1 != 0 {
             return self.last.1;
         }
-        let n = *self.index.entry(id).or_insert_with(|| {
-            self.ids.push(id);
-            self.ids.len() as u64
-        });
+        let n = match self.index.get(&id) {
+            Some(&n) => n,
+            None if self.ids.len() >= MAX_CGROUPS => OTHER_CGROUPS,
+            None => {
+                self.ids.push(id);
+                self.index.insert(id, self.ids.len() as u64);
+                self.ids.len() as u64
+            }
+        };
         self.last = (id, n);
         n
     }
 
-    fn id(&self, n: u64) -> u64 {
-        self.ids[n as usize - 1]
+    /// The container label of number `n`.
+    fn label(&self, n: u64) -> String {
+        if n == OTHER_CGROUPS { "other".into() } else { names::container_label(self.ids[n as usize - 1]) }
     }
 }
 
@@ -97,7 +108,7 @@ impl<H: HostApi + Clone> SyscallLatency<H> {
             let labels = |&(comm, packed): &Key| {
                 let mut labels = vec![comm_label(&comm), syscall_label(&host, packed as u32)];
                 if packed >> 32 != 0 {
-                    labels.push(names::container_label(cgroups.id(packed >> 32)));
+                    labels.push(cgroups.label(packed >> 32));
                 }
                 labels.extend(VARIANT_LABEL.map(|(_, value)| value.to_owned()));
                 labels

@@ -69,7 +69,12 @@ impl Default for TestHost {
 
 impl Drop for TestHost {
     fn drop(&mut self) {
-        HOST.with(|h| *h.borrow_mut() = None);
+        HOST.with(|h| {
+            let mut host = h.borrow_mut();
+            if host.as_ref().is_some_and(|s| Rc::ptr_eq(s, &self.state)) {
+                *host = None;
+            }
+        });
     }
 }
 

@@ -85,7 +85,9 @@ impl Buffer {
         let mut state = self.state.lock().expect("log buffer");
         if state.records.len() + state.sending >= self.max_records || state.bytes + size > self.max_bytes {
             self.counters.buffer_full.inc();
-            if !std::mem::replace(&mut state.refusing, true) {
+            let first = !std::mem::replace(&mut state.refusing, true);
+            drop(state);
+            if first {
                 tracing::warn!(
                     output = self.name,
                     "log output buffer full ({} records, {} bytes at most): plugin log records are dropped and counted in \
@@ -134,14 +136,21 @@ impl Buffer {
         self.state.lock().expect("log buffer").records.len() >= self.batch_records
     }
 
-    /// What is left when the output stops: counted as lost to the shutdown.
+    /// What is left when the output stops (the batch being sent included): counted
+    /// as lost to the shutdown, and said.
     fn abandon(&self) {
         let mut state = self.state.lock().expect("log buffer");
-        let n = state.records.len();
+        let n = state.records.len() + state.sending;
         state.records.clear();
-        state.bytes = 0;
+        (state.bytes, state.sending) = (0, 0);
         self.counters.shutdown.inc_by(n as u64);
         self.counters.buffered.set(0);
+        if n > 0 {
+            tracing::warn!(
+                output = self.name,
+                "stopping with {n} plugin log records not delivered (counted in wasmtap_log_dropped_records_total{{reason=\"shutdown\"}})"
+            );
+        }
     }
 }
 
@@ -151,16 +160,44 @@ pub struct Timing {
     pub batch_wait: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// How long one send may take.
+    pub send_timeout: Duration,
     /// How long a stopping output keeps trying to deliver what it holds.
     pub drain: Duration,
 }
 
+/// Sends one batch within `timeout` and counts the outcome; a retryable failure is
+/// returned (the batch stays "sending").
+async fn deliver(buffer: &Buffer, output: &mut impl Ship, batch: &[Arc<LogRecord>], timeout: Duration) -> Result<(), String> {
+    let sent = tokio::time::timeout(timeout, output.send(batch)).await.unwrap_or_else(|_| Err(SendError::Retry(format!("no answer within {timeout:?}"))));
+    match sent {
+        Ok(refused) => {
+            buffer.counters.delivered.inc_by((batch.len() - refused) as u64);
+            buffer.counters.rejected.inc_by(refused as u64);
+            buffer.finish_batch(batch, true);
+            Ok(())
+        }
+        Err(SendError::Rejected(why)) => {
+            buffer.counters.rejected.inc_by(batch.len() as u64);
+            buffer.finish_batch(batch, false);
+            tracing::warn!(output = buffer.name, "the log receiver rejected {} records (dropped, counted): {why}", batch.len());
+            Ok(())
+        }
+        Err(SendError::Retry(why)) => {
+            buffer.counters.send_errors.inc();
+            Err(why)
+        }
+    }
+}
+
 /// Ships `buffer` through `output` until `stop`, then delivers what is left within
-/// `timing.drain` (the rest is counted as lost to the shutdown).
+/// `timing.drain` (the rest is counted as lost to the shutdown, and said).
 pub async fn ship(buffer: Arc<Buffer>, mut output: impl Ship, timing: Timing, stop: CancellationToken) {
     let mut backoff = timing.min_backoff;
     let mut said_failing = false;
-    loop {
+    // A batch still to deliver when the stop came.
+    let mut unsent = None;
+    while !stop.is_cancelled() {
         // Wait for records, then let a batch fill for up to `batch_wait`.
         if buffer.is_empty() {
             tokio::select! {
@@ -179,36 +216,23 @@ pub async fn ship(buffer: Arc<Buffer>, mut output: impl Ship, timing: Timing, st
         // Sent until delivered or rejected; records behind it wait (or are refused
         // once the buffer is full).
         loop {
-            match output.send(&batch).await {
-                Ok(refused) => {
-                    buffer.counters.delivered.inc_by((batch.len() - refused) as u64);
-                    buffer.counters.rejected.inc_by(refused as u64);
-                    buffer.finish_batch(&batch, true);
+            match deliver(&buffer, &mut output, &batch, timing.send_timeout).await {
+                Ok(()) => {
                     backoff = timing.min_backoff;
                     if std::mem::replace(&mut said_failing, false) {
                         tracing::info!(output = buffer.name, "log output reachable again");
                     }
                     break;
                 }
-                Err(SendError::Rejected(why)) => {
-                    buffer.counters.rejected.inc_by(batch.len() as u64);
-                    buffer.finish_batch(&batch, false);
-                    tracing::warn!(output = buffer.name, "the log receiver rejected {} records (dropped, counted): {why}", batch.len());
-                    break;
-                }
-                Err(SendError::Retry(why)) => {
-                    buffer.counters.send_errors.inc();
+                Err(why) => {
                     if !std::mem::replace(&mut said_failing, true) {
                         tracing::warn!(output = buffer.name, "cannot deliver plugin logs, retrying with backoff (records wait in the buffer): {why}");
                     }
-                    if stop.is_cancelled() {
-                        buffer.counters.shutdown.inc_by(batch.len() as u64);
-                        buffer.finish_batch(&batch, false);
-                        buffer.abandon();
-                        return;
-                    }
                     tokio::select! {
-                        () = stop.cancelled() => {}
+                        () = stop.cancelled() => {
+                            unsent = Some(batch);
+                            break;
+                        }
                         () = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(timing.max_backoff);
@@ -216,21 +240,17 @@ pub async fn ship(buffer: Arc<Buffer>, mut output: impl Ship, timing: Timing, st
             }
         }
     }
-    // Stopping: deliver what is left, within the drain time.
+    // Stopping: deliver what is left, within the drain time; one failure ends it.
     let drain = async {
+        if let Some(batch) = unsent
+            && deliver(&buffer, &mut output, &batch, timing.send_timeout).await.is_err()
+        {
+            return;
+        }
         while !buffer.is_empty() {
             let batch = buffer.take_batch();
-            let sent = output.send(&batch).await;
-            let delivered = sent.is_ok();
-            if let Ok(refused) = sent {
-                buffer.counters.delivered.inc_by((batch.len() - refused) as u64);
-                buffer.counters.rejected.inc_by(refused as u64);
-            } else {
-                buffer.counters.shutdown.inc_by(batch.len() as u64);
-            }
-            buffer.finish_batch(&batch, delivered);
-            if !delivered {
-                break;
+            if deliver(&buffer, &mut output, &batch, timing.send_timeout).await.is_err() {
+                return;
             }
         }
     };
@@ -284,6 +304,7 @@ mod tests {
             batch_wait: Duration::from_millis(50),
             min_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_secs(1),
+            send_timeout: Duration::from_secs(1),
             drain: Duration::from_secs(1),
         };
         let task = tokio::spawn(ship(buffer.clone(), receiver.clone(), timing, stop.clone()));
@@ -305,6 +326,27 @@ mod tests {
         task.await.unwrap();
         assert_eq!(receiver.got.lock().unwrap().last().unwrap(), "late", "delivered on the way out");
         assert_eq!(counters.shutdown.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopping_with_the_receiver_down_counts_every_record_left_the_batch_in_flight_included() {
+        let metrics = SelfMetrics::default();
+        let counters = metrics.log_output("test");
+        let buffer = Arc::new(Buffer::new(&config(100), counters.clone()));
+        let stop = CancellationToken::new();
+        let timing = Timing {
+            batch_wait: Duration::from_millis(10),
+            min_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+            send_timeout: Duration::from_secs(1),
+            drain: Duration::from_secs(1),
+        };
+        let task = tokio::spawn(ship(buffer.clone(), Receiver::default(), timing, stop.clone()));
+        (0..7).for_each(|i| buffer.submit(&record(&i.to_string())));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!((counters.shutdown.get(), counters.delivered.get(), counters.buffered.get()), (7, 0, 0));
     }
 
     #[tokio::test(start_paused = true)]

@@ -85,6 +85,7 @@ impl LogOutputs {
                 batch_wait: Duration::from_millis(config.batch_wait_ms),
                 min_backoff: Duration::from_millis(100),
                 max_backoff: Duration::from_millis(config.max_backoff_ms),
+                send_timeout: Duration::from_millis(config.timeout_ms),
                 drain: SHUTDOWN_DRAIN,
             };
             let (b, s) = (buffer.clone(), stop.clone());
