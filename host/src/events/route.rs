@@ -33,6 +33,19 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
+    /// `plugin`'s subscription to `kind` with `filters` (compiled here), delivering
+    /// into `queue`, with no drops pending.
+    pub fn new(
+        plugin: &str,
+        kind: Kind,
+        filters: Vec<EventFilter>,
+        scope: Option<Arc<CgroupScope>>,
+        queue: SyncSender<Work>,
+        counters: PluginCounters,
+    ) -> Self {
+        Self { plugin: plugin.to_owned(), kind, compiled: CompiledFilters::new(&filters), filters, scope, queue, pending_dropped: Arc::default(), counters }
+    }
+
     fn wants_all(&self) -> bool {
         self.compiled.is_all() && self.scope.is_none()
     }
@@ -163,16 +176,7 @@ mod tests {
         let (one_tx, one_rx) = sync_channel(8);
         let sub = |name: &str, pids: &[u32], queue| {
             let filters = vec![EventFilter { pids: pids.iter().copied().collect(), ..Default::default() }];
-            Arc::new(Subscriber {
-                plugin: name.into(),
-                kind: &KIND,
-                compiled: CompiledFilters::new(&filters),
-                filters,
-                scope: None,
-                queue,
-                pending_dropped: Arc::default(),
-                counters: metrics.plugin(name),
-            })
+            Arc::new(Subscriber::new(name, &KIND, filters, None, queue, metrics.plugin(name)))
         };
         let router = Router::new(vec![sub("all", &[], all_tx), sub("one", &[2], one_tx)], Vec::new());
         let batch = Batch { kind: &KIND, records: Arc::new(records(&[1, 2, 2, 3])) };

@@ -25,7 +25,7 @@ use super::{
 use crate::{
     budget::{Budget, Reason, Refusal},
     enrich::Enricher,
-    events::{Batch, CgroupScope, CompiledFilters, EventFilter, Subscriber, filter::MAX_FILTERS},
+    events::{Batch, CgroupScope, EventFilter, Subscriber, filter::MAX_FILTERS},
     probes::{self, Kind},
     sinks::{
         MetricSink, SelfMetrics,
@@ -234,18 +234,7 @@ pub fn stage(spec: PluginSpec, counters: PluginCounters, scope: Option<Arc<Cgrou
     let (queue, rx) = sync_channel(spec.budget.limits.queue_batches);
     let subscribers: Vec<Arc<Subscriber>> = subscriptions(&manifest, &spec.budget)?
         .into_iter()
-        .map(|(kind, filters)| {
-            Arc::new(Subscriber {
-                plugin: spec.name.clone(),
-                kind,
-                compiled: CompiledFilters::new(&filters),
-                filters,
-                scope: scope.clone(),
-                queue: queue.clone(),
-                pending_dropped: Arc::default(),
-                counters: SelfMetrics::default().plugin(&spec.name),
-            })
-        })
+        .map(|(kind, filters)| Arc::new(Subscriber::new(&spec.name, kind, filters, scope.clone(), queue.clone(), SelfMetrics::default().plugin(&spec.name))))
         .collect();
     let tick = (manifest.tick_interval_ms > 0).then(|| Duration::from_millis(manifest.tick_interval_ms.into()).max(MIN_TICK));
     let status = Arc::new(Mutex::new(PluginStatus {

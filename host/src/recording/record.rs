@@ -20,7 +20,7 @@ use super::Writer;
 use crate::{
     config::ProbeSettings,
     enrich::Enricher,
-    events::{Batch, CompiledFilters, Router, Subscriber, route::Observer},
+    events::{Batch, Router, Subscriber, route::Observer},
     probes::{self, Kind, attached::Attached},
     sinks::SelfMetrics,
 };
@@ -134,17 +134,7 @@ pub fn record(options: &Options) -> anyhow::Result<Summary> {
     for &kind in &kinds {
         let params = params_for(options, kind)?;
         let filter = kind.parse_filter(&options.pids, &options.cgroups, &options.comms, &params).with_context(|| format!("the {} filter", kind.name))?;
-        let filters = vec![filter];
-        subscribers.push(Arc::new(Subscriber {
-            plugin: "record".into(),
-            kind,
-            compiled: CompiledFilters::new(&filters),
-            filters,
-            scope: None,
-            queue: unused.clone(),
-            pending_dropped: Arc::default(),
-            counters: metrics.plugin("record"),
-        }));
+        subscribers.push(Arc::new(Subscriber::new("record", kind, vec![filter], None, unused.clone(), metrics.plugin("record"))));
     }
     let recorder = Recorder::start(&options.out, &kinds, options.max_bytes)?;
     let router = Arc::new(Router::default());

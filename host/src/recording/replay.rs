@@ -18,7 +18,7 @@ use super::Reader;
 use crate::{
     config::Config,
     enrich::Enricher,
-    events::{Batch, CompiledFilters, Router, Subscriber},
+    events::{Batch, Router, Subscriber},
     plugins::{
         self, HostServices, PluginEngine,
         engine::Compiler,
@@ -74,18 +74,7 @@ pub fn replay(options: &Options) -> anyhow::Result<Outcome> {
     let (queue, batches) = sync_channel(crate::probes::KINDS.len());
     let subscribers: Vec<Arc<Subscriber>> = subscriptions(&manifest, &spec.budget)?
         .into_iter()
-        .map(|(kind, filters)| {
-            Arc::new(Subscriber {
-                plugin: plugin.name.clone(),
-                kind,
-                compiled: CompiledFilters::new(&filters),
-                filters,
-                scope: None,
-                queue: queue.clone(),
-                pending_dropped: Arc::default(),
-                counters: metrics.plugin(&plugin.name),
-            })
-        })
+        .map(|(kind, filters)| Arc::new(Subscriber::new(&plugin.name, kind, filters, None, queue.clone(), metrics.plugin(&plugin.name))))
         .collect();
     let router = Router::default();
     router.set(subscribers, Vec::new());
